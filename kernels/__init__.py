@@ -1,0 +1,1 @@
+"""Kernels: the selective scan reference (PyTorch), fused kernels, and the backend dispatch."""

@@ -1,0 +1,225 @@
+"""The selective scan (Mamba-1 SSM) in plain PyTorch: a sequential oracle, a chunked fast path, one decode step.
+
+Recurrence per channel d and state n (Gu & Dao 2023, eq. 2a-2b; discretisation "ZOH for A, Euler for B"):
+
+    a_t = exp(Δ_t · A),   h_t = a_t ⊙ h_{t-1} + Δ_t · B_t · u_t,   y_t = <C_t, h_t> + D · u_t,   y_t *= SiLU(z_t)
+
+Polarization (Wang et al. 2025, §4): ``n_ones`` channels have a_t ≡ 1 and ``n_zeros`` channels a_t ≡ 0.
+B and C carry all channels in the order [ones, learned, zeros]. The fixed channels never go through
+exp(Δ·A) (A = -inf would make the backward pass 0·inf = NaN); they have closed forms:
+
+    ones:  h_t = Σ_{s≤t} Δ_s B_s u_s          (a cumulative sum)
+    zeros: h_t = Δ_t B_t u_t                  (instantaneous)
+
+``zero_mode="reference"`` instead runs the zero channels as ordinary channels with A = -100, as the
+paper's code does (exp(-100·Δ) is not 0 for small Δ), so its numbers can be reproduced.
+
+Shapes follow mamba_ssm's ``selective_scan_fn`` so every backend shares one signature:
+u, delta, z: (batch, d, L); A: (d, N) learned channels only (negative); B, C: (batch, N_total, L);
+D, delta_bias: (d,). The state is fp32 for fp32/bf16/fp16 inputs (fp64 for fp64, so gradcheck
+works); y comes back in u's dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+REFERENCE_ZERO_A = -100.0  # the paper's code realises A_t = 0 as A = -100
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """fp32 for fp32/bf16/fp16 inputs, fp64 for fp64 inputs (so gradcheck can verify the backward)."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def _prepare_dt(delta: torch.Tensor, delta_bias: torch.Tensor | None, delta_softplus: bool) -> torch.Tensor:
+    cdt = compute_dtype(delta)
+    dt = delta.to(cdt)
+    if delta_bias is not None:
+        dt = dt + (delta_bias.to(cdt)[..., None] if dt.dim() == 3 else delta_bias.to(cdt))
+    return F.softplus(dt) if delta_softplus else dt
+
+
+def discrete_transition(
+    dt: torch.Tensor, A: torch.Tensor, n_ones: int, n_zeros: int, zero_mode: str
+) -> torch.Tensor:
+    """a_t for every channel: [1]*n_ones ++ exp(Δ·A) ++ ([0] or exp(-100·Δ))*n_zeros.
+
+    dt: (..., d) fp32; A: (d, N). Returns (..., d, n_ones + N + n_zeros).
+    """
+    learned = torch.exp(dt[..., None] * A.to(dt.dtype))
+    ones = learned.new_ones(*learned.shape[:-1], n_ones)
+    if zero_mode == "reference":
+        zeros = torch.exp(dt[..., None] * REFERENCE_ZERO_A).expand(*learned.shape[:-1], n_zeros)
+    else:
+        zeros = learned.new_zeros(*learned.shape[:-1], n_zeros)
+    return torch.cat([ones, learned, zeros], dim=-1)
+
+
+def selective_step(
+    state: torch.Tensor,
+    x: torch.Tensor,
+    dt: torch.Tensor,
+    A: torch.Tensor,
+    B: torch.Tensor,
+    C: torch.Tensor,
+    D: torch.Tensor | None = None,
+    z: torch.Tensor | None = None,
+    dt_bias: torch.Tensor | None = None,
+    dt_softplus: bool = False,
+    n_ones: int = 0,
+    n_zeros: int = 0,
+    zero_mode: str = "exact",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One recurrent step (decoding). state: (b, d, N_total) fp32; x, dt, z: (b, d); B, C: (b, N_total).
+
+    Returns (y (b, d) in x's dtype, new_state). Functional, so it can also build the oracle scan.
+    """
+    dt = _prepare_dt(dt, dt_bias, dt_softplus)
+    a = discrete_transition(dt, A, n_ones, n_zeros, zero_mode)
+    cdt = dt.dtype
+    xf = x.to(cdt)
+    new_state = a * state + (dt * xf)[..., None] * B.to(cdt)[:, None, :]
+    y = (new_state * C.to(cdt)[:, None, :]).sum(-1)
+    if D is not None:
+        y = y + D.to(cdt) * xf
+    if z is not None:
+        y = y * F.silu(z.to(cdt))
+    return y.to(x.dtype), new_state
+
+
+def selective_scan_sequential(
+    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+    n_ones=0, n_zeros=0, zero_mode="exact", return_last_state=False,
+):
+    """The oracle: an explicit per-token loop over all channels with a_t fixed at 1 / 0 for polar ones.
+
+    Slow (autograd through L steps); used by tests and as the definition of correctness.
+    """
+    b, d, L = u.shape
+    state = u.new_zeros(b, d, n_ones + A.shape[1] + n_zeros, dtype=compute_dtype(u))
+    ys = []
+    for t in range(L):
+        y, state = selective_step(
+            state, u[..., t], delta[..., t], A, B[..., t], C[..., t], D,
+            None if z is None else z[..., t], delta_bias, delta_softplus, n_ones, n_zeros, zero_mode,
+        )
+        ys.append(y)
+    y = torch.stack(ys, dim=-1)
+    return (y, state) if return_last_state else y
+
+
+class _ChunkedScan(torch.autograd.Function):
+    """Core diagonal scan y_t = <C_t, h_t>, h_t = exp(Δ_t A) h_{t-1} + Δ_t u_t B_t, time-major.
+
+    Forward walks the sequence chunk by chunk: per chunk the transitions and inputs are computed in
+    one vectorised pass, the recurrence runs over a cache-resident (b, d, n) state, and y is one
+    einsum. Only the state at each chunk start is kept; backward recomputes each chunk's states
+    from it (so memory is O(L/T) states, not O(L)) and runs the adjoint recurrence
+    G_t = C_t gy_t + a_{t+1} G_{t+1} in reverse.
+
+    Inputs (fp32): u, dt (L, b, d); A (d, n); B, C (L, b, n). Returns y (L, b, d), h_last (b, d, n).
+    """
+
+    @staticmethod
+    def _chunk_states(h0, dA, dBu):
+        H = dBu  # overwritten in place: H[t] = dA[t] * H[t-1] + dBu[t]
+        prev = h0
+        for t in range(H.shape[0]):
+            H[t].addcmul_(dA[t], prev)
+            prev = H[t]
+        return H
+
+    @staticmethod
+    def forward(ctx, u, dt, A, B, C, chunk_size: int):
+        L, b, d = u.shape
+        n = A.shape[1]
+        y = u.new_empty(L, b, d)
+        h = u.new_zeros(b, d, n)
+        starts = list(range(0, L, chunk_size))
+        h0s = u.new_empty(len(starts), b, d, n)
+        for i, s in enumerate(starts):
+            e = min(s + chunk_size, L)
+            h0s[i] = h
+            dA = torch.exp(dt[s:e, :, :, None] * A)
+            dBu = (dt[s:e] * u[s:e])[..., None] * B[s:e, :, None, :]
+            H = _ChunkedScan._chunk_states(h, dA, dBu)
+            y[s:e] = torch.einsum("tbdn,tbn->tbd", H, C[s:e])
+            h = H[-1].clone()
+        ctx.save_for_backward(u, dt, A, B, C, h0s)
+        ctx.chunk_size = chunk_size
+        return y, h
+
+    @staticmethod
+    def backward(ctx, gy, gh_last):
+        u, dt, A, B, C, h0s = ctx.saved_tensors
+        T = ctx.chunk_size
+        L = u.shape[0]
+        gu, gdt, gB, gC = (torch.empty_like(t) for t in (u, dt, B, C))
+        gA = torch.zeros_like(A)
+        gy = gy.contiguous() if gy is not None else torch.zeros_like(u)
+        carry = gh_last if gh_last is not None else torch.zeros_like(h0s[0])  # a_{e} G_{e} into this chunk
+        for i in reversed(range(h0s.shape[0])):
+            s = i * T
+            e = min(s + T, L)
+            dA = torch.exp(dt[s:e, :, :, None] * A)
+            w = dt[s:e] * u[s:e]
+            H = _ChunkedScan._chunk_states(h0s[i], dA, w[..., None] * B[s:e, :, None, :])
+            G = gy[s:e, :, :, None] * C[s:e, :, None, :]
+            G[-1] += carry
+            for t in range(e - s - 2, -1, -1):
+                G[t].addcmul_(dA[t + 1], G[t + 1])
+            carry = dA[0] * G[0]
+            gC[s:e] = torch.einsum("tbdn,tbd->tbn", H, gy[s:e])
+            gB[s:e] = torch.einsum("tbdn,tbd->tbn", G, w)
+            gw = torch.einsum("tbdn,tbn->tbd", G, B[s:e])
+            H_prev = torch.cat([h0s[i][None], H[:-1]])
+            g_dtA = G * H_prev * dA  # d/d(Δ·A) of a_t h_{t-1}
+            gdt[s:e] = gw * u[s:e] + torch.einsum("tbdn,dn->tbd", g_dtA, A)
+            gu[s:e] = gw * dt[s:e]
+            gA += torch.einsum("tbdn,tbd->dn", g_dtA, dt[s:e])
+        return gu, gdt, gA, gB, gC, None
+
+
+def selective_scan_chunked(
+    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+    n_ones=0, n_zeros=0, zero_mode="exact", return_last_state=False, chunk_size=64,
+):
+    """The fast CPU path: same signature and results as :func:`selective_scan_sequential`.
+
+    Learned channels (and the zero channels in reference mode) go through :class:`_ChunkedScan`;
+    exact polar channels are added in closed form (module docstring).
+    """
+    b, d, L = u.shape
+    N = A.shape[1]
+    cdt = compute_dtype(u)
+    uf = u.to(cdt)
+    dt = _prepare_dt(delta, delta_bias, delta_softplus)
+    w = dt * uf  # Δ_t u_t, (b, d, L)
+    Bf, Cf = B.to(cdt), C.to(cdt)
+    B_ones, B_scan, B_zeros = Bf.split([n_ones, N, n_zeros], dim=1)
+    C_ones, C_scan, C_zeros = Cf.split([n_ones, N, n_zeros], dim=1)
+    A_scan = A.to(cdt)
+    if zero_mode == "reference" and n_zeros:
+        A_scan = torch.cat([A_scan, A_scan.new_full((d, n_zeros), REFERENCE_ZERO_A)], dim=1)
+        B_scan, C_scan = Bf[:, n_ones:], Cf[:, n_ones:]
+
+    tm = lambda x: x.permute(2, 0, 1).contiguous()  # (b, c, L) -> (L, b, c)
+    y_tm, h_scan = _ChunkedScan.apply(tm(uf), tm(dt), A_scan, tm(B_scan), tm(C_scan), chunk_size)
+    y = y_tm.permute(1, 2, 0)
+
+    states = [h_scan]
+    if n_ones:
+        h_ones = torch.cumsum(w[:, :, None, :] * B_ones[:, None], dim=-1)  # (b, d, n_ones, L)
+        y = y + torch.einsum("bdkl,bkl->bdl", h_ones, C_ones)
+        states.insert(0, h_ones[..., -1])
+    if n_zeros and zero_mode == "exact":
+        y = y + w * (B_zeros * C_zeros).sum(1, keepdim=True)
+        states.append(w[:, :, None, -1] * B_zeros[:, None, :, -1])
+    if D is not None:
+        y = y + uf * D.to(cdt)[:, None]
+    if z is not None:
+        y = y * F.silu(z.to(cdt))
+    y = y.to(u.dtype)
+    return (y, torch.cat(states, dim=-1)) if return_last_state else y

@@ -1,0 +1,1 @@
+"""Launchers: SLURM multi-node scripts and a local torchrun launcher (they only run `polar` CLIs)."""

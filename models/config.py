@@ -1,0 +1,135 @@
+"""ModelConfig: the typed description of a Mamba LM (baseline or polarized) and its named presets.
+
+Polarization (Wang et al. 2025, §4): ``polarize.ones`` state channels whose transition is fixed at
+A_t = 1 (never forget) and ``polarize.zeros`` channels fixed at A_t = 0 (no memory) are added beside
+the ``ssm.d_state`` learned channels; B and C from x_proj cover all of them. ``zero_mode: reference``
+reproduces the paper's code, which realises the zero channel as A = -100.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+from typing import Any, Literal
+
+from models.typed_config import ConfigError, apply_overrides, from_dict, to_dict
+
+
+@dataclass
+class PolarizeConfig:
+    ones: int = 0
+    zeros: int = 0
+    zero_mode: Literal["exact", "reference"] = "exact"
+
+    def __post_init__(self):
+        for name in ("ones", "zeros"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"polarize.{name} must be >= 0, got {getattr(self, name)}")
+        if self.zero_mode not in ("exact", "reference"):
+            raise ConfigError(f"polarize.zero_mode must be 'exact' or 'reference', got {self.zero_mode!r}")
+
+    @property
+    def enabled(self) -> bool:
+        return self.ones > 0 or self.zeros > 0
+
+
+@dataclass
+class SSMConfig:
+    d_state: int = 16  # N learned channels
+    d_conv: int = 4
+    expand: int = 2
+    dt_rank: int | Literal["auto"] = "auto"  # auto: ceil(d_model / 16)
+    dt_min: float = 1e-3
+    dt_max: float = 1e-1
+    dt_init_floor: float = 1e-4
+    conv_bias: bool = True
+    proj_bias: bool = False
+
+    def __post_init__(self):
+        for name in ("d_state", "d_conv", "expand"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"ssm.{name} must be > 0, got {getattr(self, name)}")
+        if self.dt_rank != "auto" and self.dt_rank <= 0:
+            raise ConfigError(f"ssm.dt_rank must be > 0 or 'auto', got {self.dt_rank}")
+        if not 0 < self.dt_min <= self.dt_max:
+            raise ConfigError(f"ssm.dt_min/dt_max must satisfy 0 < dt_min <= dt_max, got {self.dt_min}, {self.dt_max}")
+
+
+@dataclass
+class ModelConfig:
+    arch: Literal["mamba"] = "mamba"
+    d_model: int = 768
+    n_layer: int = 24
+    vocab_size: int = 50277
+    pad_vocab_size_multiple: int = 8
+    norm_eps: float = 1e-5
+    residual_in_fp32: bool = True
+    tie_embeddings: bool = True
+    initializer_range: float = 0.02
+    rescale_prenorm_residual: bool = True
+    ssm: SSMConfig = field(default_factory=SSMConfig)
+    polarize: PolarizeConfig = field(default_factory=PolarizeConfig)
+
+    def __post_init__(self):
+        for name in ("d_model", "n_layer", "vocab_size", "pad_vocab_size_multiple"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"model.{name} must be > 0, got {getattr(self, name)}")
+        if self.d_model % 8:
+            raise ConfigError(f"model.d_model must be a multiple of 8 (kernel tiling), got {self.d_model}")
+        if not self.tie_embeddings:
+            raise ConfigError("model.tie_embeddings: only tied embeddings are supported (the HF Mamba layout ties them)")
+
+    # Derived sizes -------------------------------------------------------------------------------
+    @property
+    def d_inner(self) -> int:
+        return self.ssm.expand * self.d_model
+
+    @property
+    def dt_rank(self) -> int:
+        return math.ceil(self.d_model / 16) if self.ssm.dt_rank == "auto" else self.ssm.dt_rank
+
+    @property
+    def d_state_total(self) -> int:
+        """All state channels: ones + learned + zeros (the order B and C use)."""
+        return self.polarize.ones + self.ssm.d_state + self.polarize.zeros
+
+    @property
+    def padded_vocab_size(self) -> int:
+        m = self.pad_vocab_size_multiple
+        return (self.vocab_size + m - 1) // m * m
+
+    # Construction --------------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], prefix: str = "model") -> ModelConfig:
+        return from_dict(cls, data, prefix=prefix)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> ModelConfig:
+        """A named preset; ``overrides`` are dotted keys, e.g. ``preset("mamba-130m", **{"polarize.ones": 1})``
+        or plain fields (``n_layer=4``)."""
+        if name not in PRESETS:
+            from models.typed_config import _suggest
+
+            raise ConfigError(f"unknown model preset '{name}': {_suggest(name, list(PRESETS))}")
+        return cls.from_dict(apply_overrides(PRESETS[name], overrides))
+
+    def with_polarization(self, ones: int = 1, zeros: int = 1) -> ModelConfig:
+        return replace(self, polarize=replace(self.polarize, ones=ones, zeros=zeros))
+
+
+_POLAR = {"polarize": {"ones": 1, "zeros": 1}}
+
+# Sizes: mamba-130m/370m/790m are the Mamba paper's (Gu & Dao 2023, GPT-NeoX vocab 50277). The
+# polarization paper's Table 4 trains 100-250M, 250-400M and 400-550M models; mamba-550m covers the
+# last bucket. `polar info` prints the counted parameters of every preset.
+PRESETS: dict[str, dict[str, Any]] = {
+    "mamba-tiny": {"d_model": 64, "n_layer": 2, "vocab_size": 512},
+    "mamba-130m": {"d_model": 768, "n_layer": 24},
+    "mamba-370m": {"d_model": 1024, "n_layer": 48},
+    "mamba-550m": {"d_model": 1280, "n_layer": 46},
+    "mamba-790m": {"d_model": 1536, "n_layer": 48},
+}
+PRESETS.update({f"{k}-polar": {**v, **_POLAR} for k, v in list(PRESETS.items())})

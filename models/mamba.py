@@ -1,0 +1,274 @@
+"""The Mamba language model (Gu & Dao 2023), baseline and polarized (Wang et al. 2025), in plain PyTorch.
+
+Read top to bottom: RMSNorm -> MambaMixer (one selective-SSM layer) -> MambaBlock (pre-norm residual)
+-> MambaLM (embedding, blocks, final norm, tied head, loss, recurrent decoding). Parameter names follow
+transformers' ``MambaForCausalLM`` so state dicts move between the two without renaming. The scan
+itself is :mod:`kernels.dispatch`'s, which picks the fastest backend for the device.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kernels import dispatch
+from models.config import ModelConfig
+
+
+class RMSNorm(nn.Module):
+    """RMSNorm computed in fp32 and cast back (as transformers' MambaRMSNorm)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+@dataclass
+class LayerState:
+    """Recurrent state of one mixer: the last d_conv-1 conv inputs and the SSM state (fp32)."""
+
+    conv: torch.Tensor  # (batch, d_inner, d_conv - 1)
+    ssm: torch.Tensor  # (batch, d_inner, d_state_total)
+
+
+class MambaMixer(nn.Module):
+    """One selective SSM layer: in_proj -> causal conv + SiLU -> x_proj -> Δ, B, C -> scan -> gate -> out_proj."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        d, di, k = cfg.d_model, cfg.d_inner, cfg.ssm.d_conv
+        self.n_ones, self.n_zeros = cfg.polarize.ones, cfg.polarize.zeros
+        self.in_proj = nn.Linear(d, 2 * di, bias=cfg.ssm.proj_bias)
+        self.conv1d = nn.Conv1d(di, di, k, groups=di, padding=k - 1, bias=cfg.ssm.conv_bias)
+        self.x_proj = nn.Linear(di, cfg.dt_rank + 2 * cfg.d_state_total, bias=False)
+        self.dt_proj = nn.Linear(cfg.dt_rank, di, bias=True)
+        # A = -exp(A_log) for the N learned channels only; polar channels have no parameter.
+        self.A_log = nn.Parameter(torch.empty(di, cfg.ssm.d_state))
+        self.D = nn.Parameter(torch.empty(di))
+        self.out_proj = nn.Linear(di, d, bias=cfg.ssm.proj_bias)
+        self.A_log._no_weight_decay = True
+        self.D._no_weight_decay = True
+
+    @torch.no_grad()
+    def reset_ssm_parameters(self) -> None:
+        """mamba_ssm's S4D-real and Δ initialisation (Gu & Dao 2023, §3.6)."""
+        s = self.cfg.ssm
+        std = self.cfg.dt_rank**-0.5
+        nn.init.uniform_(self.dt_proj.weight, -std, std)
+        dt = torch.exp(
+            torch.rand(self.cfg.d_inner) * (math.log(s.dt_max) - math.log(s.dt_min)) + math.log(s.dt_min)
+        ).clamp(min=s.dt_init_floor)
+        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
+        self.A_log.copy_(torch.log(torch.arange(1, s.d_state + 1, dtype=torch.float32)).repeat(self.cfg.d_inner, 1))
+        self.D.fill_(1.0)
+
+    def _ssm_inputs(self, x: torch.Tensor):
+        """From conv output x (b, L, d_inner): Δ before bias (b, d_inner, L), B and C (b, N_total, L)."""
+        dt, B, C = self.x_proj(x).split([self.cfg.dt_rank, self.cfg.d_state_total, self.cfg.d_state_total], -1)
+        dt = (dt @ self.dt_proj.weight.t()).transpose(1, 2)  # the bias is added in fp32 by the scan
+        return dt, B.transpose(1, 2), C.transpose(1, 2)
+
+    def _scan_kwargs(self):
+        return dict(
+            A=-torch.exp(self.A_log.float()),
+            D=self.D.float(),
+            n_ones=self.n_ones,
+            n_zeros=self.n_zeros,
+            zero_mode=self.cfg.polarize.zero_mode,
+        )
+
+    def forward(self, hidden: torch.Tensor, state: LayerState | None = None) -> torch.Tensor:
+        """hidden: (b, L, d_model). With ``state``, a single token (L == 1) is one recurrent step and a
+        longer input is a prefill that leaves the final state in ``state``."""
+        L = hidden.shape[1]
+        x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)  # (b, d_inner, L) each
+        if state is not None and L == 1:
+            return self.out_proj(self._step(x[..., 0], z[..., 0], state)[:, None])
+        if state is not None:
+            k = self.cfg.ssm.d_conv
+            state.conv.copy_(F.pad(x, (k - 1, 0))[..., -(k - 1) :])
+        x = F.silu(self.conv1d(x)[..., :L])
+        dt, B, C = self._ssm_inputs(x.transpose(1, 2))
+        out = dispatch.selective_scan(
+            x, dt, B=B, C=C, z=z, delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
+            return_last_state=state is not None, **self._scan_kwargs(),
+        )
+        if state is not None:
+            out, state.ssm = out
+        return self.out_proj(out.transpose(1, 2))
+
+    def _step(self, x: torch.Tensor, z: torch.Tensor, state: LayerState) -> torch.Tensor:
+        """One token: x, z (b, d_inner). Updates ``state`` in place; returns y (b, d_inner)."""
+        window = torch.cat([state.conv, x[..., None]], dim=-1)  # (b, d_inner, d_conv)
+        state.conv.copy_(window[..., 1:])
+        x = (window * self.conv1d.weight[:, 0]).sum(-1)
+        if self.conv1d.bias is not None:
+            x = x + self.conv1d.bias
+        x = F.silu(x)
+        dt, B, C = self._ssm_inputs(x[:, None])
+        y, state.ssm = dispatch.selective_step(
+            state.ssm, x, dt[..., 0], B=B[..., 0], C=C[..., 0], z=z,
+            dt_bias=self.dt_proj.bias.float(), dt_softplus=True, **self._scan_kwargs(),
+        )
+        return y
+
+    def new_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> LayerState:
+        di = self.cfg.d_inner
+        return LayerState(
+            conv=torch.zeros(batch, di, self.cfg.ssm.d_conv - 1, device=device, dtype=dtype),
+            ssm=torch.zeros(batch, di, self.cfg.d_state_total, device=device, dtype=torch.float32),
+        )
+
+
+class MambaBlock(nn.Module):
+    """Pre-norm residual block; the residual stream is kept in fp32 when ``residual_in_fp32``."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.residual_in_fp32 = cfg.residual_in_fp32
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.mixer = MambaMixer(cfg)
+
+    def forward(self, hidden: torch.Tensor, state: LayerState | None = None) -> torch.Tensor:
+        residual = hidden.float() if self.residual_in_fp32 else hidden
+        return residual + self.mixer(self.norm(hidden), state)
+
+
+class MambaBackbone(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.embeddings = nn.Embedding(cfg.padded_vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(MambaBlock(cfg) for _ in range(cfg.n_layer))
+        self.norm_f = RMSNorm(cfg.d_model, cfg.norm_eps)
+
+    def forward(self, input_ids: torch.Tensor, states: list[LayerState] | None = None) -> torch.Tensor:
+        hidden = self.embeddings(input_ids)
+        for i, layer in enumerate(self.layers):
+            hidden = layer(hidden, None if states is None else states[i])
+        return self.norm_f(hidden)
+
+
+@dataclass
+class LMOutput:
+    logits: torch.Tensor  # (b, L, padded_vocab)
+    loss: torch.Tensor | None = None
+
+
+class MambaLM(nn.Module):
+    """Mamba language model with a head tied to the embedding (vocab padded to a multiple of 8)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.config = cfg
+        self.backbone = MambaBackbone(cfg)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.padded_vocab_size, bias=False)
+        self.lm_head.weight = self.backbone.embeddings.weight
+        self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """mamba_ssm's initialisation: N(0, 0.02) embeddings, zero linear biases, SSM init, and
+        out_proj rescaled by 1/sqrt(n_layer) (GPT-2's scheme, one residual per layer)."""
+        cfg = self.config
+        nn.init.normal_(self.backbone.embeddings.weight, std=cfg.initializer_range)
+        for layer in self.backbone.layers:
+            mixer = layer.mixer
+            for lin in (mixer.in_proj, mixer.x_proj, mixer.out_proj):
+                lin.reset_parameters()
+                if lin.bias is not None:
+                    nn.init.zeros_(lin.bias)
+            mixer.conv1d.reset_parameters()
+            mixer.reset_ssm_parameters()
+            if cfg.rescale_prenorm_residual:
+                mixer.out_proj.weight /= math.sqrt(cfg.n_layer)
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        """Unique parameters (the tied head counts once)."""
+        n = sum(p.numel() for p in self.parameters())
+        return n - self.backbone.embeddings.weight.numel() if exclude_embeddings else n
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
+                states: list[LayerState] | None = None) -> LMOutput:
+        """``labels[b, t]`` is the token that should follow ``input_ids[b, t]`` (already shifted, as
+        nanoGPT's targets); -100 is ignored. The loss is the mean cross-entropy in fp32."""
+        logits = self.lm_head(self.backbone(input_ids, states))
+        loss = None
+        if labels is not None:
+            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
+        return LMOutput(logits=logits, loss=loss)
+
+    # Recurrent inference -----------------------------------------------------------------------
+    def new_states(self, batch: int, device=None, dtype=None) -> list[LayerState]:
+        """Fresh per-layer recurrent state: O(1) in sequence length."""
+        p = self.backbone.embeddings.weight
+        device, dtype = device or p.device, dtype or p.dtype
+        return [layer.mixer.new_state(batch, device, dtype) for layer in self.backbone.layers]
+
+    def step(self, input_ids: torch.Tensor, states: list[LayerState]) -> torch.Tensor:
+        """Feed one token per sequence (b,) or (b, 1); updates ``states``; returns logits (b, vocab)."""
+        return self.forward(input_ids.reshape(-1, 1), states=states).logits[:, -1]
+
+    @torch.no_grad()
+    def generate(
+        self,
+        input_ids: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        eos_token_id: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Continue ``input_ids`` (b, L). temperature 0 is greedy; otherwise sample from the
+        temperature-scaled distribution restricted by top-k and/or top-p (nucleus). The prompt is
+        prefilled in parallel, then one recurrent step per token. Sequences that emit
+        ``eos_token_id`` are padded with it. Returns (b, L + new)."""
+        states = self.new_states(input_ids.shape[0])
+        logits = self.forward(input_ids, states=states).logits[:, -1]
+        out = [input_ids]
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for _ in range(max_new_tokens):
+            nxt = sample_next(logits[:, : self.config.vocab_size], temperature, top_k, top_p, generator)
+            if eos_token_id is not None:
+                nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
+                done |= nxt == eos_token_id
+            out.append(nxt[:, None])
+            if eos_token_id is not None and bool(done.all()):
+                break
+            logits = self.step(nxt, states)
+        return torch.cat(out, dim=1)
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 0.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Pick the next token from logits (b, V): argmax when temperature is 0, else sample after
+    temperature scaling, top-k truncation and top-p (smallest set with mass >= p) truncation."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the mass strictly before it already reaches p (the top token always stays)
+        drop = probs.cumsum(-1) - probs >= top_p
+        logits = logits.scatter(-1, order, sorted_logits.masked_fill(drop, float("-inf")))
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator)[:, 0]

@@ -1,0 +1,1 @@
+"""Pretraining: data preparation, the training engine, checkpoints, and the `polar` CLI."""

@@ -1,0 +1,58 @@
+"""The `polar` command line: one entry point; every subcommand is registered here, in one place.
+
+Each subcommand lives with the package that owns it, in a module exposing ``register(subparsers)``
+that adds its parser (with help text) and sets ``func`` (and ``accepts_overrides=True`` when it
+takes dotted ``--section.key VALUE`` config overrides). Heavy imports happen inside the handlers so
+``polar --help`` stays instant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import os
+import sys
+
+# Order here is the order in `polar --help`.
+SUBCOMMAND_MODULES = [
+    "pretrain.info",
+]
+
+# Bad input (config typos, missing files, corrupt data) surfaces as these; they print as one line.
+USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, RuntimeError)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="polar",
+        description="polar-mamba: pretrain, evaluate and publish baseline and polarized Mamba language "
+        "models (Wang et al., ICLR 2025). Run `polar COMMAND --help` for each command.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for name in SUBCOMMAND_MODULES:
+        importlib.import_module(name).register(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "accepts_overrides", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.overrides = extra
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s: %(message)s"
+    )
+    try:
+        return args.func(args) or 0
+    except USER_ERRORS as e:
+        if os.environ.get("POLAR_DEBUG"):
+            raise
+        print(f"polar {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,61 @@
+"""`polar info`: library versions, the kernel backend each op will use, and every model preset's size."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.metadata
+import platform
+
+
+def _version(dist: str) -> str:
+    try:
+        return importlib.metadata.version(dist)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def preset_parameter_counts() -> dict[str, int]:
+    """Parameters of every preset, counted on the meta device (no memory, exact shapes)."""
+    import torch
+
+    from models import PRESETS, MambaLM, ModelConfig
+
+    counts = {}
+    for name in PRESETS:
+        with torch.device("meta"):
+            counts[name] = MambaLM(ModelConfig.preset(name)).num_parameters()
+    return counts
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from kernels import dispatch
+    from models import ModelConfig
+
+    print("versions")
+    print(f"  python         {platform.python_version()}")
+    for dist in ("polar-mamba", "torch", "transformers", "deepspeed", "triton", "mamba-ssm", "causal-conv1d"):
+        print(f"  {dist:<14} {_version(dist)}")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    print(f"device           {torch.cuda.get_device_name() if device == 'cuda' else 'cpu'}")
+    print(f"kernel backends ({device})")
+    for op, choice in dispatch.describe(device).items():
+        print(f"  {op:<16} {choice}")
+    print("model presets")
+    print(f"  {'name':<18} {'params':>14} {'d_model':>8} {'n_layer':>8} {'N (+1/+0)':>10}")
+    for name, n in preset_parameter_counts().items():
+        cfg = ModelConfig.preset(name)
+        polar = f"{cfg.ssm.d_state}+{cfg.polarize.ones}+{cfg.polarize.zeros}"
+        print(f"  {name:<18} {n:>14,} {cfg.d_model:>8} {cfg.n_layer:>8} {polar:>10}")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "info",
+        help="versions, chosen kernel backends and model presets",
+        description="Print library versions, the kernel backend each op uses on this machine "
+        "(POLAR_KERNELS overrides it) and every model preset with its counted parameters.",
+    )
+    p.set_defaults(func=run)

@@ -1,0 +1,1 @@
+"""SentencePiece tokenizer training and the Tokenizer wrapper (standalone: imports nothing else of the project)."""
