@@ -1,0 +1,180 @@
+"""Interchange with Hugging Face transformers and mamba_ssm: save/load folders, convert layouts.
+
+Our parameter names already follow transformers' ``MambaForCausalLM``; what differs is A_log. We keep
+A_log for the N learned channels only. Stock transformers has one A_log over all state channels, so
+export expands it to ``[-inf]*ones ++ learned ++ [+inf]*zeros`` (DESIGN §2): A = -exp(A_log) is then
+-0 and -inf, so exp(Δ·A) is exactly 1 and 0 in transformers' forward pass. (In ``zero_mode:
+reference`` the zero channels export as A_log = log(100), i.e. the paper's A = -100.) Our full model
+config rides along in config.json under ``polar_mamba`` so loading back is lossless.
+
+mamba_ssm checkpoints (``config.json`` with d_model/n_layer/ssm_cfg and ``pytorch_model.bin``) differ
+only by ``backbone.embedding.weight``; :func:`from_pretrained` reads them too.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from models.config import ModelConfig
+from models.mamba import MambaLM
+from models.typed_config import ConfigError
+
+CONFIG_KEY = "polar_mamba"  # our ModelConfig inside config.json
+WEIGHTS = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
+
+
+def _expanded_a_log(a_log: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    ones = a_log.new_full((a_log.shape[0], cfg.polarize.ones), -math.inf)
+    zero_value = math.log(100.0) if cfg.polarize.zero_mode == "reference" else math.inf
+    zeros = a_log.new_full((a_log.shape[0], cfg.polarize.zeros), zero_value)
+    return torch.cat([ones, a_log, zeros], dim=1)
+
+
+def to_hf_state_dict(model: MambaLM) -> dict[str, torch.Tensor]:
+    """transformers-layout tensors (A_log expanded over all channels, tied head omitted)."""
+    cfg = model.config
+    out = {}
+    for name, t in model.state_dict().items():
+        if name == "lm_head.weight":
+            continue
+        out[name] = _expanded_a_log(t, cfg) if name.endswith("mixer.A_log") else t
+    return {k: v.detach().contiguous() for k, v in out.items()}
+
+
+def from_hf_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`to_hf_state_dict` (also accepts mamba_ssm's ``backbone.embedding.weight``)."""
+    out = {}
+    n_ones, N = cfg.polarize.ones, cfg.ssm.d_state
+    for name, t in sd.items():
+        name = name.replace("backbone.embedding.weight", "backbone.embeddings.weight")
+        if name.endswith("mixer.A_log"):
+            if t.shape[1] != cfg.d_state_total:
+                raise ConfigError(f"{name} has {t.shape[1]} state channels, config expects {cfg.d_state_total}")
+            t = t[:, n_ones : n_ones + N]
+        out[name] = t
+    out.setdefault("lm_head.weight", out["backbone.embeddings.weight"])
+    return out
+
+
+def hf_config(cfg: ModelConfig, special_ids: dict[str, int] | None = None) -> dict[str, Any]:
+    """config.json content that stock ``transformers.MambaConfig`` reads, plus our own section."""
+    ids = {"pad_token_id": 0, "bos_token_id": 0, "eos_token_id": 0, **(special_ids or {})}
+    return {
+        "architectures": ["MambaForCausalLM"],
+        "model_type": "mamba",
+        "vocab_size": cfg.padded_vocab_size,
+        "hidden_size": cfg.d_model,
+        "state_size": cfg.d_state_total,
+        "num_hidden_layers": cfg.n_layer,
+        "layer_norm_epsilon": cfg.norm_eps,
+        "expand": cfg.ssm.expand,
+        "conv_kernel": cfg.ssm.d_conv,
+        "use_bias": cfg.ssm.proj_bias,
+        "use_conv_bias": cfg.ssm.conv_bias,
+        "hidden_act": "silu",
+        "initializer_range": cfg.initializer_range,
+        "residual_in_fp32": cfg.residual_in_fp32,
+        "time_step_rank": cfg.dt_rank,
+        "time_step_min": cfg.ssm.dt_min,
+        "time_step_max": cfg.ssm.dt_max,
+        "time_step_floor": cfg.ssm.dt_init_floor,
+        # An init-only setting; transformers 5 re-applies it to loaded out_proj weights, so keep it off.
+        "rescale_prenorm_residual": False,
+        "tie_word_embeddings": True,
+        "use_cache": True,
+        **ids,
+        CONFIG_KEY: cfg.to_dict(),
+    }
+
+
+def save_pretrained(model: MambaLM, out_dir: str | Path, special_ids: dict[str, int] | None = None) -> Path:
+    """Write ``config.json`` + ``model.safetensors`` loadable by our :func:`from_pretrained` and by
+    stock ``transformers.MambaForCausalLM.from_pretrained``."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "config.json").write_text(json.dumps(hf_config(model.config, special_ids), indent=2) + "\n")
+    save_file(to_hf_state_dict(model), str(out / WEIGHTS), metadata={"format": "pt"})
+    return out
+
+
+def config_from_json(data: dict[str, Any]) -> ModelConfig:
+    """Our ModelConfig from a config.json written by us, by transformers (MambaConfig), or by mamba_ssm."""
+    if CONFIG_KEY in data:
+        return ModelConfig.from_dict(data[CONFIG_KEY])
+    if data.get("model_type") == "mamba":  # a stock transformers checkpoint
+        ssm = {
+            "d_state": data.get("state_size", 16),
+            "d_conv": data.get("conv_kernel", 4),
+            "expand": data.get("expand", 2),
+            "dt_rank": data.get("time_step_rank", "auto"),
+            "conv_bias": data.get("use_conv_bias", True),
+            "proj_bias": data.get("use_bias", False),
+        }
+        return ModelConfig.from_dict({
+            "d_model": data["hidden_size"], "n_layer": data["num_hidden_layers"],
+            "vocab_size": data["vocab_size"], "norm_eps": data.get("layer_norm_epsilon", 1e-5),
+            "residual_in_fp32": data.get("residual_in_fp32", True), "ssm": ssm,
+        })
+    if "d_model" in data and "n_layer" in data:  # mamba_ssm's MambaConfig
+        ssm_cfg = data.get("ssm_cfg") or {}
+        if ssm_cfg.get("layer", "Mamba1") != "Mamba1":
+            raise ConfigError(f"only Mamba-1 checkpoints are supported, got ssm_cfg.layer={ssm_cfg['layer']!r}")
+        ssm = {k: ssm_cfg[k] for k in ("d_state", "d_conv", "expand", "dt_rank") if k in ssm_cfg}
+        return ModelConfig.from_dict({
+            "d_model": data["d_model"], "n_layer": data["n_layer"], "vocab_size": data["vocab_size"],
+            "pad_vocab_size_multiple": data.get("pad_vocab_size_multiple", 8),
+            "residual_in_fp32": data.get("residual_in_fp32", True), "ssm": ssm,
+        })
+    raise ConfigError("config.json is neither a polar-mamba, transformers Mamba nor mamba_ssm config")
+
+
+def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    if (folder / WEIGHTS).is_file():
+        return load_file(str(folder / WEIGHTS))
+    if (folder / WEIGHTS_INDEX).is_file():
+        files = sorted(set(json.loads((folder / WEIGHTS_INDEX).read_text())["weight_map"].values()))
+        return {k: v for f in files for k, v in load_file(str(folder / f)).items()}
+    if (folder / "pytorch_model.bin").is_file():  # mamba_ssm
+        return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+    raise FileNotFoundError(f"no weights in {folder}: expected {WEIGHTS}, {WEIGHTS_INDEX} or pytorch_model.bin")
+
+
+def resolve_folder(path_or_repo: str | Path, revision: str | None = None) -> Path:
+    """A local folder as is; anything else is treated as a Hub repo id and downloaded (cached)."""
+    p = Path(path_or_repo)
+    if p.is_dir():
+        return p
+    if p.exists() or str(path_or_repo).startswith((".", "/")) or str(path_or_repo).count("/") != 1:
+        raise FileNotFoundError(f"model folder not found: {path_or_repo} (pass an export folder or a Hub repo id ORG/NAME)")
+    from huggingface_hub import snapshot_download
+
+    return Path(snapshot_download(
+        str(path_or_repo), revision=revision,
+        allow_patterns=["*.json", "*.safetensors", "pytorch_model.bin", "*.model"],
+    ))
+
+
+def from_pretrained(path_or_repo: str | Path, revision: str | None = None,
+                    device: str | torch.device = "cpu") -> MambaLM:
+    """Load a MambaLM from a folder written by :func:`save_pretrained`, a transformers or mamba_ssm
+    Mamba checkpoint folder, or a Hub repo id (with optional revision)."""
+    folder = resolve_folder(path_or_repo, revision)
+    cfg_file = folder / "config.json"
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{folder} has no config.json: not a model folder")
+    cfg = config_from_json(json.loads(cfg_file.read_text()))
+    sd = from_hf_state_dict(_read_weights(folder), cfg)
+    with torch.device("meta"):
+        model = MambaLM(cfg)
+    missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
+    if missing or unexpected:
+        raise ConfigError(f"{folder}: weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+    model.lm_head.weight = model.backbone.embeddings.weight  # assign=True replaced the tied tensor
+    return model.to(device)

@@ -1,0 +1,68 @@
+"""The `polar` CLI: help, `polar info` (counted preset sizes), kernel backend selection and its errors."""
+
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from kernels import dispatch
+from models import PRESETS, MambaLM, ModelConfig
+from pretrain.cli import main
+
+
+def test_help_lists_commands(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0
+    assert "info" in capsys.readouterr().out
+
+
+def test_info_prints_counted_parameters(capsys):
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    counts = {m[1]: int(m[2].replace(",", "")) for m in re.finditer(r"^\s+(mamba-\S+)\s+([\d,]+)", out, re.M)}
+    assert set(counts) == set(PRESETS)
+    for name in ("mamba-tiny", "mamba-tiny-polar", "mamba-130m"):
+        model = MambaLM(ModelConfig.preset(name))
+        assert counts[name] == sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+    # the polarization paper's Table 4 buckets are all covered by presets
+    assert 100e6 <= counts["mamba-130m"] <= 250e6
+    assert 250e6 <= counts["mamba-370m"] <= 400e6
+    assert 400e6 <= counts["mamba-550m"] <= 550e6
+    assert "selective_scan   torch" in out
+
+
+def test_console_script_runs():
+    out = subprocess.run([sys.executable, "-m", "pretrain.cli", "info"], capture_output=True, text=True, check=True)
+    assert "kernel backends" in out.stdout
+
+
+def test_unknown_command_fails(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["trian"])
+    assert e.value.code == 2
+
+
+@pytest.mark.parametrize("value", ["triton", "cuda"])
+def test_forced_backend_that_cannot_run_fails_clearly(monkeypatch, value):
+    monkeypatch.setenv("POLAR_KERNELS", value)
+    with pytest.raises(dispatch.KernelBackendError, match=f"POLAR_KERNELS={value}: .*needs CUDA"):
+        dispatch.choose_backend("cpu")
+    model = MambaLM(ModelConfig.preset("mamba-tiny"))
+    with pytest.raises(dispatch.KernelBackendError):
+        model(torch.zeros(1, 4, dtype=torch.long))
+
+
+def test_bad_backend_name(monkeypatch, capsys):
+    monkeypatch.setenv("POLAR_KERNELS", "fast")
+    with pytest.raises(dispatch.KernelBackendError, match="not one of auto, torch, triton, cuda"):
+        dispatch.choose_backend("cpu")
+
+
+def test_torch_backend_forced(monkeypatch):
+    monkeypatch.setenv("POLAR_KERNELS", "torch")
+    assert dispatch.choose_backend("cpu") == "torch"
+    monkeypatch.setenv("POLAR_KERNELS", "auto")
+    assert dispatch.choose_backend("cpu") == "torch"

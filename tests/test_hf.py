@@ -1,0 +1,111 @@
+"""Interchange: stock transformers MambaForCausalLM reproduces our logits; folders round-trip; mamba_ssm layout."""
+
+import json
+
+import pytest
+import torch
+from transformers import MambaConfig, MambaForCausalLM
+
+from models import MambaLM, ModelConfig
+from models.hf import from_pretrained, save_pretrained, to_hf_state_dict
+from models.typed_config import ConfigError
+
+VARIANTS = {
+    "baseline": {},
+    "polar-exact": {"polarize.ones": 1, "polarize.zeros": 1},
+    "polar-reference": {"polarize.ones": 1, "polarize.zeros": 2, "polarize.zero_mode": "reference"},
+}
+
+
+def perturbed_model(**overrides) -> MambaLM:
+    """A tiny model with SSM parameters moved away from their structured init (fresh each call)."""
+    model = MambaLM(ModelConfig.preset("mamba-tiny", vocab_size=509, **overrides)).eval()
+    with torch.no_grad():
+        for layer in model.backbone.layers:
+            m = layer.mixer
+            m.A_log.add_(torch.randn_like(m.A_log) * 0.5)
+            m.D.add_(torch.randn_like(m.D))
+            m.dt_proj.bias.add_(torch.randn_like(m.dt_proj.bias))
+            layer.norm.weight.add_(torch.randn_like(layer.norm.weight) * 0.2)
+    return model
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_stock_transformers_gives_our_logits(variant, tmp_path):
+    ours = perturbed_model(**VARIANTS[variant])
+    save_pretrained(ours, tmp_path)
+    theirs = MambaForCausalLM.from_pretrained(tmp_path).eval()
+    ids = torch.randint(0, 509, (2, 37))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["baseline", "polar-exact"])
+def test_stock_transformers_greedy_generate_matches(variant, tmp_path):
+    ours = perturbed_model(**VARIANTS[variant])
+    save_pretrained(ours, tmp_path)
+    theirs = MambaForCausalLM.from_pretrained(tmp_path).eval()
+    prompt = torch.randint(0, 509, (1, 6))
+    expected = theirs.generate(prompt, max_new_tokens=10, do_sample=False, attention_mask=torch.ones_like(prompt))
+    assert torch.equal(ours.generate(prompt, 10), expected)
+
+
+def test_export_expands_a_log_to_exact_polar_channels(tmp_path):
+    ours = perturbed_model(**VARIANTS["polar-exact"])
+    a_log = to_hf_state_dict(ours)["backbone.layers.0.mixer.A_log"]
+    assert a_log.shape == (ours.config.d_inner, 18)
+    assert torch.all(a_log[:, 0] == -torch.inf) and torch.all(a_log[:, -1] == torch.inf)
+    A = -torch.exp(a_log)
+    dt = torch.rand(5)[:, None, None] * 0.1
+    discrete = torch.exp(A * dt)
+    assert torch.all(discrete[..., 0] == 1) and torch.all(discrete[..., -1] == 0)
+    save_pretrained(ours, tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    assert cfg["state_size"] == 18 and cfg["polar_mamba"]["polarize"] == {"ones": 1, "zeros": 1, "zero_mode": "exact"}
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_save_then_load_is_lossless(variant, tmp_path):
+    ours = perturbed_model(**VARIANTS[variant])
+    save_pretrained(ours, tmp_path)
+    back = from_pretrained(tmp_path)
+    assert back.config == ours.config
+    for (k, a), (_, b) in zip(ours.state_dict().items(), back.state_dict().items()):
+        assert torch.equal(a, b), k
+    assert back.lm_head.weight is back.backbone.embeddings.weight
+
+
+def test_loads_stock_transformers_checkpoint(tmp_path):
+    hf_cfg = MambaConfig(vocab_size=256, hidden_size=32, state_size=8, num_hidden_layers=2, expand=2)
+    theirs = MambaForCausalLM(hf_cfg).eval()
+    theirs.save_pretrained(tmp_path)
+    ours = from_pretrained(tmp_path)
+    ids = torch.randint(0, 256, (2, 15))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, rtol=1e-4, atol=1e-5)
+
+
+def test_loads_mamba_ssm_layout(tmp_path):
+    ours = perturbed_model()
+    sd = {k.replace("backbone.embeddings.", "backbone.embedding."): v for k, v in ours.state_dict().items()}
+    torch.save(sd, tmp_path / "pytorch_model.bin")
+    cfg = ours.config
+    (tmp_path / "config.json").write_text(json.dumps({
+        "d_model": cfg.d_model, "n_layer": cfg.n_layer, "vocab_size": cfg.vocab_size,
+        "ssm_cfg": {}, "rms_norm": True, "residual_in_fp32": True, "pad_vocab_size_multiple": 8,
+    }))
+    back = from_pretrained(tmp_path)
+    ids = torch.randint(0, 509, (2, 11))
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, ours(ids).logits)
+
+
+def test_missing_folder_and_mismatched_weights(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model folder not found"):
+        from_pretrained(tmp_path / "nope")
+    save_pretrained(perturbed_model(), tmp_path)
+    cfg = json.loads((tmp_path / "config.json").read_text())
+    cfg["polar_mamba"]["polarize"]["ones"] = 1
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="state channels"):
+        from_pretrained(tmp_path)
