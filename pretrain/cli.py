@@ -17,6 +17,9 @@ import sys
 # Order here is the order in `polar --help`.
 SUBCOMMAND_MODULES = [
     "pretrain.info",
+    "tokenizer.cli",
+    "pretrain.prepare",
+    "pretrain.commands",
 ]
 
 # Bad input (config typos, missing files, corrupt data) surfaces as these; they print as one line.

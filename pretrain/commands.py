@@ -1,0 +1,81 @@
+"""CLI glue for `polar train`, `polar plan` and `polar export` (heavy modules load inside handlers)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+EXIT_CODES = "Exit codes: 0 done, 75 checkpointed after SIGTERM/SIGUSR1 (run again to resume), 3 stopped " \
+             "after repeated non-finite losses."
+
+
+def _config(args: argparse.Namespace):
+    from models.typed_config import parse_override_args
+    from pretrain.config import load_config
+
+    return load_config(args.config, parse_override_args(args.overrides))
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from pretrain.trainer import train
+
+    return train(_config(args))
+
+
+def run_plan(args: argparse.Namespace) -> int:
+    from pretrain.schedule import plan
+
+    p = plan(_config(args), args.mfu, args.gpu, args.gpus)
+    print(f"parameters        {p['params']:,}")
+    print(f"tokens            {p['tokens']:,} ({p['tokens_per_param']:.1f} per parameter)")
+    print(f"steps             {p['steps']:,} x {p['tokens_per_step']:,} tokens (warmup {p['warmup_steps']:,})")
+    print(f"training FLOPs    {p['train_flops']:.3e}")
+    print(f"GPU-hours         {p['gpu_hours']:,.1f} on {p['gpu']} at {p['mfu']:.0%} MFU "
+          f"({p['wall_hours']:,.1f} h on {p['gpus']} GPUs)")
+    return 0
+
+
+def run_export(args: argparse.Namespace) -> int:
+    from pretrain.export import export
+
+    out = export(args.run, args.out or Path(args.run) / "export", args.step, args.force)
+    print(f"exported {args.run} -> {out} (loads with transformers.MambaForCausalLM.from_pretrained)")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train",
+        help="train a model from a YAML recipe (DeepSpeed ZeRO; resumes automatically)",
+        description="Train from a YAML recipe with DeepSpeed ZeRO. Override any key with dotted flags "
+        "(--optim.lr 1e-3 --model.n_layer 12). Run one process directly, or several under torchrun / the "
+        "deepspeed launcher / srun (torchrun --nproc_per_node 2 -m pretrain.cli train CONFIG). If "
+        "RUN/checkpoints/latest exists the run resumes from it; a finished run reports and exits. " + EXIT_CODES,
+    )
+    p.add_argument("config", help="YAML recipe, e.g. configs/demo-cpu.yaml")
+    p.set_defaults(func=run_train, accepts_overrides=True)
+
+    p = sub.add_parser(
+        "plan",
+        help="print a recipe's parameters, tokens, steps, FLOPs and GPU-hours",
+        description="Budget a recipe without training: counted parameters, token budget (Chinchilla "
+        "tokens_per_param x params unless steps/tokens are explicit), optimizer steps, tokens per parameter, "
+        "training FLOPs (counted per op, 3x forward) and GPU-hours at a given MFU. Accepts dotted overrides.",
+    )
+    p.add_argument("config", help="YAML recipe, e.g. configs/chinchilla-130m.yaml")
+    p.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation (default 0.4)")
+    p.add_argument("--gpu", default="H100", help="GPU model for the peak FLOP/s table (default H100)")
+    p.add_argument("--gpus", type=int, default=8, help="GPUs in the job, for wall-clock hours (default 8)")
+    p.set_defaults(func=run_plan, accepts_overrides=True)
+
+    p = sub.add_parser(
+        "export",
+        help="consolidate a checkpoint into a Hugging Face folder",
+        description="Consolidate a training checkpoint (any ZeRO stage) into config.json + model.safetensors "
+        "(+ the tokenizer) that polar and stock transformers.MambaForCausalLM load.",
+    )
+    p.add_argument("run", help="run directory (runs/NAME), its checkpoints/ folder or one checkpoint tag folder")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
+    p.add_argument("--out", default=None, help="output folder (default: RUN/export)")
+    p.add_argument("--force", action="store_true", help="replace an existing output folder")
+    p.set_defaults(func=run_export)

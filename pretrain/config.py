@@ -1,0 +1,179 @@
+"""TrainConfig: the one typed config tree behind `polar train` / `polar plan` (YAML + dotted overrides).
+
+Sections: run, model, data, optim, schedule, distributed, precision, checkpoint, logging, eval, debug.
+``model`` may name a preset (``model: {preset: mamba-130m, n_layer: 12}``): the preset's fields are the
+base and the rest override them; the resolved config (saved in the run directory) has no preset key.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from models.config import PRESETS, ModelConfig
+from models.typed_config import ConfigError, _suggest, apply_overrides, from_dict, load_yaml, to_dict
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    out_dir: str = "runs"  # the run directory is out_dir/name
+    seed: int = 1234
+
+    @property
+    def dir(self) -> Path:
+        return Path(self.out_dir) / self.name
+
+
+@dataclass
+class DataConfig:
+    path: str = "data/shakespeare"  # a folder written by `polar prepare`
+    tokenizer: str | None = None  # checked against the data's fingerprint when given
+    seq_len: int = 1024
+    micro_batch_size: int = 8  # sequences per process per micro-step
+    global_batch_size: int = 64  # sequences per optimizer step (all processes, all micro-steps)
+    verify_checksums: bool = False  # sha256 every shard at start (slow for large data)
+
+    def __post_init__(self):
+        for k in ("seq_len", "micro_batch_size", "global_batch_size"):
+            if getattr(self, k) <= 0:
+                raise ConfigError(f"data.{k} must be > 0, got {getattr(self, k)}")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3  # peak learning rate
+    min_lr_ratio: float = 0.1  # floor = lr * min_lr_ratio
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1  # not applied to norms, biases, A_log, D
+    grad_clip: float = 1.0
+
+    def __post_init__(self):
+        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
+            raise ConfigError("optim.lr must be > 0 and optim.min_lr_ratio in [0, 1]")
+        if len(self.betas) != 2:
+            raise ConfigError(f"optim.betas must have two values, got {self.betas}")
+
+
+@dataclass
+class ScheduleConfig:
+    kind: Literal["cosine", "wsd", "constant"] = "cosine"
+    steps: int | None = None  # explicit optimizer steps; else derived from tokens
+    tokens: int | None = None  # explicit token budget; else tokens_per_param x params (Chinchilla)
+    tokens_per_param: float = 20.0
+    warmup_steps: int | None = None  # default: warmup_fraction of the steps
+    warmup_fraction: float = 0.01
+    decay_fraction: float = 0.2  # WSD: the final fraction of steps that decays to the floor
+
+    def __post_init__(self):
+        if self.steps is not None and self.steps <= 0:
+            raise ConfigError(f"schedule.steps must be > 0, got {self.steps}")
+        if not 0 <= self.warmup_fraction < 1 or not 0 < self.decay_fraction <= 1:
+            raise ConfigError("schedule.warmup_fraction must be in [0, 1) and decay_fraction in (0, 1]")
+
+
+@dataclass
+class DistributedConfig:
+    zero_stage: int = 2
+    backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl on CUDA, gloo on CPU
+    deepspeed: dict[str, Any] = field(default_factory=dict)  # raw DeepSpeed JSON, merged over ours
+
+    def __post_init__(self):
+        if self.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"distributed.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
+
+
+@dataclass
+class PrecisionConfig:
+    # bf16: fp32 master parameters, bf16 autocast compute (how mamba_ssm's authors train; keeps A_log,
+    # D and the Δ bias in fp32 — see docs/training.md). fp32: everything in fp32.
+    dtype: Literal["bf16", "fp32"] = "bf16"
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 500  # optimizer steps; a checkpoint is also written at the end and on SIGTERM/SIGUSR1
+    keep_last: int = 3
+
+    def __post_init__(self):
+        if self.every <= 0 or self.keep_last <= 0:
+            raise ConfigError("checkpoint.every and checkpoint.keep_last must be > 0")
+
+
+@dataclass
+class LoggingConfig:
+    every: int = 10  # steps between console/JSONL lines (JSONL gets every step when 1)
+    wandb: Literal["disabled", "offline", "online"] = "disabled"
+    wandb_project: str = "polar-mamba"
+    progress_bar: bool = True
+    max_nonfinite_steps: int = 5  # this many non-finite steps in a row stop the run
+
+
+@dataclass
+class EvalConfig:
+    every: int = 500  # optimizer steps between validation passes (0: only at the end)
+    batches: int = 8  # micro-batches per process per validation pass
+
+
+@dataclass
+class DebugConfig:
+    # Fault injection for tests: make these steps' loss NaN; send SIGTERM to rank 0 after this step.
+    inject_nonfinite_steps: list[int] = field(default_factory=list)
+    signal_at_step: int | None = None
+
+
+@dataclass
+class TrainConfig:
+    run: RunConfig = field(default_factory=RunConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    precision: PrecisionConfig = field(default_factory=PrecisionConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return to_dict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def _expand_model_preset(data: dict[str, Any]) -> dict[str, Any]:
+    model = data.get("model")
+    if not isinstance(model, dict) or "preset" not in model:
+        return data
+    rest = {k: v for k, v in model.items() if k != "preset"}
+    name = model["preset"]
+    if name not in PRESETS:
+        raise ConfigError(f"model.preset: unknown preset '{name}': {_suggest(name, list(PRESETS))}")
+    base = apply_overrides(PRESETS[name], {})
+    merged = apply_overrides(base, _flatten(rest))
+    return {**data, "model": merged}
+
+
+def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        out.update(_flatten(v, key + ".") if isinstance(v, dict) else {key: v})
+    return out
+
+
+def build_config(data: dict[str, Any], overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """A validated TrainConfig from a nested dict plus dotted overrides."""
+    merged = apply_overrides(data, overrides or {})
+    return from_dict(TrainConfig, _expand_model_preset(merged))
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """Load a YAML recipe (``configs/*.yaml``) and apply dotted overrides (``{"optim.lr": 1e-3}``)."""
+    return build_config(load_yaml(path), overrides)

@@ -1,0 +1,234 @@
+"""Prepared token data: the shard/manifest format, validated memmap views, packed samples and the resumable loader.
+
+``polar prepare`` writes a directory of ``{split}_{k:05d}.bin`` token shards (raw little-endian uint16/uint32)
+plus ``manifest.json``. Training reads a split as one concatenated token stream (documents joined by EOS),
+cut into non-overlapping windows of ``seq_len + 1`` tokens. Global sample ``g`` is window
+``perm[epoch][g % num_samples]`` with ``epoch = g // num_samples`` and ``perm[epoch]`` a permutation
+seeded by ``(seed, epoch)``; it belongs to data-parallel rank ``g % world_size``. The loader's whole
+state is ``consumed_samples``, so a resumed run (even with another world size) sees exactly the samples
+the uninterrupted run would have.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+MANIFEST = "manifest.json"
+FORMAT = "polar-tokens"
+FORMAT_VERSION = 1
+SPLITS = ("train", "val")
+
+
+class DataError(ValueError):
+    """Prepared data is unusable (corrupt, mismatched, too short); the message names the fix."""
+
+
+class DataNotFoundError(FileNotFoundError):
+    """Prepared data (manifest or shard) is missing."""
+
+
+def dtype_for_vocab(vocab_size: int) -> np.dtype:
+    """Smallest unsigned dtype that holds every id (little-endian, fixed across machines)."""
+    return np.dtype("<u2") if vocab_size <= 1 << 16 else np.dtype("<u4")
+
+
+def shard_name(split: str, index: int) -> str:
+    return f"{split}_{index:05d}.bin"
+
+
+def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def load_manifest(data_dir: str | Path) -> dict[str, Any]:
+    """Read and check ``DIR/manifest.json``."""
+    path = Path(data_dir) / MANIFEST
+    if not path.is_file():
+        raise DataNotFoundError(f"no {MANIFEST} in {data_dir}: run polar prepare --out {data_dir} first")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path} is corrupt ({e.msg}): re-run polar prepare") from e
+    if manifest.get("format") != FORMAT or manifest.get("version") != FORMAT_VERSION:
+        raise DataError(f"{path} is not a {FORMAT} v{FORMAT_VERSION} manifest: re-run polar prepare with this version")
+    return manifest
+
+
+class TokenShards:
+    """All shards of one split, memory-mapped and validated, addressed as one token stream."""
+
+    def __init__(
+        self,
+        data_dir: str | Path,
+        split: str = "train",
+        expected_fingerprint: str | None = None,
+        verify_checksums: bool = False,
+    ):
+        self.data_dir = Path(data_dir)
+        self.split = split
+        self.manifest = load_manifest(data_dir)
+        fp = self.manifest["tokenizer"]["fingerprint"]
+        if expected_fingerprint is not None and expected_fingerprint != fp:
+            raise DataError(
+                f"data in {data_dir} was tokenized with tokenizer {fp[:12]}, but --tokenizer has "
+                f"{expected_fingerprint[:12]}: re-run polar prepare with this tokenizer or pass the matching one"
+            )
+        if split not in self.manifest["splits"]:
+            raise DataError(f"{data_dir} has no split '{split}': it has {', '.join(self.manifest['splits'])}")
+        self.dtype = np.dtype(self.manifest["dtype"])
+        self.eos_id: int = self.manifest["eos_id"]
+        self.vocab_size: int = self.manifest["tokenizer"]["vocab_size"]
+        self.shards: list[np.ndarray] = []
+        for entry in self.manifest["splits"][split]["shards"]:
+            self.shards.append(self._open(entry, verify_checksums))
+        sizes = np.array([len(s) for s in self.shards], dtype=np.int64)
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)])  # start of each shard in the stream
+        self.num_tokens = int(self.offsets[-1])
+
+    def _open(self, entry: dict[str, Any], verify: bool) -> np.ndarray:
+        path = self.data_dir / entry["file"]
+        if not path.is_file():
+            raise DataNotFoundError(f"shard {path} is missing: re-run polar prepare --out {self.data_dir} --force")
+        expected = entry["tokens"] * self.dtype.itemsize
+        size = path.stat().st_size
+        if size != expected:
+            raise DataError(
+                f"shard {path} is truncated or corrupt: {size} bytes, the manifest says {expected} "
+                f"({entry['tokens']} tokens of {self.dtype.name}): re-run polar prepare --out {self.data_dir} --force"
+            )
+        if verify and sha256_file(path) != entry["sha256"]:
+            raise DataError(
+                f"shard {path} is corrupt: its sha256 differs from the manifest: "
+                f"re-run polar prepare --out {self.data_dir} --force"
+            )
+        if entry["tokens"] == 0:
+            return np.zeros(0, dtype=self.dtype)
+        return np.memmap(path, dtype=self.dtype, mode="r")
+
+    def __len__(self) -> int:
+        return self.num_tokens
+
+    def read(self, start: int, length: int) -> np.ndarray:
+        """Tokens ``[start, start + length)`` of the stream (a view when inside one shard)."""
+        k = int(np.searchsorted(self.offsets, start, side="right")) - 1
+        local = start - int(self.offsets[k])
+        shard = self.shards[k]
+        if local + length <= len(shard):
+            return shard[local : local + length]
+        parts, need = [], length
+        while need > 0:
+            piece = self.shards[k][local : local + need]
+            parts.append(piece)
+            need -= len(piece)
+            k, local = k + 1, 0
+        return np.concatenate(parts)
+
+
+@dataclass(frozen=True)
+class PackedDataset:
+    """Non-overlapping windows of ``seq_len + 1`` tokens over a split, in a seeded order per epoch."""
+
+    tokens: TokenShards
+    seq_len: int
+
+    def __post_init__(self) -> None:
+        if self.seq_len < 1:
+            raise DataError(f"seq_len must be >= 1, got {self.seq_len}")
+        if self.num_samples < 1:
+            raise DataError(
+                f"seq_len {self.seq_len} is longer than the data: split '{self.tokens.split}' of "
+                f"{self.tokens.data_dir} has {self.tokens.num_tokens} tokens (needs >= {self.seq_len + 1}): "
+                "use a shorter seq_len or prepare more data"
+            )
+
+    @property
+    def num_samples(self) -> int:
+        return (self.tokens.num_tokens - 1) // self.seq_len
+
+    def window(self, index: int) -> np.ndarray:
+        """Window ``index`` in stream order: tokens ``[index*seq_len, (index+1)*seq_len]`` (inclusive)."""
+        return self.tokens.read(index * self.seq_len, self.seq_len + 1)
+
+    def permutation(self, seed: int, epoch: int) -> np.ndarray:
+        """The visiting order of epoch ``epoch``: a new permutation per epoch, the same on every rank."""
+        rng = np.random.Generator(np.random.PCG64([seed, epoch]))
+        order = rng.permutation(self.num_samples)
+        return order.astype(np.uint32) if self.num_samples < 1 << 32 else order
+
+
+class DistributedSampleLoader:
+    """Micro-batches of one data-parallel rank; its whole state is the global ``consumed_samples``.
+
+    Global micro-step ``s`` covers global samples ``[c, c + micro_batch_size * world_size)`` with
+    ``c = consumed_samples``; this rank takes those ``g`` with ``g % world_size == rank``. Each batch is
+    ``(input_ids, labels)``, LongTensors of shape ``[micro_batch_size, seq_len]``, labels shifted by one.
+    """
+
+    def __init__(
+        self,
+        dataset: PackedDataset,
+        micro_batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        consumed_samples: int = 0,
+    ):
+        if not 0 <= rank < world_size:
+            raise DataError(f"rank {rank} is outside world size {world_size}")
+        if micro_batch_size < 1:
+            raise DataError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
+        self.dataset = dataset
+        self.micro_batch_size = micro_batch_size
+        self.rank = rank
+        self.world_size = world_size
+        self.seed = seed
+        self.consumed_samples = consumed_samples
+        self._perm_epoch: int | None = None
+        self._perm: np.ndarray | None = None
+
+    def state_dict(self) -> dict[str, int]:
+        # seed and world size are informative only: resume is defined by consumed_samples alone.
+        return {"consumed_samples": self.consumed_samples, "seed": self.seed, "world_size": self.world_size}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        if "seed" in state and state["seed"] != self.seed:
+            raise DataError(
+                f"loader state was saved with seed {state['seed']}, this loader has seed {self.seed}: "
+                "resume with the same seed"
+            )
+        self.consumed_samples = int(state["consumed_samples"])
+
+    def sample_indices(self, consumed_samples: int) -> list[int]:
+        """Global sample indices of this rank's micro-batch starting at ``consumed_samples``."""
+        first = consumed_samples + self.rank
+        return [first + k * self.world_size for k in range(self.micro_batch_size)]
+
+    def window_index(self, g: int) -> int:
+        """Window (stream position) of global sample ``g``."""
+        n = self.dataset.num_samples
+        epoch = g // n
+        if epoch != self._perm_epoch:
+            self._perm, self._perm_epoch = self.dataset.permutation(self.seed, epoch), epoch
+        return int(self._perm[g % n])
+
+    def __iter__(self) -> DistributedSampleLoader:
+        return self
+
+    def __next__(self):
+        import torch
+
+        indices = self.sample_indices(self.consumed_samples)
+        batch = np.stack([self.dataset.window(self.window_index(g)) for g in indices])
+        self.consumed_samples += self.micro_batch_size * self.world_size
+        batch = torch.from_numpy(batch.astype(np.int64))
+        return batch[:, :-1], batch[:, 1:]

@@ -1,0 +1,83 @@
+"""Model loading from any reference (run directory, run + step, DeepSpeed tag, exported folder) and
+`polar export`: consolidate a checkpoint (ZeRO 0-3) into the HF-compatible folder of models/hf.py."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+from models.config import ModelConfig
+from models.hf import from_pretrained, save_pretrained
+from models.mamba import MambaLM
+from pretrain import checkpoint as ckpt
+
+
+def checkpoint_location(path: str | Path, step: int | None = None) -> tuple[Path, str] | None:
+    """(checkpoints dir, tag) when ``path`` is a run directory, its checkpoints/ folder or a tag folder;
+    None when it is something else (an exported folder)."""
+    p = Path(path)
+    if (p / ckpt.STATE_FILE).is_file() and step is None:  # a tag folder
+        return p.parent, p.name
+    for ckpt_dir in (p / "checkpoints", p):
+        if (ckpt_dir / "latest").is_file() or ckpt.list_tags(ckpt_dir):
+            return ckpt_dir, ckpt.resolve_tag(ckpt_dir, step)
+    return None
+
+
+def load_checkpoint_model(ckpt_dir: Path, tag: str) -> tuple[MambaLM, dict]:
+    state = ckpt.read_state(ckpt_dir, tag)
+    model = MambaLM(ModelConfig.from_dict(state["config"]["model"]))
+    sd = ckpt.consolidated_state_dict(ckpt_dir, tag)
+    sd.setdefault("lm_head.weight", sd["backbone.embeddings.weight"])
+    model.load_state_dict(sd)
+    return model, state
+
+
+def load_model(path: str | Path, step: int | None = None) -> MambaLM:
+    """A MambaLM from a run directory (latest checkpoint, or ``step``), a tag folder, or an export."""
+    loc = checkpoint_location(path, step)
+    if loc is not None:
+        return load_checkpoint_model(*loc)[0]
+    if step is not None:
+        raise FileNotFoundError(f"{path} has no checkpoints: --step needs a run directory")
+    return from_pretrained(path)
+
+
+def copy_tokenizer(tok: str | Path, dest: Path) -> None:
+    """Copy a tokenizer (folder from `polar tokenizer train` or a bare .model file) into ``dest``."""
+    src = Path(tok)
+    model_file = src / "tokenizer.model" if src.is_dir() else src
+    if not model_file.is_file():
+        raise FileNotFoundError(f"tokenizer {tok} recorded in the run's config is missing: restore it or edit the config")
+    shutil.copy(model_file, dest / "tokenizer.model")
+    if (src / "polar_tokenizer.json").is_file():
+        shutil.copy(src / "polar_tokenizer.json", dest / "polar_tokenizer.json")
+
+
+def export(run: str | Path, out: str | Path, step: int | None = None, force: bool = False) -> Path:
+    """Write the HF-compatible folder for a checkpoint (plus the tokenizer when the run names one).
+    The folder is built beside ``out`` and renamed into place, so a failure leaves ``out`` untouched."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} exists: pass --force to replace it or choose another --out")
+    loc = checkpoint_location(run, step)
+    if loc is None:
+        raise FileNotFoundError(f"no checkpoints under {run}: pass a run directory written by polar train")
+    model, state = load_checkpoint_model(*loc)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        save_pretrained(model, tmp)
+        tok = state["config"]["data"].get("tokenizer")
+        if tok:
+            copy_tokenizer(tok, tmp)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+

@@ -1,0 +1,101 @@
+"""Training metrics: FLOPs per token counted from the model's shapes, MFU, and the run's metric sinks
+(JSONL always, wandb when enabled, a progress bar) on rank 0.
+
+``metrics.jsonl`` holds one JSON object per line: ``{"kind": "train", "step": ...}`` for optimizer
+steps and ``{"kind": "val", ...}`` for validation. After a resume, lines past the checkpoint's step are
+dropped first, so the file has every step exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from models.config import ModelConfig
+
+# Dense peak FLOP/s per device, (bf16, fp32). Matched by substring of torch.cuda.get_device_name().
+PEAK_FLOPS = {
+    "H200": (989e12, 67e12),
+    "H100": (989e12, 67e12),
+    "A100": (312e12, 19.5e12),
+    "L40S": (362e12, 91.6e12),
+    "A10G": (125e12, 31.2e12),
+    "V100": (125e12, 15.7e12),
+}
+
+
+def forward_flops_per_token(cfg: ModelConfig) -> int:
+    """Forward FLOPs per token (multiply-add = 2), counted op by op from the layer shapes."""
+    d, Ed, R, Nt, k = cfg.d_model, cfg.d_inner, cfg.dt_rank, cfg.d_state_total, cfg.ssm.d_conv
+    per_layer = (
+        2 * d * 2 * Ed  # in_proj
+        + 2 * Ed * k  # depthwise causal conv
+        + 2 * Ed * (R + 2 * Nt)  # x_proj
+        + 2 * R * Ed  # dt_proj
+        + 9 * Ed * Nt  # scan: exp(ΔA), Δ·B·u, a·h + ., C·h (mamba_ssm's count for variable B, C)
+        + 6 * Ed  # D skip and SiLU gate
+        + 2 * Ed * d  # out_proj
+    )
+    return cfg.n_layer * per_layer + 2 * d * cfg.padded_vocab_size  # + LM head
+
+
+def train_flops_per_token(cfg: ModelConfig) -> int:
+    """Forward + backward (backward = 2x forward)."""
+    return 3 * forward_flops_per_token(cfg)
+
+
+def peak_flops(device_name: str, dtype: str) -> float | None:
+    for key, (bf16, fp32) in PEAK_FLOPS.items():
+        if key in device_name:
+            return bf16 if dtype == "bf16" else fp32
+    return None
+
+
+def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    p = Path(path)
+    if not p.is_file():
+        return []
+    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+
+class MetricsSink:
+    """Rank-0 metric output: JSONL file, optional wandb run (resumed under the same id)."""
+
+    def __init__(self, run_dir: Path, config: dict[str, Any], wandb_mode: str, project: str,
+                 resume_step: int, enabled: bool):
+        self.enabled = enabled
+        self.path = run_dir / "metrics.jsonl"
+        self.wandb = None
+        if not enabled:
+            return
+        kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= resume_step]
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        os.replace(tmp, self.path)
+        self.file = self.path.open("a")
+        if wandb_mode != "disabled":
+            import wandb
+
+            id_file = run_dir / "wandb_id"
+            run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+            id_file.write_text(run_id)
+            self.wandb = wandb.init(project=project, name=run_dir.name, id=run_id, resume="allow",
+                                    mode=wandb_mode, dir=str(run_dir), config=config)
+
+    def log(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps(record) + "\n")
+        self.file.flush()
+        if self.wandb is not None:
+            kind = record.get("kind", "train")
+            self.wandb.log({f"{kind}/{k}": v for k, v in record.items() if k not in ("kind", "step")},
+                           step=record["step"])
+
+    def close(self) -> None:
+        if self.enabled:
+            self.file.close()
+            if self.wandb is not None:
+                self.wandb.finish()

@@ -1,0 +1,218 @@
+"""`polar prepare`: tokenize a dataset spec into train/val token shards plus a manifest (format: pretrain.data).
+
+Documents are read in batches, encoded with SentencePiece's multithreaded batch encoder, each followed
+by EOS, and streamed into fixed-size shards while their sha256 is computed. Document ``i`` goes to
+``val`` when ``ceil((i+1)*f) > ceil(i*f)``: an evenly spread, deterministic fraction ``f`` that works on
+streams of unknown length and holds out at least one document (the first) whenever ``f > 0``.
+Everything is written to a temporary directory next to ``--out`` and renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pretrain.data import FORMAT, FORMAT_VERSION, MANIFEST, SPLITS, DataError, dtype_for_vocab, shard_name
+
+
+@dataclass(frozen=True)
+class PrepareConfig:
+    dataset: str
+    tokenizer: str
+    out: str
+    val_fraction: float = 0.01
+    num_proc: int | None = None  # encoder threads; None = all usable cores
+    force: bool = False
+    text_field: str = "text"
+    shard_tokens: int = 1 << 28  # 512 MiB of uint16 per shard
+    batch_chars: int = 1 << 23  # characters read per encode batch (bounds memory, keeps threads busy)
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.val_fraction < 1.0:
+            raise DataError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
+        if self.shard_tokens < 1:
+            raise DataError(f"--shard-tokens must be >= 1, got {self.shard_tokens}")
+
+
+def is_val(index: int, fraction: float) -> bool:
+    return math.ceil((index + 1) * fraction) > math.ceil(index * fraction)
+
+
+class ShardWriter:
+    """Appends token arrays to ``{split}_{k}.bin`` files of exactly ``shard_tokens`` tokens (the last shorter)."""
+
+    def __init__(self, out: Path, split: str, dtype: np.dtype, shard_tokens: int):
+        self.out, self.split, self.dtype, self.shard_tokens = out, split, dtype, shard_tokens
+        self.shards: list[dict[str, Any]] = []
+        self.documents = 0
+        self._file = None
+        self._hash = None
+        self._count = 0
+
+    def _open_next(self) -> None:
+        name = shard_name(self.split, len(self.shards))
+        self._file = open(self.out / name, "wb")  # noqa: SIM115 - closed in _close
+        self._hash = hashlib.sha256()
+        self._count = 0
+        self.shards.append({"file": name, "tokens": 0, "sha256": ""})
+
+    def _close(self) -> None:
+        self._file.close()
+        self.shards[-1].update(tokens=self._count, sha256=self._hash.hexdigest())
+        self._file = None
+
+    def write(self, tokens: np.ndarray) -> None:
+        while len(tokens):
+            if self._file is None:
+                self._open_next()
+            take = tokens[: self.shard_tokens - self._count]
+            data = take.tobytes()
+            self._file.write(data)
+            self._hash.update(data)
+            self._count += len(take)
+            tokens = tokens[len(take) :]
+            if self._count == self.shard_tokens:
+                self._close()
+
+    def finish(self) -> dict[str, Any]:
+        if self._file is not None:
+            self._close()
+        return {
+            "documents": self.documents,
+            "tokens": sum(s["tokens"] for s in self.shards),
+            "shards": self.shards,
+        }
+
+
+def _batches(docs, batch_chars: int):
+    batch, size = [], 0
+    for doc in docs:
+        batch.append(doc)
+        size += len(doc)
+        if size >= batch_chars:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def _tokenize_into(tmp: Path, cfg: PrepareConfig, tok, dtype: np.dtype) -> dict[str, Any]:
+    from tqdm import tqdm
+
+    from tokenizer.sources import iter_documents
+
+    writers = {split: ShardWriter(tmp, split, dtype, cfg.shard_tokens) for split in SPLITS}
+    index = 0
+    with tqdm(desc="prepare", unit="tok", unit_scale=True, mininterval=1.0) as bar:
+        for batch in _batches(iter_documents(cfg.dataset, cfg.text_field), cfg.batch_chars):
+            encoded = tok.encode_batch(batch, num_threads=cfg.num_proc)
+            for ids in encoded:
+                ids.append(tok.eos_id)
+            ends = np.cumsum([len(ids) for ids in encoded])
+            flat = np.fromiter(itertools.chain.from_iterable(encoded), dtype=dtype, count=int(ends[-1]))
+            starts = np.concatenate([[0], ends[:-1]])
+            val = np.fromiter((is_val(index + k, cfg.val_fraction) for k in range(len(batch))), dtype=bool)
+            # Consecutive documents of one split are written with one call.
+            bounds = [0, *(np.flatnonzero(np.diff(val)) + 1).tolist(), len(batch)]
+            for a, b in itertools.pairwise(bounds):
+                writer = writers["val" if val[a] else "train"]
+                writer.write(flat[starts[a] : ends[b - 1]])
+                writer.documents += b - a
+            index += len(batch)
+            bar.update(len(flat))
+    if index == 0:
+        raise DataError(f"no documents in {cfg.dataset}: the input is empty (or every document is empty)")
+    splits = {split: w.finish() for split, w in writers.items()}
+    if splits["train"]["tokens"] == 0:
+        raise DataError(
+            f"{cfg.dataset} has {index} document(s), all held out for validation: lower --val-fraction "
+            "(0 disables validation) or add documents"
+        )
+    return splits
+
+
+def prepare(cfg: PrepareConfig) -> dict[str, Any]:
+    """Tokenize ``cfg.dataset`` into ``cfg.out``; returns the manifest."""
+    import json
+
+    from tokenizer import Tokenizer
+    from tokenizer.atomic import write_atomically
+
+    out = Path(cfg.out)
+    if out.exists() and not cfg.force:
+        raise FileExistsError(f"{out} already exists: pass --force to replace it")
+    tok = Tokenizer.load(cfg.tokenizer)
+    if tok.eos_id < 0:
+        raise DataError(f"tokenizer {cfg.tokenizer} has no EOS id: train one with polar tokenizer train")
+    dtype = dtype_for_vocab(tok.vocab_size)
+    manifest: dict[str, Any] = {}
+
+    def fill(tmp: Path) -> None:
+        splits = _tokenize_into(tmp, cfg, tok, dtype)
+        manifest.update(
+            format=FORMAT,
+            version=FORMAT_VERSION,
+            source={"spec": cfg.dataset, "text_field": cfg.text_field, "val_fraction": cfg.val_fraction},
+            tokenizer={"fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size, "path": str(cfg.tokenizer)},
+            dtype=dtype.str,
+            eos_id=tok.eos_id,
+            shard_tokens=cfg.shard_tokens,
+            splits=splits,
+        )
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+
+    write_atomically(out, cfg.force, fill)
+    return manifest
+
+
+def run(args: argparse.Namespace) -> int:
+    import time
+
+    cfg = PrepareConfig(
+        dataset=args.dataset,
+        tokenizer=args.tokenizer,
+        out=args.out,
+        val_fraction=args.val_fraction,
+        num_proc=args.num_proc,
+        force=args.force,
+        text_field=args.text_field,
+        shard_tokens=args.shard_tokens,
+    )
+    t0 = time.perf_counter()
+    manifest = prepare(cfg)
+    dt = time.perf_counter() - t0
+    total = sum(s["tokens"] for s in manifest["splits"].values())
+    for name, s in manifest["splits"].items():
+        print(f"{name:<5} {s['documents']:>10,} docs {s['tokens']:>14,} tokens in {len(s['shards'])} shard(s)")
+    print(f"wrote {cfg.out} ({manifest['dtype']}) in {dt:.1f}s: {total / dt / 1e6:.2f}M tokens/s")
+    return 0
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from tokenizer.cli import SPEC_HELP
+
+    p = sub.add_parser(
+        "prepare",
+        help="tokenize a dataset into train/val token shards",
+        description="Tokenize a dataset into memory-mapped token shards for training: documents are encoded in "
+        "parallel, each followed by EOS, and written as OUT/{train,val}_NNNNN.bin (uint16 when the vocab fits, "
+        "else uint32) plus OUT/manifest.json (tokenizer fingerprint, dtype, token counts, sha256 per shard). "
+        "A deterministic --val-fraction of documents forms the val split. OUT is written atomically. "
+        f"SPEC: {SPEC_HELP}.",
+    )
+    p.add_argument("--dataset", required=True, metavar="SPEC", help=SPEC_HELP)
+    p.add_argument("--tokenizer", required=True, metavar="PATH", help="tokenizer dir or SentencePiece .model file")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--val-fraction", type=float, default=0.01, metavar="F", help="share of documents held out")
+    p.add_argument("--num-proc", type=int, metavar="N", help="encoder threads (default: all usable cores)")
+    p.add_argument("--text-field", default="text", metavar="F", help="text field of json/parquet/hub records")
+    p.add_argument("--shard-tokens", type=int, default=1 << 28, metavar="N", help="tokens per shard file")
+    p.add_argument("--force", action="store_true", help="replace an existing --out (only once the new one is done)")
+    p.set_defaults(func=run)
