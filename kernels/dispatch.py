@@ -1,23 +1,40 @@
 """Kernel dispatch: picks the backend for each op on each call, so models never name a backend.
 
-Order under ``auto``: mamba_ssm/causal_conv1d CUDA kernels (importable and tensors on CUDA) -> our
-Triton kernels (on CUDA) -> the PyTorch reference (CPU and fallback). ``POLAR_KERNELS`` forces one
-of ``torch | triton | cuda``; a forced backend that cannot run raises :class:`KernelBackendError`.
-Only the ``torch`` backend exists so far; the others report themselves unavailable with the reason.
+Order under ``auto``, per op: mamba_ssm / causal_conv1d CUDA kernels (importable and tensors on CUDA) ->
+our Triton kernels (on CUDA) -> the PyTorch reference (CPU and fallback). Not every op has every backend
+(:data:`OPS`); an op without the requested one uses the next slower one it has.
+
+``POLAR_KERNELS=auto|cuda|triton|torch`` forces a backend; a forced backend that cannot run raises
+:class:`KernelBackendError` naming why and the fix. ``POLAR_KERNELS=triton`` also runs on CPU tensors
+when ``TRITON_INTERPRET=1`` (the Triton interpreter: how the kernels are tested without a GPU).
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
 import logging
 import os
 
 import torch
 
-from kernels import scan_ref
+from kernels import conv_ref, loss_ref, norm_ref, scan_ref
+from kernels.triton_jit import interpreting
 
 ENV_VAR = "POLAR_KERNELS"
 CHOICES = ("auto", "torch", "triton", "cuda")
 PREFERENCE = ("cuda", "triton", "torch")  # fastest first
+OPS = {  # op -> backends that implement it, fastest first
+    "selective_scan": ("cuda", "triton", "torch"),
+    "selective_step": ("torch",),  # one token: a handful of elementwise ops, nothing to fuse
+    "causal_conv1d": ("cuda", "triton", "torch"),
+    "add_rmsnorm": ("triton", "torch"),
+    "linear_cross_entropy": ("triton", "torch"),
+}
+CUDA_PACKAGES = {  # op -> module with the stock CUDA kernel
+    "selective_scan": "mamba_ssm.ops.selective_scan_interface",
+    "causal_conv1d": "causal_conv1d",
+}
 
 log = logging.getLogger(__name__)
 _announced: set[tuple[str, str]] = set()
@@ -27,6 +44,19 @@ class KernelBackendError(RuntimeError):
     """The requested kernel backend cannot run here; the message names why and what to do."""
 
 
+@functools.cache
+def _probe(module: str):
+    """(module, None) when importable, else (None, why). Cached: a failed compiled import is slow and noisy.
+
+    Any exception counts as unavailable: ``import mamba_ssm`` raises ImportError, OSError or RuntimeError
+    when its CUDA extension is missing or was built for another torch.
+    """
+    try:
+        return importlib.import_module(module), None
+    except Exception as e:  # any failure means unavailable, see the docstring
+        return None, f"import {module} failed ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})"
+
+
 def requested_backend() -> str:
     value = os.environ.get(ENV_VAR, "auto").strip().lower() or "auto"
     if value not in CHOICES:
@@ -34,27 +64,39 @@ def requested_backend() -> str:
     return value
 
 
-def unavailable_reason(backend: str, device: torch.device) -> str | None:
-    """Why ``backend`` can't run on ``device`` (None when it can)."""
+def unavailable_reason(backend: str, device: torch.device, op: str | None = None) -> str | None:
+    """Why ``backend`` can't run on ``device`` (for ``op``, when given); None when it can."""
+    device = torch.device(device)
     if backend == "torch":
         return None
-    if backend in ("triton", "cuda"):
+    if backend == "triton":
+        if device.type != "cuda" and not (device.type == "cpu" and interpreting()):
+            return f"the triton backend needs CUDA tensors, got {device.type} (or TRITON_INTERPRET=1 for CPU tensors)"
+        return _probe("triton")[1]
+    if backend == "cuda":
         if device.type != "cuda":
-            return f"the {backend} backend needs CUDA tensors, got {device.type}"
-        return f"the {backend} backend is not implemented yet in this version of polar-mamba"
+            return f"the cuda backend needs CUDA tensors, got {device.type}"
+        packages = [CUDA_PACKAGES[op]] if op in CUDA_PACKAGES else list(CUDA_PACKAGES.values())
+        missing = [why for why in (_probe(p)[1] for p in packages) if why]
+        if missing:
+            return "; ".join(missing) + " (pip install mamba-ssm causal-conv1d built for this torch and CUDA)"
+        return None
     return f"unknown backend {backend!r}"
 
 
-def choose_backend(device: torch.device | str = "cpu") -> str:
-    """The backend a call on ``device`` will use, honouring ``POLAR_KERNELS``."""
+def choose_backend(device: torch.device | str = "cpu", op: str = "selective_scan") -> str:
+    """The backend ``op`` on ``device`` will use, honouring ``POLAR_KERNELS``."""
     device = torch.device(device)
     want = requested_backend()
-    if want != "auto":
-        reason = unavailable_reason(want, device)
+    candidates = OPS[op]
+    if want == "auto":  # the Triton interpreter is for testing: only a forced choice runs it
+        candidates = [b for b in candidates if b != "triton" or device.type == "cuda"]
+    else:
+        reason = unavailable_reason(want, device, op if want in candidates else None)
         if reason:
             raise KernelBackendError(f"{ENV_VAR}={want}: {reason}; set {ENV_VAR}=auto or torch")
-        return want
-    return next(b for b in PREFERENCE if unavailable_reason(b, device) is None)
+        candidates = [b for b in candidates if PREFERENCE.index(b) >= PREFERENCE.index(want)]
+    return next(b for b in candidates if unavailable_reason(b, device, op) is None)
 
 
 def _announce(op: str, backend: str) -> None:
@@ -63,14 +105,21 @@ def _announce(op: str, backend: str) -> None:
         log.info("kernel backend for %s: %s", op, backend)
 
 
+def _backend(op: str, device: torch.device) -> str:
+    backend = choose_backend(device, op)
+    _announce(op, backend)
+    return backend
+
+
 def describe(device: torch.device | str = "cpu") -> dict[str, str]:
-    """Backend per op plus why the faster ones are skipped (for ``polar info``)."""
+    """Backend per op plus why the faster ones are skipped (for ``polar info``); a flat str -> str dict."""
     device = torch.device(device)
     out = {"requested": requested_backend()}
-    try:
-        out["selective_scan"] = choose_backend(device)
-    except KernelBackendError as e:
-        out["selective_scan"] = f"error: {e}"
+    for op in OPS:
+        try:
+            out[op] = choose_backend(device, op)
+        except KernelBackendError as e:
+            out[op] = f"error: {e}"
     for b in PREFERENCE:
         reason = unavailable_reason(b, device)
         out[f"{b}_available"] = "yes" if reason is None else f"no ({reason})"
@@ -82,11 +131,18 @@ def selective_scan(
     n_ones=0, n_zeros=0, zero_mode="exact", return_last_state=False,
 ):
     """Selective scan with polarized channels; signature and shapes of :mod:`kernels.scan_ref`."""
-    backend = choose_backend(u.device)
-    _announce("selective_scan", backend)
-    return scan_ref.selective_scan_chunked(
-        u, delta, A, B, C, D, z, delta_bias, delta_softplus, n_ones, n_zeros, zero_mode, return_last_state
-    )
+    args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, n_ones, n_zeros, zero_mode, return_last_state)
+    backend = _backend("selective_scan", u.device)
+    if backend == "cuda":
+        from kernels import scan_cuda
+
+        stock = _probe(CUDA_PACKAGES["selective_scan"])[0].selective_scan_fn
+        return scan_cuda.selective_scan(stock, *args)
+    if backend == "triton":
+        from kernels import scan_triton
+
+        return scan_triton.selective_scan(*args)
+    return scan_ref.selective_scan_chunked(*args)
 
 
 def selective_step(
@@ -94,8 +150,47 @@ def selective_step(
     n_ones=0, n_zeros=0, zero_mode="exact",
 ):
     """One decoding step; returns (y, new_state). See :func:`kernels.scan_ref.selective_step`."""
-    backend = choose_backend(x.device)
-    _announce("selective_step", backend)
+    _backend("selective_step", x.device)
     return scan_ref.selective_step(
         state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, n_ones, n_zeros, zero_mode
     )
+
+
+def causal_conv1d(x, weight, bias=None, activation="silu"):
+    """Causal depthwise conv1d + activation ("silu" or None): x (b, d, L), weight (d, k), bias (d,)."""
+    backend = _backend("causal_conv1d", x.device)
+    if backend == "cuda":
+        return _probe(CUDA_PACKAGES["causal_conv1d"])[0].causal_conv1d_fn(x, weight, bias, activation=activation)
+    if backend == "triton":
+        from kernels import conv_triton
+
+        return conv_triton.causal_conv1d(x, weight, bias, activation)
+    return conv_ref.causal_conv1d(x, weight, bias, activation)
+
+
+def add_rmsnorm(x, residual, weight, eps):
+    """(x + residual) -> (RMSNorm of it (weight · cast), the sum in fp32); residual may be None."""
+    if _backend("add_rmsnorm", x.device) == "triton":
+        from kernels import norm_triton
+
+        return norm_triton.add_rmsnorm(x, residual, weight, eps)
+    return norm_ref.add_rmsnorm(x, residual, weight, eps)
+
+
+def linear_cross_entropy(hidden, weight, labels, ignore_index=loss_ref.IGNORE_INDEX, chunk_size=1024):
+    """Mean cross-entropy of ``hidden (T, d) @ weight (V, d)^T`` against labels (T,), chunked over tokens.
+
+    Under autocast the matmuls run in the autocast dtype, as an ``nn.Linear`` head would.
+    """
+    device_type = hidden.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+    elif hidden.dtype != weight.dtype:
+        dtype = torch.promote_types(hidden.dtype, weight.dtype)
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+    if _backend("linear_cross_entropy", hidden.device) == "triton":
+        from kernels import loss_triton
+
+        return loss_triton.linear_cross_entropy(hidden, weight, labels, ignore_index, chunk_size)
+    return loss_ref.linear_cross_entropy(hidden, weight, labels, ignore_index, chunk_size)

@@ -2,8 +2,9 @@
 
 Read top to bottom: RMSNorm -> MambaMixer (one selective-SSM layer) -> MambaBlock (pre-norm residual)
 -> MambaLM (embedding, blocks, final norm, tied head, loss, recurrent decoding). Parameter names follow
-transformers' ``MambaForCausalLM`` so state dicts move between the two without renaming. The scan
-itself is :mod:`kernels.dispatch`'s, which picks the fastest backend for the device.
+transformers' ``MambaForCausalLM`` so state dicts move between the two without renaming. The conv, the
+scan, the residual add + norm and the loss go through :mod:`kernels.dispatch`, which picks the fastest
+backend for the device (fused CUDA/Triton kernels on GPU, PyTorch on CPU).
 """
 
 from __future__ import annotations
@@ -20,17 +21,16 @@ from models.config import ModelConfig
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm computed in fp32 and cast back (as transformers' MambaRMSNorm)."""
+    """Residual add + RMSNorm: normalised in fp32, cast to the stream dtype, times the weight (as
+    transformers' MambaRMSNorm); also returns the new residual stream x + residual in fp32."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(dim))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return dispatch.add_rmsnorm(x, residual, self.weight, self.eps)
 
 
 @dataclass
@@ -98,7 +98,7 @@ class MambaMixer(nn.Module):
         if state is not None:
             k = self.cfg.ssm.d_conv
             state.conv.copy_(F.pad(x, (k - 1, 0))[..., -(k - 1) :])
-        x = F.silu(self.conv1d(x)[..., :L])
+        x = dispatch.causal_conv1d(x, self.conv1d.weight[:, 0], self.conv1d.bias, activation="silu")
         dt, B, C = self._ssm_inputs(x.transpose(1, 2))
         out = dispatch.selective_scan(
             x, dt, B=B, C=C, z=z, delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
@@ -132,7 +132,9 @@ class MambaMixer(nn.Module):
 
 
 class MambaBlock(nn.Module):
-    """Pre-norm residual block; the residual stream is kept in fp32 when ``residual_in_fp32``."""
+    """Pre-norm residual block in mamba_ssm's fused add-norm form: it takes (hidden, residual), adds them
+    into the new residual stream, and returns (mixer(norm(stream)), stream). The stream is fp32 when
+    ``residual_in_fp32``, else it keeps the dtype hidden + residual would have."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -140,9 +142,12 @@ class MambaBlock(nn.Module):
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mixer = MambaMixer(cfg)
 
-    def forward(self, hidden: torch.Tensor, state: LayerState | None = None) -> torch.Tensor:
-        residual = hidden.float() if self.residual_in_fp32 else hidden
-        return residual + self.mixer(self.norm(hidden), state)
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None,
+                state: LayerState | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        normed, stream = self.norm(hidden, residual)
+        if not self.residual_in_fp32:
+            stream = stream.to(hidden.dtype if residual is None else torch.promote_types(hidden.dtype, residual.dtype))
+        return self.mixer(normed, state), stream
 
 
 class MambaBackbone(nn.Module):
@@ -153,15 +158,16 @@ class MambaBackbone(nn.Module):
         self.norm_f = RMSNorm(cfg.d_model, cfg.norm_eps)
 
     def forward(self, input_ids: torch.Tensor, states: list[LayerState] | None = None) -> torch.Tensor:
-        hidden = self.embeddings(input_ids)
+        """Final normalised hidden states (b, L, d_model)."""
+        hidden, residual = self.embeddings(input_ids), None
         for i, layer in enumerate(self.layers):
-            hidden = layer(hidden, None if states is None else states[i])
-        return self.norm_f(hidden)
+            hidden, residual = layer(hidden, residual, None if states is None else states[i])
+        return self.norm_f(hidden, residual)[0]
 
 
 @dataclass
 class LMOutput:
-    logits: torch.Tensor  # (b, L, padded_vocab)
+    logits: torch.Tensor | None  # (b, L, padded_vocab); None when not asked for
     loss: torch.Tensor | None = None
 
 
@@ -199,14 +205,17 @@ class MambaLM(nn.Module):
         return n - self.backbone.embeddings.weight.numel() if exclude_embeddings else n
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                states: list[LayerState] | None = None) -> LMOutput:
+                states: list[LayerState] | None = None, return_logits: bool = True) -> LMOutput:
         """``labels[b, t]`` is the token that should follow ``input_ids[b, t]`` (already shifted, as
-        nanoGPT's targets); -100 is ignored. The loss is the mean cross-entropy in fp32."""
-        logits = self.lm_head(self.backbone(input_ids, states))
+        nanoGPT's targets); -100 is ignored. The loss is the mean cross-entropy in fp32, computed chunk by
+        chunk from the hidden states so the (tokens x vocab) logits are never materialised for it; they
+        are only computed when ``return_logits`` (training passes False)."""
+        hidden = self.backbone(input_ids, states)
         loss = None
         if labels is not None:
-            loss = F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=-100)
-        return LMOutput(logits=logits, loss=loss)
+            loss = dispatch.linear_cross_entropy(hidden.flatten(0, 1), self.lm_head.weight, labels.flatten(),
+                                                 ignore_index=-100)
+        return LMOutput(logits=self.lm_head(hidden) if return_logits else None, loss=loss)
 
     # Recurrent inference -----------------------------------------------------------------------
     def new_states(self, batch: int, device=None, dtype=None) -> list[LayerState]:

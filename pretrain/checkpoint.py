@@ -14,6 +14,8 @@ import os
 import random
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +24,7 @@ import torch
 
 TAG_RE = re.compile(r"^step_(\d{8})$")
 STATE_FILE = "polar_state.json"
+UNIVERSAL_SUFFIX = "_universal"
 
 
 class CheckpointError(ValueError):
@@ -89,7 +92,9 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict[str, Any], meta: 
     """Write tag ``step`` on every rank, then (rank 0) move ``latest`` and prune old tags."""
     barrier = torch.distributed.barrier
     tag = tag_for(step)
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state=client_state, save_latest=False)
+    # universal_checkpoint_info lets DeepSpeed's ds_to_universal convert the tag for a resize
+    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={**client_state, "universal_checkpoint_info": {}},
+                           save_latest=False)
     torch.save(rng_state(), ckpt_dir / tag / f"rng_rank{rank}.pt")
     barrier()
     if rank == 0:
@@ -98,6 +103,7 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict[str, Any], meta: 
         for old in list_tags(ckpt_dir)[:-keep_last]:
             if old != tag:
                 shutil.rmtree(ckpt_dir / old, ignore_errors=True)
+                shutil.rmtree(ckpt_dir / f"{old}{UNIVERSAL_SUFFIX}", ignore_errors=True)
     barrier()
     return tag
 
@@ -136,9 +142,28 @@ def _diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "model.") -> str:
     return "; ".join(x for x in out if x)
 
 
-def load(engine, ckpt_dir: Path, tag: str, rank: int) -> dict[str, Any]:
-    """Load tag into ``engine``; restore this rank's RNG (fresh ranks after a resize keep their seed)."""
-    _, client_state = engine.load_checkpoint(str(ckpt_dir), tag=tag, load_optimizer_states=True,
+def universal_tag(ckpt_dir: Path, tag: str, rank: int) -> str:
+    """Convert ``tag`` to DeepSpeed's universal format (once, on rank 0) so ZeRO-1/2 partitions of the
+    model and optimizer reload under another world size; returns the converted tag."""
+    out = f"{tag}{UNIVERSAL_SUFFIX}"
+    if rank == 0 and not (ckpt_dir / out).is_dir():
+        tmp = ckpt_dir / f".{out}.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        proc = subprocess.run([sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder",
+                               str(ckpt_dir / tag), "--output_folder", str(tmp)], capture_output=True, text=True)
+        if proc.returncode != 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise CheckpointError(f"converting {ckpt_dir / tag} for a new world size failed: {proc.stderr[-500:]}")
+        os.replace(tmp, ckpt_dir / out)
+    torch.distributed.barrier()
+    return out
+
+
+def load(engine, ckpt_dir: Path, tag: str, rank: int, universal: bool = False) -> dict[str, Any]:
+    """Load tag into ``engine``; restore this rank's RNG (fresh ranks after a resize keep their seed).
+    With ``universal`` the engine was built with ``checkpoint.load_universal`` for a world-size change."""
+    load_tag = universal_tag(ckpt_dir, tag, rank) if universal else tag
+    _, client_state = engine.load_checkpoint(str(ckpt_dir), tag=load_tag, load_optimizer_states=True,
                                              load_lr_scheduler_states=False)
     if client_state is None:
         raise CheckpointError(f"{ckpt_dir / tag}: DeepSpeed could not load it (see the log above)")

@@ -79,8 +79,7 @@ def deepspeed_config(cfg: TrainConfig, world_size: int) -> dict[str, Any]:
         "train_micro_batch_size_per_gpu": cfg.data.micro_batch_size,
         "gradient_accumulation_steps": grad_accumulation_steps(cfg, world_size),
         "gradient_clipping": cfg.optim.grad_clip,
-        # elastic: ZeRO-1/2 optimizer partitions reload under another data-parallel world size
-        "zero_optimization": {"stage": cfg.distributed.zero_stage, "elastic_checkpoint": cfg.distributed.zero_stage in (1, 2)},
+        "zero_optimization": {"stage": cfg.distributed.zero_stage},
         "zero_allow_untested_optimizer": True,  # torch AdamW on CPU
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
@@ -98,8 +97,9 @@ def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, 
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def build_engine(cfg: TrainConfig, model: torch.nn.Module, env: DistEnv):
-    """Wrap ``model`` in a DeepSpeed engine with AdamW (FusedAdam on CUDA, torch AdamW on CPU)."""
+def build_engine(cfg: TrainConfig, model: torch.nn.Module, env: DistEnv, load_universal: bool = False):
+    """Wrap ``model`` in a DeepSpeed engine with AdamW (FusedAdam on CUDA, torch AdamW on CPU).
+    ``load_universal``: the resume checkpoint is in DeepSpeed's universal format (a world-size change)."""
     import deepspeed
 
     groups = param_groups(model, cfg.optim.weight_decay)
@@ -111,8 +111,10 @@ def build_engine(cfg: TrainConfig, model: torch.nn.Module, env: DistEnv):
     else:
         # DeepSpeed's own CPU Adam compiles a C++ op (~2 min); torch's AdamW needs nothing.
         optimizer = torch.optim.AdamW(groups, **kw)
-    engine, *_ = deepspeed.initialize(model=model.to(env.device), optimizer=optimizer,
-                                      config=deepspeed_config(cfg, env.world_size))
+    ds_config = deepspeed_config(cfg, env.world_size)
+    if load_universal:
+        ds_config["checkpoint"] = {**ds_config.get("checkpoint", {}), "load_universal": True}
+    engine, *_ = deepspeed.initialize(model=model.to(env.device), optimizer=optimizer, config=ds_config)
     return engine
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -79,7 +80,7 @@ class MetricsSink:
             import wandb
 
             id_file = run_dir / "wandb_id"
-            run_id = id_file.read_text().strip() if id_file.exists() else wandb.util.generate_id()
+            run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
             id_file.write_text(run_id)
             self.wandb = wandb.init(project=project, name=run_dir.name, id=run_id, resume="allow",
                                     mode=wandb_mode, dir=str(run_dir), config=config)

@@ -77,18 +77,21 @@ class Trainer:
             "world_size": self.env.world_size,
         }
         resume_tag = ckpt.latest_tag(self.ckpt_dir)
+        resize = False
         if resume_tag is not None:  # refuse before anything is built or written
-            ckpt.check_compatible(ckpt.read_state(self.ckpt_dir, resume_tag), self.meta, self.ckpt_dir / resume_tag)
+            saved = ckpt.read_state(self.ckpt_dir, resume_tag)
+            ckpt.check_compatible(saved, self.meta, self.ckpt_dir / resume_tag)
+            resize = saved["world_size"] != self.env.world_size and cfg.distributed.zero_stage in (1, 2)
 
         model = MambaLM(cfg.model)
         self.budget = make_budget(cfg, model.num_parameters())
         self.grad_accum = grad_accumulation_steps(cfg, self.env.world_size)
-        self.engine = build_engine(cfg, model, self.env)
+        self.engine = build_engine(cfg, model, self.env, load_universal=resize)
         self.loader = DistributedSampleLoader(self.train_data, cfg.data.micro_batch_size, self.env.rank,
                                               self.env.world_size, cfg.run.seed)
         self.state = TrainState()
         if resume_tag is not None:
-            client = ckpt.load(self.engine, self.ckpt_dir, resume_tag, self.env.rank)
+            client = ckpt.load(self.engine, self.ckpt_dir, resume_tag, self.env.rank, universal=resize)
             self.state = TrainState(**client["trainer"])
             self.loader.load_state_dict({"consumed_samples": self.state.consumed_samples, "seed": cfg.run.seed})
             self._print(f"resumed from {self.ckpt_dir / resume_tag} (step {self.state.step})")
@@ -142,7 +145,7 @@ class Trainer:
 
         A non-finite loss on any rank makes the step a no-op for the parameters: that micro-batch
         back-propagates a zero loss (keeping DeepSpeed's accumulation in step on every rank) and the
-        step runs at learning rate 0."""
+        step runs at learning rate 0 (so weight decay does nothing either)."""
         s = self.state
         lr = lr_at(s.step, self.cfg, self.budget)
         inject = (s.step + 1) in self.cfg.debug.inject_nonfinite_steps
@@ -150,13 +153,17 @@ class Trainer:
         for _ in range(self.grad_accum):
             x, y = (t.to(self.env.device) for t in next(self.loader))
             with self._autocast():
-                loss = self.engine(x, labels=y).loss
+                loss = self.engine(x, labels=y, return_logits=False).loss
             if inject:
-                loss = loss * math.nan
+                loss = loss + math.nan  # a non-finite value with a clean graph, like an overflow in the reduction
             bad, stop = self._all_max(float(not torch.isfinite(loss)), float(self._signal is not None))
             self._stop |= bool(stop)  # agreed by all ranks: a signal anywhere stops everyone after this step
             finite &= not bad
             self.engine.backward(loss if finite else loss.nan_to_num(0.0, 0.0, 0.0) * 0.0)
+            if not finite and self.engine.is_gradient_accumulation_boundary() and self.cfg.distributed.zero_stage == 0:
+                # ZeRO-1..3 skip a step whose gradient norm is not finite by themselves; without ZeRO, zero
+                # the gradients (which may hold NaN) so the lr-0 AdamW step leaves the parameters alone.
+                self.engine.module.zero_grad(set_to_none=False)
             set_lr(self.engine, lr if finite else 0.0)
             self.engine.step()
             loss_sum += loss.item() if finite else 0.0
@@ -183,7 +190,7 @@ class Trainer:
             batch = torch.stack([torch.from_numpy(self.val_data.window(j).astype("int64"))
                                  for j in mine[i : i + self.cfg.data.micro_batch_size]]).to(self.env.device)
             with self._autocast():
-                loss = self.engine(batch[:, :-1], labels=batch[:, 1:]).loss
+                loss = self.engine(batch[:, :-1], labels=batch[:, 1:], return_logits=False).loss
             total += loss.item() * batch.numel()
             count += batch.numel()
         self.engine.train()
@@ -253,7 +260,7 @@ class Trainer:
         s = self.state
         tokens_per_s = self.budget.tokens_per_step / dt
         record = {
-            "kind": "train", "step": s.step, "loss": loss, "lr": lr_at(s.step - 1, self.cfg, self.budget),
+            "kind": "train", "step": s.step, "loss": loss if math.isfinite(loss) else None, "lr": lr_at(s.step - 1, self.cfg, self.budget),
             "grad_norm": self.engine.get_global_grad_norm(), "tokens_seen": s.tokens_seen,
             "consumed_samples": s.consumed_samples, "tokens_per_s": tokens_per_s, "step_time_s": dt,
             "nonfinite_skipped": s.nonfinite_skipped,

@@ -1,0 +1,122 @@
+"""Causal depthwise conv1d (+ SiLU) as Triton kernels, forward and backward (grads for x, weight, bias).
+
+y[b, c, t] = act(bias[c] + Σ_j w[c, j] · x[b, c, t - (K-1) + j]), zero left padding (the Mamba mixer's
+short convolution, Gu & Dao 2023 §3.4). One program per (batch, channel block, time block). The backward
+recomputes the pre-activation instead of storing it; weight/bias grads are per-program partials summed in
+PyTorch (deterministic). Same results as :func:`kernels.conv_ref.causal_conv1d`.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.triton_jit import jit
+
+
+@jit
+def _conv_fwd_kernel(
+    x_ptr, w_ptr, b_ptr, y_ptr, d, L, s_xb, s_xd, s_xl, s_wd, s_wk,
+    K: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    pid_b, pid_d, pid_l = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    mask_d = offs_d < d
+    acc = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[:, None]
+    for j in tl.static_range(K):
+        src = offs_l - (K - 1) + j
+        w = tl.load(w_ptr + offs_d * s_wd + j * s_wk, mask=mask_d, other=0.0).to(tl.float32)
+        xv = tl.load(x_ptr + pid_b * s_xb + offs_d[:, None] * s_xd + src[None, :] * s_xl,
+                     mask=mask_d[:, None] & (src >= 0)[None, :] & (src < L)[None, :], other=0.0)
+        acc += w[:, None] * xv.to(tl.float32)
+    if SILU:
+        acc = acc * tl.sigmoid(acc)
+    tl.store(y_ptr + (pid_b * d + offs_d[:, None]) * L + offs_l[None, :], acc.to(y_ptr.dtype.element_ty),
+             mask=mask_d[:, None] & (offs_l < L)[None, :])
+
+
+@jit
+def _conv_bwd_kernel(
+    x_ptr, w_ptr, b_ptr, gy_ptr, gx_ptr, gw_ptr, gb_ptr, batch, d, L, s_xb, s_xd, s_xl, s_wd, s_wk,
+    K: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
+):
+    pid_b, pid_d, pid_l = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    mask_d = offs_d < d
+    x_rows = x_ptr + pid_b * s_xb + offs_d[:, None] * s_xd
+    gx = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
+    # gx[t] = Σ_s w[K-1-s] · gpre[t+s]: recompute the pre-activation at the K shifted positions t+s
+    for s in tl.static_range(K):
+        pos = offs_l + s
+        pre = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
+        if HAS_BIAS:
+            pre += tl.load(b_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)[:, None]
+        for j in tl.static_range(K):
+            src = pos - (K - 1) + j
+            w = tl.load(w_ptr + offs_d * s_wd + j * s_wk, mask=mask_d, other=0.0).to(tl.float32)
+            xv = tl.load(x_rows + src[None, :] * s_xl,
+                         mask=mask_d[:, None] & (src >= 0)[None, :] & (src < L)[None, :], other=0.0)
+            pre += w[:, None] * xv.to(tl.float32)
+        valid = mask_d[:, None] & (pos < L)[None, :]
+        gpre = tl.load(gy_ptr + (pid_b * d + offs_d[:, None]) * L + pos[None, :], mask=valid, other=0.0)
+        gpre = gpre.to(tl.float32)
+        if SILU:
+            sig = tl.sigmoid(pre)
+            gpre = gpre * sig * (1.0 + pre * (1.0 - sig))
+        w_s = tl.load(w_ptr + offs_d * s_wd + (K - 1 - s) * s_wk, mask=mask_d, other=0.0).to(tl.float32)
+        gx += w_s[:, None] * gpre
+        if s == 0:  # this tile's own positions: weight and bias partials
+            part = (pid_b * tl.num_programs(2) + pid_l) * d + offs_d
+            if HAS_BIAS:
+                tl.store(gb_ptr + part, tl.sum(gpre, axis=1), mask=mask_d)
+            for j in tl.static_range(K):
+                src = offs_l - (K - 1) + j
+                xv = tl.load(x_rows + src[None, :] * s_xl,
+                             mask=mask_d[:, None] & (src >= 0)[None, :] & (src < L)[None, :], other=0.0)
+                tl.store(gw_ptr + part * K + j, tl.sum(gpre * xv.to(tl.float32), axis=1), mask=mask_d)
+    tl.store(gx_ptr + (pid_b * d + offs_d[:, None]) * L + offs_l[None, :], gx.to(gx_ptr.dtype.element_ty),
+             mask=mask_d[:, None] & (offs_l < L)[None, :])
+
+
+def _launch_args(x, weight, block_d, block_l):
+    b, d, L = x.shape
+    block_d = block_d or min(64, max(triton.next_power_of_2(d), 2))
+    block_l = block_l or min(64, max(triton.next_power_of_2(L), 2))
+    grid = (b, triton.cdiv(d, block_d), triton.cdiv(L, block_l))
+    return grid, (*x.stride(), *weight.stride()), dict(BLOCK_D=block_d, BLOCK_L=block_l)
+
+
+class CausalConv1dTriton(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, silu, block_d, block_l):
+        b, d, L = x.shape
+        grid, strides, blocks = _launch_args(x, weight, block_d, block_l)
+        flags = dict(K=weight.shape[1], HAS_BIAS=bias is not None, SILU=silu, **blocks)
+        y = torch.empty(b, d, L, device=x.device, dtype=x.dtype)
+        _conv_fwd_kernel[grid](x, weight, bias, y, d, L, *strides, **flags)
+        ctx.save_for_backward(x, weight, bias)
+        ctx.grid, ctx.strides, ctx.flags = grid, strides, flags
+        return y
+
+    @staticmethod
+    def backward(ctx, gy):
+        x, weight, bias = ctx.saved_tensors
+        b, d, L = x.shape
+        n_parts = b * ctx.grid[2]
+        gx = torch.empty(b, d, L, device=x.device, dtype=x.dtype)
+        gw = torch.empty(n_parts, d, weight.shape[1], device=x.device, dtype=torch.float32)
+        gb = torch.empty(n_parts, d, device=x.device, dtype=torch.float32) if bias is not None else None
+        _conv_bwd_kernel[ctx.grid](x, weight, bias, gy.contiguous(), gx, gw, gb, b, d, L, *ctx.strides, **ctx.flags)
+        return gx, gw.sum(0).to(weight.dtype), None if bias is None else gb.sum(0).to(bias.dtype), None, None, None
+
+
+def causal_conv1d(x, weight, bias=None, activation="silu", block_d=None, block_l=None):
+    """x (b, d, L), weight (d, K), bias (d,) or None; activation "silu" or None. Returns y like x."""
+    if activation not in (None, "silu"):
+        raise ValueError(f"activation must be 'silu' or None, got {activation!r}")
+    return CausalConv1dTriton.apply(x, weight, bias, activation == "silu", block_d, block_l)
