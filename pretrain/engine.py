@@ -102,6 +102,11 @@ def build_engine(cfg: TrainConfig, model: torch.nn.Module, env: DistEnv, load_un
     ``load_universal``: the resume checkpoint is in DeepSpeed's universal format (a world-size change)."""
     import deepspeed
 
+    if cfg.distributed.zero_stage == 3:
+        from deepspeed.runtime.zero.partition_parameters import register_external_parameter
+
+        for module, param in model.borrowed_parameters():
+            register_external_parameter(module, param)
     groups = param_groups(model, cfg.optim.weight_decay)
     kw = dict(lr=cfg.optim.lr, betas=tuple(cfg.optim.betas), eps=cfg.optim.eps)
     if env.device.type == "cuda":

@@ -100,3 +100,37 @@ class MetricsSink:
             self.file.close()
             if self.wandb is not None:
                 self.wandb.finish()
+
+
+def loss_summary(run_dir: Path, points: int = 6) -> str:
+    """``step 1 8.31 -> step 40 6.02 -> ...``: the training loss at a few evenly spaced steps."""
+    train = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r["kind"] == "train" and r["loss"] is not None]
+    if not train:
+        return "no finite training loss logged"
+    picks = sorted({round(i * (len(train) - 1) / max(points - 1, 1)) for i in range(points)})
+    return " -> ".join(f"step {train[i]['step']} {train[i]['loss']:.3f}" for i in picks)
+
+
+def plot_loss(run_dir: Path) -> Path | None:
+    """``RUN/loss.png``: training and validation loss against step (None without matplotlib)."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    records = read_jsonl(run_dir / "metrics.jsonl")
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for kind, key, style in (("train", "loss", "-"), ("val", "val_loss", "o-")):
+        pts = [(r["step"], r[key]) for r in records if r["kind"] == kind and r.get(key) is not None]
+        if pts:
+            ax.plot(*zip(*pts), style, label=kind, markersize=3)
+    ax.set(xlabel="step", ylabel="loss", title=run_dir.name)
+    ax.legend()
+    ax.grid(alpha=0.3)
+    out = run_dir / "loss.png"
+    fig.tight_layout()
+    fig.savefig(out, dpi=120)
+    plt.close(fig)
+    return out

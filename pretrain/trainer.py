@@ -30,7 +30,7 @@ from pretrain import checkpoint as ckpt
 from pretrain.config import TrainConfig
 from pretrain.data import DistributedSampleLoader, PackedDataset, TokenShards
 from pretrain.engine import build_engine, grad_accumulation_steps, init_distributed, set_lr
-from pretrain.metrics import MetricsSink, peak_flops, train_flops_per_token
+from pretrain.metrics import MetricsSink, loss_summary, peak_flops, plot_loss, train_flops_per_token
 from pretrain.schedule import lr_at, make_budget
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpointed after a signal; run again to resume
@@ -81,6 +81,9 @@ class Trainer:
         if resume_tag is not None:  # refuse before anything is built or written
             saved = ckpt.read_state(self.ckpt_dir, resume_tag)
             ckpt.check_compatible(saved, self.meta, self.ckpt_dir / resume_tag)
+            if saved.get("manifest_sha256") != self.meta["manifest_sha256"]:
+                log.warning("the data at %s changed since %s: the resumed run will not see the same samples",
+                            cfg.data.path, resume_tag)
             resize = saved["world_size"] != self.env.world_size and cfg.distributed.zero_stage in (1, 2)
 
         model = MambaLM(cfg.model)
@@ -115,7 +118,9 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
-        return {"trainer": asdict(self.state)}
+        """DeepSpeed's client_state: the trainer state plus what it was trained with (config, tokenizer
+        fingerprint, data manifest hash, world size). Per-rank RNG lives in rng_rank{r}.pt beside it."""
+        return {"trainer": asdict(self.state), "meta": self.meta}
 
     def _print(self, msg: str) -> None:
         if self.is_main:
@@ -281,6 +286,11 @@ class Trainer:
 
     def _final_report(self) -> None:
         self._log_val()
+        if self.is_main:
+            self._print(f"loss: {loss_summary(self.run_dir)}")
+            plot = plot_loss(self.run_dir)
+            if plot is not None:
+                self._print(f"loss curve: {plot}")
         # ZeRO-3 partitions the weights, so a rank-0-only generation would hang; export first then.
         if self.is_main and self.cfg.data.tokenizer and self.cfg.distributed.zero_stage < 3:
             self._print("sample: " + self.sample("ROMEO:", 60))

@@ -92,13 +92,13 @@ def tree_hash(path: Path) -> str:
 @pytest.mark.parametrize("stage", [1, 2, 3])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_loss_falls_under_zero(tmp_path, data, stage, dtype):
-    cfg = write_config(tmp_path, data, schedule={"steps": 14, "warmup_steps": 2},
+    cfg = write_config(tmp_path, data, schedule={"steps": 14, "warmup_steps": 2}, optim={"lr": 1e-2},
                        distributed={"zero_stage": stage}, precision={"dtype": dtype})
     out = ok(train(cfg, 2))
     assert "world 2" in out.stdout and f"ZeRO-{stage}" in out.stdout
     hist = [float.fromhex(h) for _, h in losses(tmp_path / "runs" / "run")]
     assert len(hist) == 14
-    assert sum(hist[-3:]) / 3 < hist[0] - 0.5, hist
+    assert sum(hist[-3:]) / 3 < hist[0] - 0.4, hist  # from ~ln(512) = 6.2
 
 
 @pytest.mark.distributed
