@@ -1,4 +1,5 @@
-"""ModelConfig: the typed description of a Mamba LM (baseline or polarized) and its named presets.
+"""ModelConfig: the typed description of a Mamba LM (baseline or polarized) or of the Llama-style
+Transformer baseline (``arch: transformer``), and their named presets.
 
 Polarization (Wang et al. 2025, §4): ``polarize.ones`` state channels whose transition is fixed at
 A_t = 1 (never forget) and ``polarize.zeros`` channels fixed at A_t = 0 (no memory) are added beside
@@ -57,7 +58,7 @@ class SSMConfig:
 
 @dataclass
 class ModelConfig:
-    arch: Literal["mamba"] = "mamba"
+    arch: Literal["mamba", "transformer"] = "mamba"
     d_model: int = 768
     n_layer: int = 24
     vocab_size: int = 50277
@@ -69,6 +70,10 @@ class ModelConfig:
     rescale_prenorm_residual: bool = True
     ssm: SSMConfig = field(default_factory=SSMConfig)
     polarize: PolarizeConfig = field(default_factory=PolarizeConfig)
+    # Transformer only (arch: transformer); ssm and polarize are Mamba only.
+    n_head: int = 4
+    d_ff: int | None = None  # SwiGLU hidden size; None: Llama's 8/3 x d_model rounded up to a multiple of 8
+    rope_theta: float = 10000.0
 
     def __post_init__(self):
         for name in ("d_model", "n_layer", "vocab_size", "pad_vocab_size_multiple"):
@@ -77,7 +82,7 @@ class ModelConfig:
         if self.d_model % 8:
             raise ConfigError(f"model.d_model must be a multiple of 8 (kernel tiling), got {self.d_model}")
         if not self.tie_embeddings:
-            raise ConfigError("model.tie_embeddings: only tied embeddings are supported (the HF Mamba layout ties them)")
+            raise ConfigError("model.tie_embeddings: only tied embeddings are supported (HF's Mamba layout ties them)")
 
     # Derived sizes -------------------------------------------------------------------------------
     @property
@@ -92,6 +97,10 @@ class ModelConfig:
     def d_state_total(self) -> int:
         """All state channels: ones + learned + zeros (the order B and C use)."""
         return self.polarize.ones + self.ssm.d_state + self.polarize.zeros
+
+    @property
+    def ffn_dim(self) -> int:
+        return self.d_ff or (8 * self.d_model // 3 + 7) // 8 * 8
 
     @property
     def padded_vocab_size(self) -> int:
@@ -133,3 +142,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "mamba-790m": {"d_model": 1536, "n_layer": 48},
 }
 PRESETS.update({f"{k}-polar": {**v, **_POLAR} for k, v in list(PRESETS.items())})
+# Llama-style Transformer baselines (models/transformer.py).
+PRESETS.update({
+    "transformer-tiny": {"arch": "transformer", "d_model": 64, "n_layer": 2, "n_head": 4, "vocab_size": 512},
+    "transformer-130m": {"arch": "transformer", "d_model": 768, "n_layer": 12, "n_head": 12},
+})

@@ -65,6 +65,9 @@ def from_hf_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
 
 def hf_config(cfg: ModelConfig, special_ids: dict[str, int] | None = None) -> dict[str, Any]:
     """config.json content that stock ``transformers.MambaConfig`` reads, plus our own section."""
+    if cfg.arch != "mamba":
+        raise ConfigError(f"Hugging Face export is Mamba-only (model.arch is {cfg.arch!r}): load the run directory "
+                          "or checkpoint itself (pretrain.export.load_model) instead")
     ids = {"pad_token_id": 0, "bos_token_id": 0, "eos_token_id": 0, **(special_ids or {})}
     return {
         "architectures": ["MambaForCausalLM"],
@@ -152,7 +155,7 @@ def resolve_folder(path_or_repo: str | Path, revision: str | None = None) -> Pat
     if p.is_dir():
         return p
     if p.exists() or str(path_or_repo).startswith((".", "/")) or str(path_or_repo).count("/") != 1:
-        raise FileNotFoundError(f"model folder not found: {path_or_repo} (pass an export folder or a Hub repo id ORG/NAME)")
+        raise FileNotFoundError(f"model folder not found: {path_or_repo} (pass an export folder or a Hub id ORG/NAME)")
     from huggingface_hub import snapshot_download
 
     return Path(snapshot_download(
@@ -175,6 +178,7 @@ def from_pretrained(path_or_repo: str | Path, revision: str | None = None,
         model = MambaLM(cfg)
     missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
     if missing or unexpected:
-        raise ConfigError(f"{folder}: weights do not match the config (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise ConfigError(f"{folder}: weights do not match the config (missing {missing[:3]}, "
+                          f"unexpected {unexpected[:3]})")
     model.lm_head.weight = model.backbone.embeddings.weight  # assign=True replaced the tied tensor
     return model.to(device)

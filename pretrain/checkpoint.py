@@ -81,7 +81,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _atomic_write(path: Path, text: str) -> None:
+def atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
@@ -98,8 +98,8 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict[str, Any], meta: 
     torch.save(rng_state(), ckpt_dir / tag / f"rng_rank{rank}.pt")
     barrier()
     if rank == 0:
-        _atomic_write(ckpt_dir / tag / STATE_FILE, json.dumps({**meta, "step": step}, indent=2))
-        _atomic_write(ckpt_dir / "latest", tag)
+        atomic_write(ckpt_dir / tag / STATE_FILE, json.dumps({**meta, "step": step}, indent=2))
+        atomic_write(ckpt_dir / "latest", tag)
         for old in list_tags(ckpt_dir)[:-keep_last]:
             if old != tag:
                 shutil.rmtree(ckpt_dir / old, ignore_errors=True)

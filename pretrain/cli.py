@@ -20,6 +20,9 @@ SUBCOMMAND_MODULES = [
     "tokenizer.cli",
     "pretrain.prepare",
     "pretrain.commands",
+    "launch.render",
+    "eval.cli",
+    "eval.commands",
 ]
 
 # Bad input (config typos, missing files, corrupt data) surfaces as these; they print as one line.

@@ -8,10 +8,13 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import torch.nn as nn
+
 from models.config import ModelConfig
 from models.hf import from_pretrained, save_pretrained
-from models.mamba import MambaLM
+from models.build import build_model
 from pretrain import checkpoint as ckpt
+from tokenizer.hf_files import write_hf_tokenizer_files
 
 
 def checkpoint_location(path: str | Path, step: int | None = None) -> tuple[Path, str] | None:
@@ -26,17 +29,18 @@ def checkpoint_location(path: str | Path, step: int | None = None) -> tuple[Path
     return None
 
 
-def load_checkpoint_model(ckpt_dir: Path, tag: str) -> tuple[MambaLM, dict]:
+def load_checkpoint_model(ckpt_dir: Path, tag: str) -> tuple[nn.Module, dict]:
     state = ckpt.read_state(ckpt_dir, tag)
-    model = MambaLM(ModelConfig.from_dict(state["config"]["model"]))
+    model = build_model(ModelConfig.from_dict(state["config"]["model"]))
     sd = ckpt.consolidated_state_dict(ckpt_dir, tag)
     sd.setdefault("lm_head.weight", sd["backbone.embeddings.weight"])
     model.load_state_dict(sd)
     return model, state
 
 
-def load_model(path: str | Path, step: int | None = None) -> MambaLM:
-    """A MambaLM from a run directory (latest checkpoint, or ``step``), a tag folder, or an export."""
+def load_model(path: str | Path, step: int | None = None) -> nn.Module:
+    """A MambaLM or TransformerLM from a run directory (latest checkpoint, or ``step``), a tag folder, or
+    an export (Mamba only)."""
     loc = checkpoint_location(path, step)
     if loc is not None:
         return load_checkpoint_model(*loc)[0]
@@ -50,10 +54,11 @@ def copy_tokenizer(tok: str | Path, dest: Path) -> None:
     src = Path(tok)
     model_file = src / "tokenizer.model" if src.is_dir() else src
     if not model_file.is_file():
-        raise FileNotFoundError(f"tokenizer {tok} recorded in the run's config is missing: restore it or edit the config")
+        raise FileNotFoundError(f"tokenizer {tok} named by the run's config is missing: restore it or edit the config")
     shutil.copy(model_file, dest / "tokenizer.model")
     if (src / "polar_tokenizer.json").is_file():
         shutil.copy(src / "polar_tokenizer.json", dest / "polar_tokenizer.json")
+    write_hf_tokenizer_files(model_file, dest)  # so transformers.AutoTokenizer (and lm-eval's hf model) load it
 
 
 def export(run: str | Path, out: str | Path, step: int | None = None, force: bool = False) -> Path:

@@ -18,12 +18,12 @@ def preset_parameter_counts() -> dict[str, int]:
     """Parameters of every preset, counted on the meta device (no memory, exact shapes)."""
     import torch
 
-    from models import PRESETS, MambaLM, ModelConfig
+    from models import PRESETS, ModelConfig, build_model
 
     counts = {}
     for name in PRESETS:
         with torch.device("meta"):
-            counts[name] = MambaLM(ModelConfig.preset(name)).num_parameters()
+            counts[name] = build_model(ModelConfig.preset(name)).num_parameters()
     return counts
 
 

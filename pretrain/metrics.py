@@ -27,8 +27,11 @@ PEAK_FLOPS = {
 }
 
 
-def forward_flops_per_token(cfg: ModelConfig) -> int:
-    """Forward FLOPs per token (multiply-add = 2), counted op by op from the layer shapes."""
+def forward_flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> int:
+    """Forward FLOPs per token (multiply-add = 2), counted op by op from the layer shapes. ``seq_len`` is
+    the attention context of a Transformer (None leaves its attention scores out); Mamba ignores it."""
+    if cfg.arch == "transformer":
+        return _transformer_forward_flops_per_token(cfg, seq_len)
     d, Ed, R, Nt, k = cfg.d_model, cfg.d_inner, cfg.dt_rank, cfg.d_state_total, cfg.ssm.d_conv
     per_layer = (
         2 * d * 2 * Ed  # in_proj
@@ -42,9 +45,20 @@ def forward_flops_per_token(cfg: ModelConfig) -> int:
     return cfg.n_layer * per_layer + 2 * d * cfg.padded_vocab_size  # + LM head
 
 
-def train_flops_per_token(cfg: ModelConfig) -> int:
+def _transformer_forward_flops_per_token(cfg: ModelConfig, seq_len: int | None) -> int:
+    d, f = cfg.d_model, cfg.ffn_dim
+    per_layer = (
+        2 * d * 3 * d  # q, k, v projections
+        + 2 * 2 * (seq_len or 0) * d  # scores QK^T and the weighted sum of V over the full context
+        + 2 * d * d  # output projection
+        + 2 * d * 3 * f  # SwiGLU: gate, up, down
+    )
+    return cfg.n_layer * per_layer + 2 * d * cfg.padded_vocab_size  # + LM head
+
+
+def train_flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> int:
     """Forward + backward (backward = 2x forward)."""
-    return 3 * forward_flops_per_token(cfg)
+    return 3 * forward_flops_per_token(cfg, seq_len)
 
 
 def peak_flops(device_name: str, dtype: str) -> float | None:

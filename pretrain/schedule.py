@@ -62,11 +62,11 @@ def plan(cfg: TrainConfig, mfu: float, gpu: str, gpus: int) -> dict:
     """Budget and cost estimate of a recipe (parameters counted on the meta device)."""
     import torch
 
-    from models.mamba import MambaLM
+    from models.build import build_model
     from pretrain.metrics import peak_flops, train_flops_per_token
 
     with torch.device("meta"):
-        params = MambaLM(cfg.model).num_parameters()
+        params = build_model(cfg.model).num_parameters()
     b = make_budget(cfg, params)
     flops = train_flops_per_token(cfg.model) * b.tokens
     peak = peak_flops(gpu, cfg.precision.dtype)

@@ -8,13 +8,15 @@ one that never stopped.
 
 Exit codes: 0 done; :data:`EXIT_PREEMPTED` after a SIGTERM/SIGUSR1 checkpoint (requeue to resume);
 :data:`EXIT_NONFINITE` when ``logging.max_nonfinite_steps`` non-finite steps came in a row (the last good
-checkpoint is left as it was).
+checkpoint is left as it was). ``RUN/status.json`` records the same outcome for launchers (torchrun
+reports any non-zero worker exit as 1).
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import math
 import os
@@ -25,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from models.mamba import MambaLM
+from models.build import build_model
 from pretrain import checkpoint as ckpt
 from pretrain.config import TrainConfig
 from pretrain.data import DistributedSampleLoader, PackedDataset, TokenShards
@@ -86,7 +88,7 @@ class Trainer:
                             cfg.data.path, resume_tag)
             resize = saved["world_size"] != self.env.world_size and cfg.distributed.zero_stage in (1, 2)
 
-        model = MambaLM(cfg.model)
+        model = build_model(cfg.model)
         self.budget = make_budget(cfg, model.num_parameters())
         self.grad_accum = grad_accumulation_steps(cfg, self.env.world_size)
         self.engine = build_engine(cfg, model, self.env, load_universal=resize)
@@ -219,6 +221,7 @@ class Trainer:
         )
         if s.step >= b.steps:
             self._print(f"run already finished at step {s.step}: nothing to do (start a new run.name to retrain)")
+            self._write_status("finished")
             self._final_report()
             return 0
         bar = None
@@ -242,6 +245,7 @@ class Trainer:
                 if nonfinite_run >= cfg.logging.max_nonfinite_steps:
                     self._print(f"stopping: {nonfinite_run} non-finite steps in a row at step {s.step}; "
                                 f"the last good checkpoint is {ckpt.latest_tag(self.ckpt_dir)}")
+                    self._write_status("nonfinite")
                     return EXIT_NONFINITE
                 if cfg.eval.every and s.step % cfg.eval.every == 0 and s.step < b.steps:
                     self._log_val()
@@ -251,6 +255,7 @@ class Trainer:
                     if nonfinite_run == 0:
                         self.save()
                     self._print(f"stop signal: checkpointed at step {s.step}, exiting {EXIT_PREEMPTED}")
+                    self._write_status("preempted")
                     return EXIT_PREEMPTED
                 if s.step % cfg.checkpoint.every == 0 and s.step < b.steps and nonfinite_run == 0:
                     self.save()
@@ -258,14 +263,22 @@ class Trainer:
             if bar is not None:
                 bar.close()
         self.save()
+        self._write_status("finished")
         self._final_report()
         return 0
+
+    def _write_status(self, state: str) -> None:
+        """RUN/status.json: how the last invocation ended (finished | preempted | nonfinite); launchers
+        (launch/slurm/train.sbatch) read it to decide whether to requeue."""
+        if self.is_main:
+            ckpt.atomic_write(self.run_dir / "status.json", json.dumps({"state": state, "step": self.state.step}))
 
     def _train_record(self, loss: float, dt: float) -> dict:
         s = self.state
         tokens_per_s = self.budget.tokens_per_step / dt
         record = {
-            "kind": "train", "step": s.step, "loss": loss if math.isfinite(loss) else None, "lr": lr_at(s.step - 1, self.cfg, self.budget),
+            "kind": "train", "step": s.step, "loss": loss if math.isfinite(loss) else None,
+            "lr": lr_at(s.step - 1, self.cfg, self.budget),
             "grad_norm": self.engine.get_global_grad_norm(), "tokens_seen": s.tokens_seen,
             "consumed_samples": s.consumed_samples, "tokens_per_s": tokens_per_s, "step_time_s": dt,
             "nonfinite_skipped": s.nonfinite_skipped,

@@ -33,3 +33,16 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def data(tmp_path_factory) -> dict[str, str]:
+    """A 512-piece tokenizer and the prepared builtin corpus (once per session)."""
+    from pretrain.cli import main
+
+    base = tmp_path_factory.mktemp("train-data")
+    tok, out = base / "tok", base / "data"
+    spec = ["--dataset", "builtin:shakespeare"]
+    assert main(["tokenizer", "train", *spec, "--vocab-size", "512", "--out", str(tok)]) == 0
+    assert main(["prepare", *spec, "--tokenizer", str(tok), "--out", str(out)]) == 0
+    return {"tokenizer": str(tok), "path": str(out)}

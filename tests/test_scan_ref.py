@@ -51,7 +51,7 @@ def test_chunked_matches_oracle(zero_mode, n_ones, n_zeros, L, chunk):
     torch.testing.assert_close(y2, y1, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(h2, h1, rtol=1e-10, atol=1e-10)
     for name, a, b in zip(NAMES, g2, g1):
-        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=lambda m: f"grad {name}: {m}")
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=lambda m, name=name: f"grad {name}: {m}")
 
 
 def test_chunked_gradcheck():

@@ -20,7 +20,8 @@ def test_chinchilla_budget_from_params():
     cfg = cfg_with(data={"seq_len": 100, "global_batch_size": 10})
     b = make_budget(cfg, params=1_000_000)
     assert b.tokens_per_step == 1000 and b.steps == 20_000 and b.tokens == 20_000_000
-    b = make_budget(build_config({"schedule": {"tokens": 12_345}, "data": {"seq_len": 100, "global_batch_size": 10}}), 1)
+    cfg = build_config({"schedule": {"tokens": 12_345}, "data": {"seq_len": 100, "global_batch_size": 10}})
+    b = make_budget(cfg, 1)
     assert b.steps == 13  # ceil
 
 

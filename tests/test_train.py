@@ -3,12 +3,7 @@ data, checkpoints rotate, bad resumes are refused, the non-finite guard works, e
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -18,74 +13,10 @@ from pretrain import checkpoint as ckpt
 from pretrain.cli import main
 from pretrain.config import load_config
 from pretrain.metrics import read_jsonl
-from pretrain.trainer import EXIT_NONFINITE, EXIT_PREEMPTED
+from pretrain.trainer import EXIT_NONFINITE
+from tests.train_helpers import losses, ok, preempted, train, tree_hash, write_config
 
-ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> dict[str, str]:
-    """A 512-piece tokenizer and the prepared builtin corpus (once per module)."""
-    base = tmp_path_factory.mktemp("train-data")
-    tok, out = base / "tok", base / "data"
-    assert main(["tokenizer", "train", "--dataset", "builtin:shakespeare", "--vocab-size", "512", "--out", str(tok)]) == 0
-    assert main(["prepare", "--dataset", "builtin:shakespeare", "--tokenizer", str(tok), "--out", str(out)]) == 0
-    return {"tokenizer": str(tok), "path": str(out)}
-
-
-def write_config(tmp_path: Path, prepared: dict[str, str], name: str = "run", **sections) -> Path:
-    cfg = {
-        "run": {"name": name, "out_dir": str(tmp_path / "runs"), "seed": 7},
-        "model": {"preset": "mamba-tiny-polar", "d_model": 32, "n_layer": 2, "vocab_size": 512},
-        "data": {**prepared, "seq_len": 32, "micro_batch_size": 4, "global_batch_size": 16},
-        "optim": {"lr": 3e-3},
-        "schedule": {"steps": 8, "warmup_steps": 2},
-        "distributed": {"zero_stage": 2},
-        "precision": {"dtype": "fp32"},
-        "checkpoint": {"every": 100, "keep_last": 3},
-        "logging": {"progress_bar": False},
-        "eval": {"every": 0, "batches": 2},
-    }
-    for section, values in sections.items():
-        cfg[section] = {**cfg.get(section, {}), **values}
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(cfg))
-    return path
-
-
-def train(config: Path, nproc: int = 1, *overrides: str) -> subprocess.CompletedProcess:
-    """`polar train` in fresh processes: plain python for one, torchrun for several."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    if nproc == 1:
-        cmd = [sys.executable, "-m", "pretrain.cli", "train", str(config), *overrides]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-               "-m", "pretrain.cli", "train", str(config), *overrides]
-    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-
-
-def losses(run_dir: Path) -> list[tuple[int, str]]:
-    return [(r["step"], float.hex(r["loss"]) if r["loss"] is not None else None) for r in read_jsonl(run_dir / "metrics.jsonl") if r["kind"] == "train"]
-
-
-def ok(proc: subprocess.CompletedProcess, code: int = 0) -> subprocess.CompletedProcess:
-    assert proc.returncode == code, proc.stdout[-3000:] + proc.stderr[-5000:]
-    return proc
-
-
-def preempted(proc: subprocess.CompletedProcess, nproc: int = 1) -> subprocess.CompletedProcess:
-    """A run stopped by a signal: exit 75 (torchrun reports a failed worker as 1) after a checkpoint."""
-    ok(proc, EXIT_PREEMPTED if nproc == 1 else 1)
-    assert f"exiting {EXIT_PREEMPTED}" in proc.stdout
-    return proc
-
-
-def tree_hash(path: Path) -> str:
-    h = hashlib.sha256()
-    for f in sorted(p for p in path.rglob("*") if p.is_file()):
-        h.update(str(f.relative_to(path)).encode() + f.read_bytes())
-    return h.hexdigest()
 
 
 @pytest.mark.distributed

@@ -1,0 +1,127 @@
+"""SLURM launch on a real SLURM 22.05 cluster started by the fixture (two emulated nodes on loopback):
+multi-node training through the real train.sbatch, preemption + requeue + resume, rendering."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pretrain import checkpoint as ckpt
+from pretrain.metrics import read_jsonl
+from tests.slurm_cluster import SlurmCluster, missing_tools
+from tests.train_helpers import ROOT, write_config
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    missing = missing_tools()
+    if missing:
+        message = f"SLURM is not installed ({', '.join(missing)} missing): .ci/run installs slurmctld slurmd " \
+                  "slurm-client munge with apt-get"
+        if os.environ.get("CI"):
+            pytest.fail(message)  # CI must run these, never skip them
+        pytest.skip(message)
+    c = SlurmCluster(tmp_path_factory.mktemp("slurm"))
+    try:
+        yield c.start()
+    finally:
+        c.stop()
+
+
+def polar(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    env = {**(env or os.environ), "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "pretrain.cli", *args], capture_output=True, text=True, env=env,
+                          timeout=120)
+
+
+def submit(cluster: SlurmCluster, config: Path) -> str:
+    out = polar("launch", "slurm", str(config), "--nodes", "2", "--gpus-per-node", "0", "--nproc-per-node", "2",
+                "--submit", env=cluster.env)
+    assert out.returncode == 0, out.stderr
+    return out.stdout.split()[-1]
+
+
+def wait_for(cluster: SlurmCluster, job: str, states: set[str], timeout: float = 300) -> str:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        state = cluster.job_state(job)
+        if state in states:
+            return state
+        time.sleep(1)
+    raise AssertionError(f"job {job} still {cluster.job_state(job)} after {timeout}s\n{cluster.logs()}")
+
+
+def job_log(run_dir: Path, job: str) -> str:
+    return (run_dir / "logs" / f"slurm-{job}.out").read_text()
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_train_sbatch_runs_two_nodes_by_two_processes(cluster, tmp_path, data):
+    cfg = write_config(tmp_path, data, schedule={"steps": 6}, data={"micro_batch_size": 2})
+    job = submit(cluster, cfg)
+    assert wait_for(cluster, job, {"COMPLETED", "FAILED", "CANCELLED"}) == "COMPLETED", cluster.logs()
+    run_dir = tmp_path / "runs" / "run"
+    log = job_log(run_dir, job)
+    assert "world 4" in log, log[-3000:]
+    assert "node n1 (rank 0)" in log and "node n2 (rank 1)" in log
+    assert ckpt.latest_tag(run_dir / "checkpoints") == "step_00000006"
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_preempted_job_checkpoints_requeues_and_resumes(cluster, tmp_path, data):
+    steps = 60
+    cfg = write_config(tmp_path, data, schedule={"steps": steps}, data={"micro_batch_size": 2},
+                       checkpoint={"every": 1000})
+    job = submit(cluster, cfg)
+    run_dir = tmp_path / "runs" / "run"
+    end = time.monotonic() + 300
+    while len(read_jsonl(run_dir / "metrics.jsonl")) < 3:  # mid-run
+        assert time.monotonic() < end and cluster.job_state(job) in ("PENDING", "RUNNING", "CONFIGURING")
+        time.sleep(0.5)
+    cluster.run("scancel", "--signal=USR1", job)  # what --signal=USR1@grace does before a time limit
+    assert wait_for(cluster, job, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=400) == "COMPLETED", cluster.logs()
+    log = job_log(run_dir, job)
+    assert "run state preempted" in log and "requeueing job" in log, log[-4000:]
+    assert "resumed from" in log and "run state finished" in log
+    train = [r["step"] for r in read_jsonl(run_dir / "metrics.jsonl") if r["kind"] == "train"]
+    assert train == list(range(1, steps + 1))  # every step exactly once across the two runs
+
+
+def test_dry_run_renders_a_valid_script(tmp_path, data):
+    cfg = write_config(tmp_path, data)
+    out = polar("launch", "slurm", str(cfg), "--nodes", "4", "--gpus-per-node", "8", "--time", "02:00:00",
+                "--partition", "gpu", "--account", "lab", "--optim.lr", "1e-3")
+    assert out.returncode == 0, out.stderr
+    script = out.stdout
+    for directive in ("--nodes=4", "--gpus-per-node=8", "--time=02:00:00", "--partition=gpu", "--account=lab",
+                      "--requeue", "--signal=USR1@"):
+        assert f"#SBATCH {directive}" in script
+    assert f"export CONFIG={cfg}" in script and "--optim.lr 1e-3" in script and "NPROC_PER_NODE=8" in script
+    path = tmp_path / "job.sbatch"
+    path.write_text(script)
+    assert subprocess.run(["bash", "-n", str(path)]).returncode == 0
+    assert not (tmp_path / "runs").exists()  # a dry run writes nothing
+
+
+def test_launch_validates_before_anything_runs(tmp_path, data):
+    cfg = write_config(tmp_path, data)
+    for launcher in (["slurm", str(cfg), "--submit"], ["local", str(cfg), "--nproc", "2"]):
+        out = polar("launch", *launcher, "--optim.lrr", "1")
+        assert out.returncode == 2 and "did you mean 'lr'" in out.stderr and not out.stdout
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_launch_local_runs_torchrun(tmp_path, data):
+    cfg = write_config(tmp_path, data, schedule={"steps": 2})
+    out = polar("launch", "local", str(cfg), "--nproc", "2")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "world 2" in out.stdout
