@@ -97,13 +97,35 @@ def hf_config(cfg: ModelConfig, special_ids: dict[str, int] | None = None) -> di
     }
 
 
-def save_pretrained(model: MambaLM, out_dir: str | Path, special_ids: dict[str, int] | None = None) -> Path:
+def save_pretrained(model: MambaLM, out_dir: str | Path, special_ids: dict[str, int] | None = None,
+                    max_shard_bytes: int | None = None) -> Path:
     """Write ``config.json`` + ``model.safetensors`` loadable by our :func:`from_pretrained` and by
-    stock ``transformers.MambaForCausalLM.from_pretrained``."""
+    stock ``transformers.MambaForCausalLM.from_pretrained``. Past ``max_shard_bytes`` the weights are
+    split into ``model-0000i-of-0000N.safetensors`` shards with ``model.safetensors.index.json``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "config.json").write_text(json.dumps(hf_config(model.config, special_ids), indent=2) + "\n")
-    save_file(to_hf_state_dict(model), str(out / WEIGHTS), metadata={"format": "pt"})
+    sd = to_hf_state_dict(model)
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in sd.items():
+        nbytes = t.numel() * t.element_size()
+        if max_shard_bytes and shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += nbytes
+    if len(shards) == 1:
+        save_file(sd, str(out / WEIGHTS), metadata={"format": "pt"})
+        return out
+    weight_map = {}
+    for i, shard in enumerate(shards, 1):
+        fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(out / fname), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(shard, fname))
+    total = sum(t.numel() * t.element_size() for t in sd.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (out / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
     return out
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import torch.nn as nn
@@ -61,9 +62,18 @@ def copy_tokenizer(tok: str | Path, dest: Path) -> None:
     write_hf_tokenizer_files(model_file, dest)  # so transformers.AutoTokenizer (and lm-eval's hf model) load it
 
 
-def export(run: str | Path, out: str | Path, step: int | None = None, force: bool = False) -> Path:
+def tokenizer_special_ids(tok: str | Path) -> dict[str, int]:
+    from tokenizer import Tokenizer
+
+    t = Tokenizer.load(tok)
+    return {"pad_token_id": t.pad_id, "bos_token_id": t.bos_id, "eos_token_id": t.eos_id}
+
+
+def export(run: str | Path, out: str | Path, step: int | None = None, force: bool = False,
+           max_shard_bytes: int | None = None, finish: Callable[[Path, nn.Module, dict], None] | None = None) -> Path:
     """Write the HF-compatible folder for a checkpoint (plus the tokenizer when the run names one).
-    The folder is built beside ``out`` and renamed into place, so a failure leaves ``out`` untouched."""
+    ``finish(folder, model, state)`` may add files (``polar publish`` adds the card). The folder is built
+    beside ``out`` and renamed into place, so a failure leaves ``out`` untouched."""
     out = Path(out)
     if out.exists() and not force:
         raise FileExistsError(f"{out} exists: pass --force to replace it or choose another --out")
@@ -74,10 +84,12 @@ def export(run: str | Path, out: str | Path, step: int | None = None, force: boo
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        save_pretrained(model, tmp)
         tok = state["config"]["data"].get("tokenizer")
+        save_pretrained(model, tmp, tokenizer_special_ids(tok) if tok else None, max_shard_bytes)
         if tok:
             copy_tokenizer(tok, tmp)
+        if finish is not None:
+            finish(tmp, model, state)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)

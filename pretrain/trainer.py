@@ -77,6 +77,8 @@ class Trainer:
             "tokenizer_fingerprint": train_tokens.manifest["tokenizer"]["fingerprint"],
             "manifest_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest(),
             "world_size": self.env.world_size,
+            "hardware": f"{self.env.world_size} x "
+                        f"{torch.cuda.get_device_name() if self.env.device.type == 'cuda' else 'CPU process'}",
         }
         resume_tag = ckpt.latest_tag(self.ckpt_dir)
         resize = False

@@ -1,0 +1,128 @@
+"""`polar publish`: turn a checkpoint into a Hub-ready folder (weights, config, generation config,
+tokenizer, model card), check the folder, and upload it as one commit on one branch per step (as Pythia).
+
+Nothing is uploaded unless the folder passes :func:`verify_folder`. The token comes from ``HF_TOKEN``
+or ``huggingface-cli login``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from pretrain.export import checkpoint_location, export
+
+REQUIRED = ("config.json", "generation_config.json", "README.md", "tokenizer.json", "tokenizer_config.json",
+            "tokenizer.model")
+DEFAULT_SHARD_BYTES = 2 * 1024**3
+
+
+class PublishError(RuntimeError):
+    """The folder or the upload failed; the message says what to fix."""
+
+
+def eval_result_files(run_dir: Path) -> list[Path]:
+    """lm-eval result JSONs that `polar eval lm` wrote under RUN/eval/."""
+    return sorted(p for p in (run_dir / "eval").rglob("*.json") if "results" in json.loads(p.read_text()))
+
+
+def build_folder(run: str | Path, out: str | Path, repo_id: str, step: int | None = None, license: str = "apache-2.0",
+                 eval_files: list[Path] | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
+                 force: bool = False) -> Path:
+    """Export the checkpoint and add ``generation_config.json`` and the model card ``README.md``."""
+    from pretrain.model_card import read_eval_results, render_card
+
+    loc = checkpoint_location(run, step)
+    if loc is None:
+        raise FileNotFoundError(f"no checkpoints under {run}: pass a run directory written by polar train")
+    run_dir = loc[0].parent
+    results = read_eval_results(eval_files if eval_files is not None else eval_result_files(run_dir))
+
+    def finish(folder: Path, model, state: dict) -> None:
+        if not (folder / "tokenizer.model").is_file():
+            raise PublishError(f"{run} names no tokenizer (data.tokenizer): a published model needs one")
+        cfg = json.loads((folder / "config.json").read_text())
+        gen = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
+        (folder / "generation_config.json").write_text(json.dumps({**gen, "do_sample": False}, indent=2) + "\n")
+        card = render_card(repo_id, state, run_dir, model.num_parameters(), results, license,
+                           state.get("hardware", f"{state.get('world_size', '?')} processes"))
+        (folder / "README.md").write_text(card)
+
+    return export(run, out, step, force=force, max_shard_bytes=max_shard_bytes, finish=finish)
+
+
+def verify_folder(folder: str | Path) -> None:
+    """Refuse a folder with a missing or corrupt file: every required file present, the weights load into
+    the config's model (shapes and safetensors headers), the tokenizer loads, the card parses."""
+    folder = Path(folder)
+    missing = [f for f in REQUIRED if not (folder / f).is_file()]
+    if not (folder / "model.safetensors").is_file() and not (folder / "model.safetensors.index.json").is_file():
+        missing.append("model.safetensors")
+    if missing:
+        raise PublishError(f"{folder} is incomplete (missing {', '.join(missing)}): rebuild it with polar publish")
+    try:
+        from huggingface_hub import ModelCard
+        from transformers import AutoTokenizer
+
+        from models.hf import from_pretrained
+
+        from_pretrained(folder)
+        AutoTokenizer.from_pretrained(folder)
+        ModelCard.load(folder / "README.md")
+        json.loads((folder / "generation_config.json").read_text())
+    except Exception as e:  # any failure to load is a corrupt folder
+        raise PublishError(f"{folder} failed its checks ({type(e).__name__}: {str(e)[:300]}): rebuild it") from e
+
+
+def upload(folder: str | Path, repo_id: str, revision: str, private: bool, message: str,
+           retries: int = 3, api=None) -> str:
+    """Create the repo (and branch) if needed and upload the folder as one commit; retries transient
+    failures with backoff. Returns the commit URL."""
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import HfHubHTTPError
+
+    verify_folder(folder)
+    api = api or HfApi()
+    for attempt in range(1, retries + 1):
+        try:
+            api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+            if revision != "main":
+                api.create_branch(repo_id, branch=revision, exist_ok=True)
+            info = api.upload_folder(folder_path=str(folder), repo_id=repo_id, revision=revision,
+                                     commit_message=message)
+            return str(getattr(info, "commit_url", info))
+        except HfHubHTTPError as e:
+            status = getattr(e.response, "status_code", None)
+            if status in (401, 403):
+                raise PublishError(f"the Hub refused the credentials for {repo_id} ({status}): set HF_TOKEN to a "
+                                   "token with write access or run `huggingface-cli login`") from e
+            if attempt == retries or (status is not None and status < 500 and status != 429):
+                raise PublishError(f"upload to {repo_id} failed ({status}): {str(e)[:300]}") from e
+        except (OSError, ConnectionError) as e:
+            if attempt == retries:
+                raise PublishError(f"upload to {repo_id} failed after {retries} tries (network: {e}): "
+                                   "check the connection and run again") from e
+        time.sleep(2**attempt)
+    raise AssertionError("unreachable")
+
+
+def publish(run: str | Path, repo_id: str, step: int | None = None, revision: str | None = None,
+            private: bool = False, dry_run: str | Path | None = None, license: str = "apache-2.0",
+            max_shard_bytes: int = DEFAULT_SHARD_BYTES, force: bool = False, api=None) -> str:
+    """Build (into ``dry_run`` or a temporary folder), verify, and unless ``dry_run`` upload."""
+    import tempfile
+
+    loc = checkpoint_location(run, step)
+    if loc is None:
+        raise FileNotFoundError(f"no checkpoints under {run}: pass a run directory written by polar train")
+    tag = loc[1]
+    step_n = int(tag.split("_")[1])
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(dry_run) if dry_run else Path(tmp) / "folder"
+        build_folder(run, out, repo_id, step_n, license, max_shard_bytes=max_shard_bytes, force=force)
+        verify_folder(out)
+        if dry_run:
+            return f"wrote {out} (checked; not uploaded)"
+        url = upload(out, repo_id, revision or f"step{step_n}", private, f"polar-mamba {tag}", api=api)
+        return f"uploaded {run} {tag} to {repo_id}@{revision or f'step{step_n}'}: {url}"

@@ -1,0 +1,139 @@
+"""`polar publish`: the Hub folder loads in stock transformers with our ids and logits, the card parses
+with the eval results, bad folders are refused before any upload, uploads retry and fail clearly."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+from huggingface_hub import ModelCard
+from transformers import AutoTokenizer, MambaForCausalLM
+
+from models.hf import from_pretrained, save_pretrained
+from pretrain.export import load_model
+from pretrain.publish import PublishError, build_folder, publish, upload, verify_folder
+from tests.train_helpers import ok, train, write_config
+from tokenizer import Tokenizer
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, data):
+    """A briefly trained baseline and polarized run (4 steps each)."""
+    base = tmp_path_factory.mktemp("publish")
+    out = {}
+    for name, preset in (("base", "mamba-tiny"), ("polar", "mamba-tiny-polar")):
+        cfg = write_config(base, data, name=name, schedule={"steps": 4}, distributed={"zero_stage": 0},
+                           model={"preset": preset}, eval={"every": 2})
+        ok(train(cfg))
+        out[name] = base / "runs" / name
+    return out
+
+
+@pytest.mark.parametrize("variant", ["base", "polar"])
+def test_dry_run_folder_loads_in_stock_transformers(runs, data, tmp_path, variant):
+    folder = tmp_path / "hub"
+    publish(runs[variant], "org/tiny", dry_run=folder)
+    ours_tok, hf_tok = Tokenizer.load(data["tokenizer"]), AutoTokenizer.from_pretrained(folder)
+    rng = random.Random()
+    text = "".join(rng.choice(["ROMEO: ", "thou art", "\n", "  ", "é", "ß", "🙂", "Kiss me.", "x"]) for _ in range(40))
+    assert hf_tok(text)["input_ids"] == ours_tok.encode(text)
+    ours, theirs = load_model(runs[variant]).eval(), MambaForCausalLM.from_pretrained(folder).eval()
+    ids = torch.tensor([ours_tok.encode(text)[:48]])
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, rtol=1e-4, atol=1e-5)
+    prompt = torch.tensor([ours_tok.encode("ROMEO:")])
+    hf_out = theirs.generate(prompt, max_new_tokens=12, do_sample=False, attention_mask=torch.ones_like(prompt))
+    assert hf_tok.decode(hf_out[0]) == ours_tok.decode(ours.generate(prompt, 12)[0].tolist())
+    if variant == "polar":
+        assert json.loads((folder / "config.json").read_text())["polar_mamba"]["polarize"]["ones"] == 1
+
+
+def test_model_card_has_training_facts_and_eval_results(runs, tmp_path):
+    run = runs["polar"]
+    (run / "eval").mkdir(exist_ok=True)
+    (run / "eval" / "lm.json").write_text(json.dumps(
+        {"results": {"toy_mc": {"alias": "toy_mc", "acc,none": 0.625, "acc_stderr,none": 0.1}}}))
+    folder = build_folder(run, tmp_path / "hub", "org/polar-tiny")
+    card = ModelCard.load(folder / "README.md")
+    index = card.data.to_dict()["model-index"][0]["results"][0]
+    assert index["dataset"]["name"] == "toy_mc" and index["metrics"][0]["value"] == 0.625
+    assert "polarized-ssm" in card.data.tags and card.data.license == "apache-2.0"
+    text = card.text
+    assert "1 fixed at A=1" in text and "| steps | 4 of 4" in text and "polar train" in text
+    assert "validation loss" in text and "final training loss" in text
+
+
+class FakeApi:
+    def __init__(self, failures=()):
+        self.calls, self.failures = [], list(failures)
+
+    def _maybe_fail(self):
+        if self.failures:
+            raise self.failures.pop(0)
+
+    def create_repo(self, repo_id, **kw):
+        self.calls.append(("create_repo", repo_id, kw.get("private")))
+        self._maybe_fail()
+
+    def create_branch(self, repo_id, branch, **kw):
+        self.calls.append(("create_branch", repo_id, branch))
+
+    def upload_folder(self, folder_path, repo_id, revision, commit_message):
+        self.calls.append(("upload_folder", repo_id, revision, commit_message))
+        return type("Info", (), {"commit_url": f"https://hub/{repo_id}/commit/1"})()
+
+
+def test_upload_is_one_commit_on_the_step_branch(runs, monkeypatch):
+    monkeypatch.setattr("time.sleep", lambda s: None)
+    api = FakeApi(failures=[OSError("connection reset")])  # a transient failure is retried
+    msg = publish(runs["base"], "org/base-tiny", private=True, api=api)
+    assert "org/base-tiny@step4" in msg
+    uploads = [c for c in api.calls if c[0] == "upload_folder"]
+    assert uploads == [("upload_folder", "org/base-tiny", "step4", "polar-mamba step_00000004")]
+    assert ("create_branch", "org/base-tiny", "step4") in api.calls and ("create_repo", "org/base-tiny", True) in api.calls
+
+
+def test_auth_failure_is_one_clear_error(runs, tmp_path):
+    from huggingface_hub.errors import HfHubHTTPError
+
+    folder = build_folder(runs["base"], tmp_path / "hub", "org/x")
+    response = type("Response", (), {"status_code": 401, "headers": {}, "request": None})()
+    api = FakeApi(failures=[HfHubHTTPError("401 Unauthorized", response=response)])
+    with pytest.raises(PublishError, match="set HF_TOKEN"):
+        upload(folder, "org/x", "step4", False, "m", api=api)
+
+
+@pytest.mark.parametrize("damage", ["missing-tokenizer", "corrupt-weights", "missing-card"])
+def test_bad_folder_is_refused_before_upload(runs, tmp_path, damage):
+    folder = build_folder(runs["base"], tmp_path / "hub", "org/x")
+    if damage == "missing-tokenizer":
+        (folder / "tokenizer.json").unlink()
+    elif damage == "corrupt-weights":
+        w = folder / "model.safetensors"
+        w.write_bytes(w.read_bytes()[: w.stat().st_size // 2])
+    else:
+        (folder / "README.md").unlink()
+    api = FakeApi()
+    with pytest.raises(PublishError):
+        upload(folder, "org/x", "step4", False, "m", api=api)
+    assert api.calls == []
+
+
+def test_sharded_weights_round_trip(runs, tmp_path):
+    model = load_model(runs["polar"])
+    save_pretrained(model, tmp_path, max_shard_bytes=100_000)
+    assert len(list(tmp_path.glob("model-*-of-*.safetensors"))) > 1
+    ids = torch.randint(0, 512, (1, 20))
+    with torch.no_grad():
+        expected = model(ids).logits
+        torch.testing.assert_close(from_pretrained(tmp_path)(ids).logits, expected)
+        torch.testing.assert_close(MambaForCausalLM.from_pretrained(tmp_path)(ids).logits, expected,
+                                   rtol=1e-4, atol=1e-5)
+
+
+def test_verify_accepts_a_complete_folder(runs, tmp_path):
+    verify_folder(build_folder(runs["polar"], tmp_path / "hub", "org/x"))
