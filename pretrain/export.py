@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch.nn as nn
 
+from models.build import build_model
 from models.config import ModelConfig
 from models.hf import from_pretrained, save_pretrained
-from models.build import build_model
 from pretrain import checkpoint as ckpt
 from tokenizer.hf_files import write_hf_tokenizer_files
 

@@ -85,9 +85,11 @@ def render_card(repo_id: str, state: dict[str, Any], run_dir: Path, params: int,
         f"| d_model / layers | {model['d_model']} / {model['n_layer']} |",
         f"| data | `{source}` |",
         f"| tokens | {tokens:,} ({tokens / params:.1f} per parameter) |",
-        f"| steps | {step:,} of {sched.get('steps') or 'budgeted'} × {data['global_batch_size']} × {data['seq_len']} tokens |",
+        f"| steps | {step:,} of {sched.get('steps') or 'budgeted'} × {data['global_batch_size']} × "
+        f"{data['seq_len']} tokens |",
         f"| schedule | {sched['kind']}, peak LR {cfg['optim']['lr']}, floor × {cfg['optim']['min_lr_ratio']}, "
-        f"AdamW β={tuple(cfg['optim']['betas'])}, wd {cfg['optim']['weight_decay']}, clip {cfg['optim']['grad_clip']} |",
+        f"AdamW β={tuple(cfg['optim']['betas'])}, wd {cfg['optim']['weight_decay']}, "
+        f"clip {cfg['optim']['grad_clip']} |",
         f"| precision / parallelism | {cfg['precision']['dtype']}, DeepSpeed ZeRO-{cfg['distributed']['zero_stage']} |",
         f"| hardware | {hardware} |",
     ]

@@ -94,7 +94,8 @@ def test_upload_is_one_commit_on_the_step_branch(runs, monkeypatch):
     assert "org/base-tiny@step4" in msg
     uploads = [c for c in api.calls if c[0] == "upload_folder"]
     assert uploads == [("upload_folder", "org/base-tiny", "step4", "polar-mamba step_00000004")]
-    assert ("create_branch", "org/base-tiny", "step4") in api.calls and ("create_repo", "org/base-tiny", True) in api.calls
+    assert ("create_branch", "org/base-tiny", "step4") in api.calls
+    assert ("create_repo", "org/base-tiny", True) in api.calls
 
 
 def test_auth_failure_is_one_clear_error(runs, tmp_path):
