@@ -1,0 +1,178 @@
+"""The lm-eval (0.4.x) model ``polar``: any of our checkpoints scored by EleutherAI's harness, and the
+evaluation behind ``polar eval lm`` (simple_evaluate, then a JSON and a markdown table of the results).
+
+``import eval.harness`` registers the model (lm-eval has no plugin discovery), then
+``lm_eval.simple_evaluate(model="polar", model_args="pretrained=PATH[,step=N,batch_size=B,max_length=L]")``.
+Conventions follow lm-eval's own ``hf`` model so both score an export alike: no BOS is added, an empty
+context is replaced by one prefix token (ours: EOS, the document separator the model was trained with;
+pass ``prefix_token_id=3`` to ``hf`` to match), and log-probabilities are over the whole padded vocabulary.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import lm_eval.models  # noqa: F401  (registers the built-in models first: lm-eval only does so when none is)
+import torch
+import torch.nn.functional as F
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from tqdm import tqdm
+
+from eval.loading import load_for_eval
+
+log = logging.getLogger(__name__)
+
+
+@register_model("polar")
+class PolarLM(TemplateLM):
+    """Loglikelihoods batched by length (one forward per batch), rolling windows of ``max_length``, and
+    generation by recurrent decoding (constant memory per generated token)."""
+
+    def __init__(self, pretrained: str, step: int | None = None, tokenizer: str | None = None,
+                 batch_size: int | str = 8, max_length: int = 2048, max_gen_toks: int = 256,
+                 device: str | None = None, dtype: str = "float32", **_ignored):
+        super().__init__()
+        self.model, self.tok = load_for_eval(pretrained, None if step is None else int(step), tokenizer, device,
+                                             getattr(torch, dtype))
+        self._device = next(self.model.parameters()).device
+        # lm-eval passes "auto" when asked to find a batch size; a fixed default is the honest answer here.
+        self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8
+        self.max_length, self.max_gen_toks = int(max_length), int(max_gen_toks)
+
+    @property
+    def eot_token_id(self) -> int:
+        return self.tok.eos_id
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
+        return self.tok.encode(string)
+
+    def tok_decode(self, ids) -> str:
+        return self.tok.decode(ids)
+
+    @torch.no_grad()
+    def _loglikelihood_tokens(self, requests, disable_tqdm: bool = False, **kwargs) -> list[tuple[float, bool]]:
+        """requests: ((context, continuation), context ids, continuation ids). Longest first so each batch
+        pads little; right padding is invisible to a causal model at the positions scored."""
+        inputs = []
+        for _, ctx, cont in requests:
+            if not 0 < len(cont) <= self.max_length:
+                raise ValueError(f"continuation of {len(cont)} tokens does not fit max_length={self.max_length}")
+            inputs.append(((ctx + cont)[-(self.max_length + 1):][:-1], cont))
+        order = sorted(range(len(inputs)), key=lambda i: -len(inputs[i][0]))
+        results: list[tuple[float, bool] | None] = [None] * len(inputs)
+        bar = tqdm(total=len(order), desc="loglikelihood", disable=disable_tqdm)
+        for start in range(0, len(order), self.batch_size):
+            batch = order[start:start + self.batch_size]
+            width = len(inputs[batch[0]][0])
+            ids = torch.full((len(batch), width), self.tok.pad_id, dtype=torch.long)
+            for row, i in enumerate(batch):
+                ids[row, : len(inputs[i][0])] = torch.tensor(inputs[i][0])
+            logp = F.log_softmax(self.model(ids.to(self._device)).logits.float(), dim=-1)
+            for row, i in enumerate(batch):
+                inp, cont = inputs[i]
+                scored = logp[row, len(inp) - len(cont): len(inp)]
+                target = torch.tensor(cont, device=self._device)
+                answer = (float(scored.gather(-1, target[:, None]).sum()), bool((scored.argmax(-1) == target).all()))
+                results[i] = answer
+                if requests[i][0] is not None and requests[i][0][0] is not None:
+                    self.cache_hook.add_partial("loglikelihood", requests[i][0], answer)
+            bar.update(len(batch))
+        bar.close()
+        return results
+
+    def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> list[float]:
+        """Whole-text log-likelihood over disjoint windows of ``max_length`` tokens (lm-eval's scheme)."""
+        windows, owner = [], []
+        for k, req in enumerate(requests):
+            for ctx, cont in map(make_disjoint_window, get_rolling_token_windows(
+                    self.tok_encode(req.args[0]), self.prefix_token_id, self.max_length, 1)):
+                windows.append((None, ctx, cont))
+                owner.append(k)
+        totals = [0.0] * len(requests)
+        for k, (ll, _) in zip(owner, self._loglikelihood_tokens(windows, disable_tqdm=disable_tqdm), strict=True):
+            totals[k] += ll
+        for req, total in zip(requests, totals, strict=True):
+            self.cache_hook.add_partial("loglikelihood_rolling", (req.args[0],), total)
+        return totals
+
+    @torch.no_grad()
+    def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
+        """Greedy (or sampled, with ``do_sample``/``temperature``) continuation, cut at the first stop string.
+        One request at a time: a parallel prefill of the context, then one recurrent step per token."""
+        from models.mamba import sample_next
+
+        out = []
+        for req in tqdm(requests, desc="generate_until", disable=disable_tqdm):
+            context, kwargs = req.args
+            kwargs = dict(kwargs)
+            until = kwargs.pop("until", None) or [self.tok_decode([self.eot_token_id])]
+            until = [until] if isinstance(until, str) else list(until)
+            max_new = int(kwargs.pop("max_gen_toks", self.max_gen_toks))
+            temperature = float(kwargs.pop("temperature", 0.0)) if kwargs.pop("do_sample", False) else 0.0
+            ids = self.tok_encode(context)[-self.max_length:] or [self.prefix_token_id]
+            states = self.model.new_states(1)
+            logits = self.model(torch.tensor([ids], device=self._device), states=states).logits[:, -1]
+            generated: list[int] = []
+            text = ""
+            for _ in range(max_new):
+                nxt = sample_next(logits[:, : self.model.config.vocab_size], temperature,
+                                  kwargs.get("top_k"), kwargs.get("top_p"))
+                if int(nxt) == self.eot_token_id:
+                    break
+                generated.append(int(nxt))
+                text = self.tok_decode(generated)
+                if any(s in text for s in until):
+                    break
+                logits = self.model.step(nxt, states)
+            for s in until:
+                text = text.split(s)[0]
+            self.cache_hook.add_partial("generate_until", (context, req.args[1]), text)
+            out.append(text)
+        return out
+
+
+# `polar eval lm` -------------------------------------------------------------------------------------
+def markdown_table(results: dict) -> str:
+    """One row per (task, metric) with its standard error, from simple_evaluate's ``results``."""
+    lines = ["| task | metric | value | stderr |", "|---|---|---|---|"]
+    for task, metrics in sorted(results.items()):
+        for key, value in sorted(metrics.items()):
+            if "," not in key or "_stderr" in key or not isinstance(value, int | float):
+                continue
+            name, filt = key.split(",", 1)
+            err = metrics.get(f"{name}_stderr,{filt}")
+            err = f"{err:.4f}" if isinstance(err, int | float) else ""
+            lines.append(f"| {task} | {name} | {value:.4f} | {err} |")
+    return "\n".join(lines) + "\n"
+
+
+def evaluate(checkpoint: str, tasks: list[str], step: int | None = None, limit: float | None = None,
+             batch_size: int = 8, max_length: int = 2048, include_path: str | None = None,
+             num_fewshot: int | None = None, model_args: str = "") -> dict:
+    """simple_evaluate on ``tasks`` (local YAML tasks from ``include_path``); returns its results dict
+    (JSON-serialisable: samples dropped)."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    args = f"pretrained={checkpoint},batch_size={batch_size},max_length={max_length}"
+    if step is not None:
+        args += f",step={step}"
+    if model_args:
+        args += f",{model_args}"
+    res = lm_eval.simple_evaluate(
+        model="polar", model_args=args, tasks=tasks, limit=limit, num_fewshot=num_fewshot,
+        task_manager=TaskManager(include_path=include_path), log_samples=False,
+    )
+    return json.loads(json.dumps({k: res[k] for k in ("results", "versions", "n-shot", "config") if k in res},
+                                 default=str))
+
+
+def write_results(res: dict, out: Path, name: str = "lm") -> tuple[Path, Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{name}.json").write_text(json.dumps(res, indent=2) + "\n")
+    (out / f"{name}.md").write_text(markdown_table(res["results"]))
+    return out / f"{name}.json", out / f"{name}.md"

@@ -1,0 +1,198 @@
+"""`polar eval sweep`: evaluate every (K-th) checkpoint of several runs, resumably, and put baseline and
+polarized runs side by side (a combined table, metric-vs-step curves, NIAH accuracy vs length).
+
+One result file per (run, step, eval): ``RUN/eval/sweep/step_NNNNNNNN/{lm,niah}.json`` holding the
+arguments it was computed with. A file with the same arguments is reused, so an interrupted sweep
+computes only what is missing, and results outlive the checkpoints that rotation deletes later.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+from pathlib import Path
+
+from tqdm import tqdm
+
+from eval.cli import lm_kwargs, niah_config, parse_lm_args, parse_niah_args
+from pretrain import checkpoint as ckpt
+
+
+def _eval_lm(run: Path, step: int, argv: str) -> dict:
+    from eval.harness import evaluate
+
+    return evaluate(str(run), step=step, **lm_kwargs(parse_lm_args(argv)))
+
+
+def _eval_niah(run: Path, step: int, argv: str) -> dict:
+    from eval.loading import load_for_eval
+    from eval.niah import run_niah
+
+    model, tok = load_for_eval(run, step)
+    return run_niah(model, tok, niah_config(parse_niah_args(argv)), progress=False)
+
+
+EVALUATORS = {"lm": _eval_lm, "niah": _eval_niah}
+
+
+def checkpoint_steps(run: Path, every: int) -> list[int]:
+    """Every ``every``-th checkpoint step of ``run`` (oldest first), always including the latest."""
+    steps = [int(ckpt.TAG_RE.match(t)[1]) for t in ckpt.list_tags(run / "checkpoints")]
+    picked = steps[::every]
+    if steps and steps[-1] not in picked:
+        picked.append(steps[-1])
+    return picked
+
+
+def result_path(run: Path, step: int, name: str) -> Path:
+    return run / "eval" / "sweep" / ckpt.tag_for(step) / f"{name}.json"
+
+
+def load_result(run: Path, step: int, name: str, argv: str) -> dict | None:
+    path = result_path(run, step, name)
+    if not path.is_file():
+        return None
+    stored = json.loads(path.read_text())
+    return stored["result"] if stored.get("args") == argv else None
+
+
+def save_result(run: Path, step: int, name: str, argv: str, result: dict) -> None:
+    """Written to a temporary file and renamed, so an interrupted write never looks finished."""
+    path = result_path(run, step, name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"args": argv, "result": result}, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def summarize(name: str, result: dict) -> dict[str, float]:
+    """Flat {metric: value}: lm as "task/metric", NIAH as overall and per-length accuracies."""
+    if name == "lm":
+        return {f"{task}/{key.split(',')[0]}": v for task, metrics in result["results"].items()
+                for key, v in metrics.items()
+                if "," in key and "_stderr" not in key and isinstance(v, int | float)}
+    cells = result["cells"]
+    out = {"niah/exact_match": sum(c["exact_match"] for c in cells) / len(cells),
+           "niah/rank1": sum(c["rank1"] for c in cells) / len(cells)}
+    for length in sorted({c["length"] for c in cells}):
+        at = [c for c in cells if c["length"] == length]
+        out[f"niah/rank1@{length}"] = sum(c["rank1"] for c in at) / len(at)
+        out[f"niah/exact_match@{length}"] = sum(c["exact_match"] for c in at) / len(at)
+    return out
+
+
+def sweep(runs: list[str | Path], every: int = 1, lm: str | None = None, niah: str | None = None,
+          out: str | Path | None = None, progress: bool = True, shard: tuple[int, int] | None = None) -> Path | None:
+    """Evaluate what is missing, then write the combined table and plots; returns the table's path.
+    ``shard=(i, n)`` evaluates only every n-th (run, step, eval) job starting at i and writes no table
+    (a SLURM array task, launch/slurm/eval_sweep.sbatch; a final unsharded call combines them)."""
+    runs = [Path(r) for r in runs]
+    evals = {name: argv for name, argv in (("lm", lm), ("niah", niah)) if argv is not None}
+    for name, argv in evals.items():  # a typo should fail now, not after hours of other evaluations
+        (parse_lm_args if name == "lm" else parse_niah_args)(argv)
+    jobs = []
+    for run in runs:
+        steps = checkpoint_steps(run, max(1, every))
+        if not steps:
+            raise FileNotFoundError(f"no checkpoints under {run}/checkpoints: pass run directories of polar train")
+        jobs += [(run, step, name) for step in steps for name in evals]
+    if shard is not None:
+        jobs = jobs[shard[0] :: shard[1]]
+    todo = [j for j in jobs if load_result(*j, evals[j[2]]) is None]
+    for run, step, name in tqdm(todo, desc="sweep", disable=not progress):
+        save_result(run, step, name, evals[name], EVALUATORS[name](run, step, evals[name]))
+    if shard is not None:
+        return None
+    rows = []
+    for run in runs:  # every stored result, including steps whose checkpoints were rotated away
+        for path in sorted((run / "eval" / "sweep").glob("step_*/*.json")):
+            name, step = path.stem, int(ckpt.TAG_RE.match(path.parent.name)[1])
+            if name in evals and (result := load_result(run, step, name, evals[name])) is not None:
+                rows.append({"run": run.name, "step": step, "eval": name, "result": result})
+    out = Path(out) if out else runs[0].resolve().parent / "sweep"
+    return write_tables(rows, out)
+
+
+def write_tables(rows: list[dict], out: Path) -> Path:
+    out.mkdir(parents=True, exist_ok=True)
+    flat: dict[tuple[str, int], dict[str, float]] = {}
+    for r in rows:
+        flat.setdefault((r["run"], r["step"]), {}).update(summarize(r["eval"], r["result"]))
+    metrics = sorted({m for v in flat.values() for m in v})
+    with (out / "sweep.csv").open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["run", "step", *metrics])
+        for (run, step), v in sorted(flat.items()):
+            w.writerow([run, step, *(v.get(m, "") for m in metrics)])
+    lines = ["| run | step | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
+    for (run, step), v in sorted(flat.items()):
+        lines.append(f"| {run} | {step} | " + " | ".join(f"{v[m]:.4g}" if m in v else "" for m in metrics) + " |")
+    (out / "sweep.md").write_text("\n".join(lines) + "\n")
+    plot_metrics(flat, [m for m in metrics if "@" not in m], out / "sweep_metrics.png")
+    niah_rows = [r for r in rows if r["eval"] == "niah"]
+    if niah_rows:
+        plot_niah(niah_rows, out / "sweep_niah.png")
+    return out / "sweep.md"
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_metrics(flat: dict[tuple[str, int], dict[str, float]], metrics: list[str], path: Path) -> None:
+    """One panel per metric, one line per run, x = training step."""
+    if not metrics:
+        return
+    plt = _pyplot()
+    cols = min(3, len(metrics))
+    nrows = -(-len(metrics) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.5 * cols, 3.2 * nrows), squeeze=False)
+    runs = sorted({run for run, _ in flat})
+    for ax, metric in zip(axes.flat, metrics, strict=False):
+        for run in runs:
+            pts = sorted((s, v[metric]) for (r, s), v in flat.items() if r == run and metric in v)
+            if pts:
+                ax.plot(*zip(*pts, strict=True), marker="o", label=run)
+        ax.set_title(metric, fontsize=9)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(metrics):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_niah(rows: list[dict], path: Path) -> None:
+    """NIAH accuracy vs context length at each run's latest evaluated step (rank 1 solid, exact match dashed)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    latest = {}
+    for r in rows:
+        if r["step"] >= latest.get(r["run"], r)["step"]:
+            latest[r["run"]] = r
+    for run, r in sorted(latest.items()):
+        cells = r["result"]["cells"]
+        lengths = sorted({c["length"] for c in cells})
+        for metric, style in (("rank1", "-o"), ("exact_match", "--x")):
+            acc = [sum(c[metric] for c in cells if c["length"] == n) / sum(c["length"] == n for c in cells)
+                   for n in lengths]
+            ax.plot(lengths, acc, style, label=f"{run} @ {r['step']} ({metric})")
+    chance = rows[0]["result"]["cells"][0]["chance_rank1"]
+    ax.axhline(chance, color="grey", lw=0.8, ls=":", label="chance (rank 1)")
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel("context length (tokens)")
+    ax.set_ylabel("accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

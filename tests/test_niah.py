@@ -1,0 +1,91 @@
+"""Needle in a haystack: prompts have the requested token length with the needle at the sentence boundary
+nearest the requested depth; scoring is right on hand-made cases; recurrent scoring equals a plain forward;
+a briefly trained model scores far above chance while an untrained one does not."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from eval import niah
+from tokenizer.tokenizer import Tokenizer
+
+pytest_plugins = ["tests.eval_fixtures"]
+
+
+@pytest.fixture(scope="module")
+def tok(eval_tokenizer_dir) -> Tokenizer:
+    return Tokenizer.load(eval_tokenizer_dir)
+
+
+@pytest.fixture(scope="module")
+def text() -> str:
+    return niah.haystack_text("builtin")[:400_000]
+
+
+def test_parsing():
+    assert niah.parse_lengths("1k,2k, 512,0.5k") == [1024, 2048, 512, 512]
+    assert niah.parse_depths("0:100:25") == [0, 25, 50, 75, 100]
+    assert niah.parse_depths("10,90") == [10, 90]
+
+
+@pytest.mark.parametrize("length", [300, 1000])
+@pytest.mark.parametrize("depth", [0, 10, 37, 50, 100])
+def test_prompt_length_and_needle_depth(tok, text, length, depth):
+    rng = random.Random(length + depth)
+    (p,) = niah.make_prompts(tok, text, length, depth, 1, 7, rng)
+    assert len(p.ids) == length
+    needle = tok.encode(" " + niah.NEEDLE.format(key=p.key, value=p.value))
+    assert p.ids[p.needle_start:p.needle_start + len(needle)] == needle
+    assert tok.decode(p.ids).endswith(niah.QUESTION.format(key=p.key))
+    hay = p.ids[:p.needle_start] + p.ids[p.needle_start + len(needle):length - len(tok.encode(niah.QUESTION.format(
+        key=p.key)))]
+    bounds = niah.sentence_boundaries(tok, hay)
+    target = depth / 100 * len(hay)
+    assert p.needle_start in bounds  # the needle starts a sentence (or the haystack) ...
+    assert all(abs(p.needle_start - target) <= abs(b - target) for b in bounds)  # ... the one nearest the depth
+
+
+def test_scoring_hand_made_cases():
+    assert niah.exact_match(" 1234567.", "1234567")
+    assert niah.exact_match("1234567", "1234567")
+    assert not niah.exact_match(" 12345678", "1234567")
+    assert not niah.exact_match(" 7654321 or 1234567", "1234567")
+    assert not niah.exact_match(" the number", "1234567")
+    assert niah.rank_of_true([-1.0, -2.0, -3.0]) == 1
+    assert niah.rank_of_true([-2.5, -2.0, -3.0, -1.0]) == 3
+    assert niah.rank_of_true([-2.0, -2.0]) == 1  # ties in the model's favour
+
+
+def test_recurrent_scoring_equals_plain_forward(tok, text):
+    from tests.eval_fixtures import tiny_model
+
+    model = tiny_model()
+    prompts = niah.make_prompts(tok, text, 160, 50, 2, 3, random.Random(0))
+    ids = torch.tensor([p.ids for p in prompts])
+    conts = [[tok.encode(" " + p.value), tok.encode(" 42")] for p in prompts]
+    with torch.no_grad():
+        for chunk in (1, 50, 160):  # step-only, mixed, parallel-only prefill
+            logits, states = niah.prefill(model, ids, chunk)
+            got = niah.continuation_logprobs(model, logits, states, conts)
+            for i, p in enumerate(prompts):
+                for j, c in enumerate(conts[i]):
+                    full = torch.tensor([p.ids + c])
+                    logp = F.log_softmax(model(full).logits[0].float(), -1)
+                    ref = sum(float(logp[len(p.ids) - 1 + k, c[k]]) for k in range(len(c)))
+                    assert float(got[i, j]) == pytest.approx(ref, abs=1e-3)
+        logits, states = niah.prefill(model, ids, 64)
+        assert torch.equal(niah.greedy(model, logits, states, 5), model.generate(ids, 5)[:, -5:])
+
+
+def test_outputs_written(tok, tmp_path):
+    from tests.eval_fixtures import tiny_model
+
+    cfg = niah.NiahConfig(lengths=[128, 160], depths=[0, 100], samples=2, digits=2, distractors=3)
+    result = niah.run_niah(tiny_model(), tok, cfg, progress=False)
+    assert len(result["cells"]) == 4 and len(result["samples"]) == 8
+    paths = niah.write_niah(result, tmp_path)
+    assert all(p.stat().st_size > 0 for p in paths.values())
