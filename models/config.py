@@ -83,6 +83,14 @@ class ModelConfig:
             raise ConfigError(f"model.d_model must be a multiple of 8 (kernel tiling), got {self.d_model}")
         if not self.tie_embeddings:
             raise ConfigError("model.tie_embeddings: only tied embeddings are supported (HF's Mamba layout ties them)")
+        if self.arch == "transformer":
+            if self.polarize.enabled:
+                raise ConfigError("model.polarize applies to arch: mamba only; set polarize.ones/zeros to 0")
+            if self.n_head <= 0 or self.d_model % self.n_head or (self.d_model // self.n_head) % 2:
+                raise ConfigError(f"model.n_head must divide d_model into an even head size (RoPE rotates pairs), "
+                                  f"got d_model={self.d_model}, n_head={self.n_head}")
+            if self.d_ff is not None and self.d_ff <= 0:
+                raise ConfigError(f"model.d_ff must be > 0 or null, got {self.d_ff}")
 
     # Derived sizes -------------------------------------------------------------------------------
     @property

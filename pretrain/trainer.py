@@ -107,7 +107,7 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
         self.metrics = MetricsSink(self.run_dir, cfg.to_dict(), cfg.logging.wandb, cfg.logging.wandb_project,
                                    self.state.step, enabled=self.is_main)
-        self.flops_per_token = train_flops_per_token(cfg.model)
+        self.flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len)
         device_name = torch.cuda.get_device_name() if self.env.device.type == "cuda" else "cpu"
         self.peak = peak_flops(device_name, cfg.precision.dtype)
         self._signal: int | None = None  # set by the handler on this rank
