@@ -22,6 +22,8 @@ works); y comes back in u's dtype.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -182,44 +184,56 @@ class _ChunkedScan(torch.autograd.Function):
         return gu, gdt, gA, gB, gC, None
 
 
-def selective_scan_chunked(
-    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-    n_ones=0, n_zeros=0, zero_mode="exact", return_last_state=False, chunk_size=16,
+def polarized_scan(
+    core, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+    n_ones=0, n_zeros=0, zero_mode="exact", return_last_state=False,
 ):
-    """The fast CPU path: same signature and results as :func:`selective_scan_sequential`.
-
-    Learned channels (and the zero channels in reference mode) go through :class:`_ChunkedScan`;
-    exact polar channels are added in closed form (module docstring).
-    """
-    b, d, L = u.shape
-    N = A.shape[1]
+    """The selective scan with polarized channels around ``core(u, dt, A, B, C) -> (y, h_last)``, a plain
+    diagonal scan (u, dt: (b, d, L) in the compute dtype, dt after bias and softplus). ``core`` runs the
+    learned channels (and the zero channels as A = -100 in reference mode); the exact polar channels are
+    added in closed form (module docstring), then D·u and the SiLU(z) gate. Any backend whose kernel has
+    no polarization (our chunked scan, mamba_ssm's ``selective_scan_fn``) is polarized through this."""
+    d, N = A.shape
     cdt = compute_dtype(u)
     uf = u.to(cdt)
     dt = _prepare_dt(delta, delta_bias, delta_softplus)
-    w = dt * uf  # Δ_t u_t, (b, d, L)
     Bf, Cf = B.to(cdt), C.to(cdt)
-    B_ones, B_scan, B_zeros = Bf.split([n_ones, N, n_zeros], dim=1)
-    C_ones, C_scan, C_zeros = Cf.split([n_ones, N, n_zeros], dim=1)
     A_scan = A.to(cdt)
     if zero_mode == "reference" and n_zeros:
         A_scan = torch.cat([A_scan, A_scan.new_full((d, n_zeros), REFERENCE_ZERO_A)], dim=1)
-        B_scan, C_scan = Bf[:, n_ones:], Cf[:, n_ones:]
-
-    tm = lambda x: x.permute(2, 0, 1).contiguous()  # (b, c, L) -> (L, b, c)
-    y_tm, h_scan = _ChunkedScan.apply(tm(uf), tm(dt), A_scan, tm(B_scan), tm(C_scan), chunk_size)
-    y = y_tm.permute(1, 2, 0)
-
+    n_scan = A_scan.shape[1]
+    y, h_scan = core(uf, dt, A_scan, Bf[:, n_ones : n_ones + n_scan], Cf[:, n_ones : n_ones + n_scan])
+    y = y.to(cdt)
+    w = dt * uf  # Δ_t u_t
     states = [h_scan]
-    if n_ones:
-        h_ones = torch.cumsum(w[:, :, None, :] * B_ones[:, None], dim=-1)  # (b, d, n_ones, L)
-        y = y + torch.einsum("bdkl,bkl->bdl", h_ones, C_ones)
+    if n_ones:  # h_t = Σ_{s≤t} Δ_s B_s u_s
+        h_ones = torch.cumsum(w[:, :, None, :] * Bf[:, None, :n_ones], dim=-1)  # (b, d, n_ones, L)
+        y = y + torch.einsum("bdkl,bkl->bdl", h_ones, Cf[:, :n_ones])
         states.insert(0, h_ones[..., -1])
-    if n_zeros and zero_mode == "exact":
-        y = y + w * (B_zeros * C_zeros).sum(1, keepdim=True)
-        states.append(w[:, :, None, -1] * B_zeros[:, None, :, -1])
+    if n_zeros and zero_mode == "exact":  # h_t = Δ_t B_t u_t
+        B_z, C_z = Bf[:, n_ones + N :], Cf[:, n_ones + N :]
+        y = y + w * (B_z * C_z).sum(1, keepdim=True)
+        states.append(w[:, :, None, -1] * B_z[:, None, :, -1])
     if D is not None:
         y = y + uf * D.to(cdt)[:, None]
     if z is not None:
         y = y * F.silu(z.to(cdt))
     y = y.to(u.dtype)
     return (y, torch.cat(states, dim=-1)) if return_last_state else y
+
+
+def _chunked_core(u, dt, A, B, C, chunk_size: int):
+    tm = lambda x: x.permute(2, 0, 1).contiguous()  # (b, c, L) -> (L, b, c)
+    y, h = _ChunkedScan.apply(tm(u), tm(dt), A, tm(B), tm(C), chunk_size)
+    return y.permute(1, 2, 0), h
+
+
+def selective_scan_chunked(
+    u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
+    n_ones=0, n_zeros=0, zero_mode="exact", return_last_state=False, chunk_size=16,
+):
+    """The fast CPU path: same signature and results as :func:`selective_scan_sequential`
+    (:class:`_ChunkedScan` polarized by :func:`polarized_scan`)."""
+    core = functools.partial(_chunked_core, chunk_size=chunk_size)
+    return polarized_scan(core, u, delta, A, B, C, D, z, delta_bias, delta_softplus, n_ones, n_zeros, zero_mode,
+                          return_last_state)

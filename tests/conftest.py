@@ -26,6 +26,16 @@ def _fresh_seed(request):
     yield
 
 
+@pytest.fixture(params=[pytest.param("cpu", id="interpreter"), pytest.param("cuda", marks=pytest.mark.gpu, id="cuda")])
+def device(request, monkeypatch):
+    """Where the Triton kernel tests run: Triton's interpreter on CPU, compiled kernels on CUDA."""
+    if request.param == "cpu":
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    else:
+        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    return request.param
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

@@ -11,17 +11,6 @@ pytest.importorskip("triton")
 
 from kernels import scan_cuda, scan_ref, scan_triton  # noqa: E402
 
-DEVICES = [pytest.param("cpu", id="interpreter"), pytest.param("cuda", marks=pytest.mark.gpu, id="cuda")]
-
-
-@pytest.fixture(params=DEVICES)
-def device(request, monkeypatch):
-    if request.param == "cpu":
-        monkeypatch.setenv("TRITON_INTERPRET", "1")
-    else:
-        monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    return request.param
-
 
 def make_inputs(b, d, L, N, n_ones, n_zeros, dtype, device, extras=True):
     """Fresh random leaves: u, Δ, A_log, B, C, D, z, Δ-bias (A = -exp(A_log), so A_log's grad is checked)."""
