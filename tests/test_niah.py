@@ -1,6 +1,5 @@
 """Needle in a haystack: prompts have the requested token length with the needle at the sentence boundary
-nearest the requested depth; scoring is right on hand-made cases; recurrent scoring equals a plain forward;
-a briefly trained model scores far above chance while an untrained one does not."""
+nearest the requested depth; scoring is right on hand-made cases; recurrent scoring equals a plain forward."""
 
 from __future__ import annotations
 
@@ -89,3 +88,4 @@ def test_outputs_written(tok, tmp_path):
     assert len(result["cells"]) == 4 and len(result["samples"]) == 8
     paths = niah.write_niah(result, tmp_path)
     assert all(p.stat().st_size > 0 for p in paths.values())
+
