@@ -38,6 +38,10 @@ def add_niah_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-chunk", type=int, default=2048, help="tokens run in parallel before switching "
                    "to recurrent steps; bounds memory (default 2048)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed for keys, values and offsets (default 0)")
+    p.add_argument("--needle", default=None, help="needle template with {value} and optionally {key} (default: "
+                   "RULER's 'The special magic number for {key} is: {value}.')")
+    p.add_argument("--question", default=None, help="question template, optionally with {key}, that the answer "
+                   "follows; \\n is a newline (default: RULER's, ending 'The special magic number for {key} is:')")
 
 
 def _parse(add_options, argv: str, prog: str) -> argparse.Namespace:
@@ -64,9 +68,10 @@ def lm_kwargs(args: argparse.Namespace) -> dict:
 def niah_config(args: argparse.Namespace):
     from eval.niah import NiahConfig, parse_depths, parse_lengths
 
+    templates = {k: v.replace("\\n", "\n") for k, v in (("needle", args.needle), ("question", args.question)) if v}
     return NiahConfig(lengths=parse_lengths(args.lengths), depths=parse_depths(args.depths), samples=args.samples,
                       haystack=args.haystack, digits=args.digits, distractors=args.distractors,
-                      prefill_chunk=args.prefill_chunk, seed=args.seed)
+                      prefill_chunk=args.prefill_chunk, seed=args.seed, **templates)
 
 
 # -- handlers ---------------------------------------------------------------------------------------------

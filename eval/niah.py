@@ -4,9 +4,11 @@ long context of real prose?
 A RULER-style needle ("The special magic number for {key} is: {value}.") is inserted at the sentence
 boundary nearest the requested token depth of a haystack of prose (default: the builtin Shakespeare
 corpus, each sample from its own random offset), followed by the question; the prompt is exactly the
-requested number of tokens. Two scores per cell of the length x depth grid: exact match of the greedy
-continuation, and the rank of the true value's log-likelihood among random distractor values (small base
-models rarely follow the question, but their likelihoods still show whether the value was retrieved).
+requested number of tokens. Both templates can be replaced (``--needle``/``--question``), e.g. by short
+ones that leave room for prose in short prompts. Two scores per cell of the length x depth grid: exact
+match of the greedy continuation, and the rank of the true value's log-likelihood among random
+distractor values (small base models rarely follow the question, but their likelihoods still show
+whether the value was retrieved).
 
 The model runs recurrently: the first ``prefill_chunk`` tokens in parallel (from a fresh state), every
 further token by one recurrent step, so memory does not grow with the context (no KV cache; contexts far
@@ -49,6 +51,26 @@ class NiahConfig:
     distractors: int = 9
     prefill_chunk: int = 2048
     seed: int = 0
+    needle: str = NEEDLE  # must contain {value}; may contain {key}
+    question: str = QUESTION  # may contain {key}; the answer follows it after a space
+
+    def __post_init__(self):
+        if "{value}" not in self.needle:
+            raise ValueError(f"niah: the needle template {self.needle!r} has no {{value}} field")
+        try:
+            self.needle.format(key="k", value="v"), self.question.format(key="k")
+        except (KeyError, IndexError, ValueError) as e:
+            raise ValueError(f"niah: templates may use only {{key}} and {{value}} (needle) or {{key}} (question): "
+                             f"{e!r}") from None
+        if self.digits < 1 or self.samples < 1 or self.distractors < 0:
+            raise ValueError(f"niah: need digits >= 1, samples >= 1 and distractors >= 0 (got digits={self.digits}, "
+                             f"samples={self.samples}, distractors={self.distractors})")
+        values = 9 * 10 ** (self.digits - 1)  # random_value draws from [10^(d-1), 10^d)
+        if self.distractors >= values:
+            raise ValueError(f"niah: {self.distractors} distractors need more than the {values} distinct "
+                             f"{self.digits}-digit values: lower --distractors or raise --digits")
+        if not self.lengths or not self.depths or any(not 0 <= d <= 100 for d in self.depths):
+            raise ValueError(f"niah: need at least one length and depths in [0, 100] (got {self.depths})")
 
 
 # -- parsing ----------------------------------------------------------------------------------------------
@@ -95,10 +117,11 @@ class Prompt:
     haystack_len: int  # tokens of prose in the prompt
 
 
-def build_prompt(tok: Tokenizer, hay_ids: list[int], length: int, depth: float, key: str, value: str) -> Prompt:
+def build_prompt(tok: Tokenizer, hay_ids: list[int], length: int, depth: float, key: str, value: str,
+                 needle: str = NEEDLE, question: str = QUESTION) -> Prompt:
     """Exactly ``length`` tokens: prose with the needle at the boundary nearest ``depth`` % of it, then the question."""
-    needle = tok.encode(" " + NEEDLE.format(key=key, value=value))
-    question = tok.encode(QUESTION.format(key=key))
+    needle = tok.encode(" " + needle.format(key=key, value=value))
+    question = tok.encode(question.format(key=key))
     budget = length - len(needle) - len(question)
     if budget < 0 or len(hay_ids) < budget:
         raise ValueError(f"length {length} is too short for the needle and question ({len(needle) + len(question)} "
@@ -114,7 +137,7 @@ def random_value(rng: random.Random, digits: int) -> str:
 
 
 def make_prompts(tok: Tokenizer, text: str, length: int, depth: float, n: int, digits: int,
-                 rng: random.Random) -> list[Prompt]:
+                 rng: random.Random, needle: str = NEEDLE, question: str = QUESTION) -> list[Prompt]:
     """``n`` prompts, each with its own key, value and haystack offset."""
     out = []
     chars = length * 8  # comfortably more prose than ``length`` tokens need (English BPE: ~4 chars/token)
@@ -122,7 +145,7 @@ def make_prompts(tok: Tokenizer, text: str, length: int, depth: float, n: int, d
         start = rng.randrange(max(1, len(text) - chars))
         hay = tok.encode(text[start:start + chars])
         key = f"{rng.choice(_KEY_WORDS)}-{rng.choice(_KEY_NOUNS)}"
-        out.append(build_prompt(tok, hay, length, depth, key, random_value(rng, digits)))
+        out.append(build_prompt(tok, hay, length, depth, key, random_value(rng, digits), needle, question))
     return out
 
 
@@ -218,8 +241,8 @@ def run_niah(model: MambaLM, tok: Tokenizer, cfg: NiahConfig, progress: bool = T
     cells, samples = [], []
     grid = [(length, depth) for length in cfg.lengths for depth in cfg.depths]
     for length, depth in tqdm(grid, desc="niah", disable=not progress):
-        records = score_prompts(model, tok, make_prompts(tok, text, length, depth, cfg.samples, cfg.digits, rng),
-                                cfg, rng)
+        prompts = make_prompts(tok, text, length, depth, cfg.samples, cfg.digits, rng, cfg.needle, cfg.question)
+        records = score_prompts(model, tok, prompts, cfg, rng)
         for r in records:
             samples.append({"length": length, "depth": depth, **r})
         cells.append({
