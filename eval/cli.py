@@ -35,8 +35,8 @@ def add_niah_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--haystack", default="builtin", help="'builtin' (the embedded Shakespeare corpus) or a text file")
     p.add_argument("--digits", type=int, default=7, help="digits of the magic number (default 7, as RULER)")
     p.add_argument("--distractors", type=int, default=9, help="wrong values ranked against the true one (default 9)")
-    p.add_argument("--prefill-chunk", type=int, default=2048, help="tokens run in parallel before switching "
-                   "to recurrent steps; bounds memory (default 2048)")
+    p.add_argument("--prefill-chunk", type=int, default=2048, help="prompt tokens run in parallel at a time, "
+                   "each chunk continuing from the state the last one left; bounds memory (default 2048)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed for keys, values and offsets (default 0)")
     p.add_argument("--needle", default=None, help="needle template with {value} and optionally {key} (default: "
                    "RULER's 'The special magic number for {key} is: {value}.')")
@@ -139,8 +139,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "niah", help="needle-in-a-haystack retrieval over a length x depth grid",
         description="Plant a RULER-style needle ('The special magic number for KEY is: VALUE.') at each depth of "
         "prose prompts of each length, ask for it, and score greedy exact match and the log-likelihood rank of the "
-        "true value among distractors. Runs recurrently (constant memory beyond --prefill-chunk), so lengths far "
-        "beyond training fit. Writes niah.json, niah.csv and a niah.png heatmap to --out.",
+        "true value among distractors. Runs recurrently, --prefill-chunk tokens at a time (constant memory), so "
+        "lengths far beyond training fit. Writes niah.json, niah.csv and a niah.png heatmap to --out.",
     )
     p.add_argument("checkpoint", help="run directory, checkpoint tag folder or exported folder")
     p.add_argument("--step", type=int, default=None, help="checkpoint step of a run directory (default: latest)")

@@ -10,9 +10,10 @@ match of the greedy continuation, and the rank of the true value's log-likelihoo
 distractor values (small base models rarely follow the question, but their likelihoods still show
 whether the value was retrieved).
 
-The model runs recurrently: the first ``prefill_chunk`` tokens in parallel (from a fresh state), every
-further token by one recurrent step, so memory does not grow with the context (no KV cache; contexts far
-beyond the training length fit). Results: JSON (config, cells, samples), CSV (cells) and a heatmap PNG.
+The model runs recurrently: the prompt goes through in chunks of ``prefill_chunk`` tokens, each in parallel
+and continuing from the state the previous chunk left, so memory does not grow with the context (no KV
+cache; contexts far beyond the training length fit). Results: JSON (config, cells, samples), CSV (cells)
+and a heatmap PNG.
 """
 
 from __future__ import annotations
@@ -152,14 +153,13 @@ def make_prompts(tok: Tokenizer, text: str, length: int, depth: float, n: int, d
 # -- recurrent scoring ------------------------------------------------------------------------------------
 @torch.no_grad()
 def prefill(model: MambaLM, ids: torch.Tensor, chunk: int) -> tuple[torch.Tensor, list[LayerState]]:
-    """Run (b, L) prompts; returns the last logits (b, V) and the recurrent states after them."""
+    """Run (b, L) prompts ``chunk`` tokens at a time, each chunk in parallel from the state the previous one
+    left; returns the last logits (b, V) and the final recurrent states."""
     states = model.new_states(ids.shape[0])
     chunk = max(1, chunk)
-    hidden = model.backbone(ids[:, :chunk], states)[:, -1]
-    logits = model.lm_head(hidden)
-    for t in range(chunk, ids.shape[1]):
-        logits = model.step(ids[:, t], states)
-    return logits, states
+    for start in range(0, ids.shape[1], chunk):
+        hidden = model.backbone(ids[:, start:start + chunk], states)
+    return model.lm_head(hidden[:, -1]), states
 
 
 def _repeat(states: list[LayerState], n: int) -> list[LayerState]:

@@ -128,21 +128,30 @@ def describe(device: torch.device | str = "cpu") -> dict[str, str]:
 
 def selective_scan(
     u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-    n_ones=0, n_zeros=0, zero_mode="exact", return_last_state=False,
+    n_ones=0, n_zeros=0, zero_mode="exact", return_last_state=False, initial_state=None,
 ):
-    """Selective scan with polarized channels; signature and shapes of :mod:`kernels.scan_ref`."""
-    args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, n_ones, n_zeros, zero_mode, return_last_state)
+    """Selective scan with polarized channels; signature and shapes of :mod:`kernels.scan_ref`, plus
+    ``initial_state`` (b, d, N_total) to continue from (added by linearity: :func:`scan_ref.initial_state_terms`)."""
+    args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, n_ones, n_zeros, zero_mode)
     backend = _backend("selective_scan", u.device)
     if backend == "cuda":
         from kernels import scan_cuda
 
         stock = _probe(CUDA_PACKAGES["selective_scan"])[0].selective_scan_fn
-        return scan_cuda.selective_scan(stock, *args)
-    if backend == "triton":
+        out = scan_cuda.selective_scan(stock, *args, return_last_state)
+    elif backend == "triton":
         from kernels import scan_triton
 
-        return scan_triton.selective_scan(*args)
-    return scan_ref.selective_scan_chunked(*args)
+        out = scan_triton.selective_scan(*args, return_last_state)
+    else:
+        out = scan_ref.selective_scan_chunked(*args, return_last_state)
+    if initial_state is None:
+        return out
+    y, h = out if return_last_state else (out, None)
+    dy, dh = scan_ref.initial_state_terms(initial_state, delta, A, C, z, delta_bias, delta_softplus,
+                                          n_ones, n_zeros, zero_mode)
+    y = (y + dy).to(u.dtype)
+    return (y, h + dh) if return_last_state else y
 
 
 def selective_step(

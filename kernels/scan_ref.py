@@ -222,6 +222,26 @@ def polarized_scan(
     return (y, torch.cat(states, dim=-1)) if return_last_state else y
 
 
+def initial_state_terms(
+    h0, delta, A, C, z=None, delta_bias=None, delta_softplus=False, n_ones=0, n_zeros=0, zero_mode="exact",
+):
+    """What a scan started from state ``h0`` (b, d, N_total) adds to the same scan started from zero.
+
+    The recurrence is linear in h, so starting from h0 adds P_t ⊙ h0 to every state, with
+    P_t = Π_{s≤t} a_s = :func:`discrete_transition` of the cumulative Δ (exp(A·ΣΔ) for learned channels,
+    1 for ones, 0 or exp(-100·ΣΔ) for zeros): y_t gains <C_t, P_t ⊙ h0> · SiLU(z_t) and h_L gains
+    P_L ⊙ h0. Returns (dy (b, d, L), dh (b, d, N_total)) in the compute dtype. Lets every backend continue
+    from a state (chunked prefill) without a kernel change.
+    """
+    dt = _prepare_dt(delta, delta_bias, delta_softplus)
+    P = discrete_transition(dt.cumsum(-1).transpose(1, 2), A, n_ones, n_zeros, zero_mode)  # (b, L, d, N_total)
+    h0 = h0.to(dt.dtype)
+    dy = torch.einsum("bldn,bdn,bnl->bdl", P, h0, C.to(dt.dtype))
+    if z is not None:
+        dy = dy * F.silu(z.to(dt.dtype))
+    return dy, P[:, -1] * h0
+
+
 def _chunked_core(u, dt, A, B, C, chunk_size: int):
     tm = lambda x: x.permute(2, 0, 1).contiguous()  # (b, c, L) -> (L, b, c)
     y, h = _ChunkedScan.apply(tm(u), tm(dt), A, tm(B), tm(C), chunk_size)

@@ -91,19 +91,25 @@ class MambaMixer(nn.Module):
 
     def forward(self, hidden: torch.Tensor, state: LayerState | None = None) -> torch.Tensor:
         """hidden: (b, L, d_model). With ``state``, a single token (L == 1) is one recurrent step and a
-        longer input is a prefill that leaves the final state in ``state``."""
+        longer input is a parallel prefill that continues from ``state`` and leaves its final state there
+        (so a long prompt can be prefilled chunk by chunk in constant memory)."""
         L = hidden.shape[1]
         x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)  # (b, d_inner, L) each
         if state is not None and L == 1:
             return self.out_proj(self._step(x[..., 0], z[..., 0], state)[:, None])
-        if state is not None:
+        h0 = None
+        if state is not None:  # the conv continues from the cached inputs; a zero state adds nothing to the scan
             k = self.cfg.ssm.d_conv
-            state.conv.copy_(F.pad(x, (k - 1, 0))[..., -(k - 1) :])
+            x = torch.cat([state.conv.to(x.dtype), x], dim=-1)
+            state.conv.copy_(x[..., -(k - 1) :])
+            h0 = state.ssm if bool(state.ssm.any()) else None
         x = dispatch.causal_conv1d(x, self.conv1d.weight[:, 0], self.conv1d.bias, activation="silu")
+        if state is not None:
+            x = x[..., k - 1 :]
         dt, B, C = self._ssm_inputs(x.transpose(1, 2))
         out = dispatch.selective_scan(
             x, dt, B=B, C=C, z=z, delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
-            return_last_state=state is not None, **self._scan_kwargs(),
+            return_last_state=state is not None, initial_state=h0, **self._scan_kwargs(),
         )
         if state is not None:
             out, state.ssm = out
