@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 @register_model("polar")
 class PolarLM(TemplateLM):
     """Loglikelihoods batched by length (one forward per batch), rolling windows of ``max_length``, and
-    generation by recurrent decoding (constant memory per generated token)."""
+    generation by cached decoding (Mamba: constant memory per generated token; Transformer: a KV cache)."""
 
     def __init__(self, pretrained: str, step: int | None = None, tokenizer: str | None = None,
                  batch_size: int | str = 8, max_length: int = 2048, max_gen_toks: int = 256,
@@ -102,8 +102,9 @@ class PolarLM(TemplateLM):
     @torch.no_grad()
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """Greedy (or sampled, with ``do_sample``/``temperature``) continuation, cut at the first stop string.
-        One request at a time: a parallel prefill of the context, then one recurrent step per token."""
-        from models.mamba import sample_next
+        One request at a time: a parallel prefill of the context, then one cached step per token (Mamba's
+        recurrent state or the Transformer's KV cache)."""
+        from models.generation import sample_next
 
         out = []
         for req in tqdm(requests, desc="generate_until", disable=disable_tqdm):

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import torch
 
-from models.mamba import MambaLM
 from pretrain import checkpoint as ckpt
 from pretrain.export import checkpoint_location, load_model
 from tokenizer.tokenizer import MODEL_FILE, Tokenizer
@@ -28,7 +27,7 @@ def find_tokenizer(path: str | Path, step: int | None = None) -> Tokenizer:
 
 def load_for_eval(path: str | Path, step: int | None = None, tokenizer: str | Path | None = None,
                   device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
-                  ) -> tuple[MambaLM, Tokenizer]:
+                  ) -> tuple[torch.nn.Module, Tokenizer]:
     """(model in eval mode on ``device`` — CUDA when available — , tokenizer)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_model(path, step).to(device=device, dtype=dtype).eval()

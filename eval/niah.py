@@ -10,10 +10,10 @@ match of the greedy continuation, and the rank of the true value's log-likelihoo
 distractor values (small base models rarely follow the question, but their likelihoods still show
 whether the value was retrieved).
 
-The model runs recurrently: the prompt goes through in chunks of ``prefill_chunk`` tokens, each in parallel
-and continuing from the state the previous chunk left, so memory does not grow with the context (no KV
-cache; contexts far beyond the training length fit). Results: JSON (config, cells, samples), CSV (cells)
-and a heatmap PNG.
+The prompt goes through in chunks of ``prefill_chunk`` tokens, each in parallel and continuing from the
+inference state the previous chunk left: for Mamba a recurrent state, so memory does not grow with the
+context and contexts far beyond the training length fit; the Transformer baseline runs the same code with
+a KV cache. Results: JSON (config, cells, samples), CSV (cells) and a heatmap PNG.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from models.mamba import LayerState, MambaLM
 from tokenizer.tokenizer import Tokenizer
 
 NEEDLE = "The special magic number for {key} is: {value}."
@@ -152,7 +151,7 @@ def make_prompts(tok: Tokenizer, text: str, length: int, depth: float, n: int, d
 
 # -- recurrent scoring ------------------------------------------------------------------------------------
 @torch.no_grad()
-def prefill(model: MambaLM, ids: torch.Tensor, chunk: int) -> tuple[torch.Tensor, list[LayerState]]:
+def prefill(model: torch.nn.Module, ids: torch.Tensor, chunk: int) -> tuple[torch.Tensor, list]:
     """Run (b, L) prompts ``chunk`` tokens at a time, each chunk in parallel from the state the previous one
     left; returns the last logits (b, V) and the final recurrent states."""
     states = model.new_states(ids.shape[0])
@@ -162,12 +161,8 @@ def prefill(model: MambaLM, ids: torch.Tensor, chunk: int) -> tuple[torch.Tensor
     return model.lm_head(hidden[:, -1]), states
 
 
-def _repeat(states: list[LayerState], n: int) -> list[LayerState]:
-    return [LayerState(s.conv.repeat_interleave(n, 0), s.ssm.repeat_interleave(n, 0)) for s in states]
-
-
 @torch.no_grad()
-def continuation_logprobs(model: MambaLM, logits: torch.Tensor, states: list[LayerState],
+def continuation_logprobs(model: torch.nn.Module, logits: torch.Tensor, states: list,
                           conts: list[list[list[int]]]) -> torch.Tensor:
     """Sum log p(cont | prompt) for ``conts[i][j]``, the j-th candidate of prompt i (all prompts have the same
     number of candidates); stepping from copies of each prompt's state. Returns (b, n_candidates)."""
@@ -177,7 +172,7 @@ def continuation_logprobs(model: MambaLM, logits: torch.Tensor, states: list[Lay
     mask = torch.zeros(b * n, width, dtype=torch.bool, device=logits.device)
     for r, c in enumerate(c for cs in conts for c in cs):
         ids[r, : len(c)], mask[r, : len(c)] = torch.tensor(c), True
-    states, cur = _repeat(states, n), logits.repeat_interleave(n, 0)
+    states, cur = [s.repeat(n) for s in states], logits.repeat_interleave(n, 0)
     total = torch.zeros(b * n, device=logits.device)
     for t in range(width):  # padding sits after each candidate, so it never affects the scored steps
         lp = F.log_softmax(cur.float(), -1).gather(-1, ids[:, t:t + 1])[:, 0]
@@ -188,7 +183,7 @@ def continuation_logprobs(model: MambaLM, logits: torch.Tensor, states: list[Lay
 
 
 @torch.no_grad()
-def greedy(model: MambaLM, logits: torch.Tensor, states: list[LayerState], n: int) -> torch.Tensor:
+def greedy(model: torch.nn.Module, logits: torch.Tensor, states: list, n: int) -> torch.Tensor:
     """``n`` greedy tokens (b, n) continuing from ``logits``/``states`` (states are consumed)."""
     out = []
     for i in range(n):
@@ -210,7 +205,7 @@ def rank_of_true(scores: list[float]) -> int:
     return 1 + sum(s > scores[0] for s in scores[1:])
 
 
-def score_prompts(model: MambaLM, tok: Tokenizer, prompts: list[Prompt], cfg: NiahConfig,
+def score_prompts(model: torch.nn.Module, tok: Tokenizer, prompts: list[Prompt], cfg: NiahConfig,
                   rng: random.Random) -> list[dict]:
     """One record per prompt (all the same length): greedy exact match and the true value's rank."""
     device = next(model.parameters()).device
@@ -234,7 +229,7 @@ def score_prompts(model: MambaLM, tok: Tokenizer, prompts: list[Prompt], cfg: Ni
     return records
 
 
-def run_niah(model: MambaLM, tok: Tokenizer, cfg: NiahConfig, progress: bool = True) -> dict:
+def run_niah(model: torch.nn.Module, tok: Tokenizer, cfg: NiahConfig, progress: bool = True) -> dict:
     """Score the whole grid; returns {"config", "cells", "samples"}."""
     rng = random.Random(cfg.seed)
     text = haystack_text(cfg.haystack)

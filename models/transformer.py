@@ -4,12 +4,14 @@ RoPE, pre-norm RMSNorm, SwiGLU MLP, causal attention through flash-attn (CUDA, h
 importable) or ``scaled_dot_product_attention``. It mirrors MambaLM so every tool takes either: the same
 ``ModelConfig`` (``arch: transformer``), the same state-dict layout (``backbone.embeddings``,
 ``backbone.layers.{i}.{norm,mixer,mlp_norm,mlp}``, ``backbone.norm_f``, tied ``lm_head``), blocks that
-pass (hidden, residual) with ``.mixer`` as the sequence-mixing layer, and ``forward`` -> ``LMOutput``.
+pass (hidden, residual) with ``.mixer`` as the sequence-mixing layer, ``forward`` -> ``LMOutput``, and
+inference states (here a per-layer KV cache) for ``step``/``generate``/chunked prefill.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -17,7 +19,8 @@ import torch.nn.functional as F
 
 from kernels import dispatch
 from models.config import ModelConfig
-from models.mamba import LMOutput, RMSNorm, sample_next
+from models.generation import Generation
+from models.mamba import LMOutput, RMSNorm
 
 
 def _flash_attn():
@@ -29,10 +32,11 @@ def _flash_attn():
         return None
 
 
-def rope_tables(seq_len: int, head_dim: int, theta: float, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin (seq_len, head_dim/2) of RoPE (Su et al. 2021): pair i rotates by t·theta^(-2i/head_dim)."""
+def rope_tables(seq_len: int, head_dim: int, theta: float, device, start: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin (seq_len, head_dim/2) of RoPE (Su et al. 2021) for positions start..start+seq_len-1: pair i
+    rotates by t·theta^(-2i/head_dim)."""
     inv_freq = theta ** (-torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
-    angles = torch.arange(seq_len, device=device, dtype=torch.float32)[:, None] * inv_freq
+    angles = torch.arange(start, start + seq_len, device=device, dtype=torch.float32)[:, None] * inv_freq
     return angles.cos(), angles.sin()
 
 
@@ -41,6 +45,18 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     x1, x2 = x.float().chunk(2, dim=-1)
     cos, sin = cos[:, None], sin[:, None]
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
+
+
+@dataclass
+class KVCache:
+    """Keys and values (b, n_head, T, head_dim) of the T positions one attention layer has seen."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+
+    def repeat(self, n: int) -> KVCache:
+        """Each sequence's cache n times in a row (to score n continuations of one prompt)."""
+        return KVCache(self.k.repeat_interleave(n, 0), self.v.repeat_interleave(n, 0))
 
 
 class Attention(nn.Module):
@@ -52,18 +68,31 @@ class Attention(nn.Module):
         self.qkv_proj = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.o_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+        """x (b, L, d_model). With ``cache``, x continues the cached positions, and its keys and values are
+        appended to the cache."""
         b, L, d = x.shape
+        past = 0 if cache is None else cache.k.shape[2]
         q, k, v = self.qkv_proj(x).view(b, L, 3, self.n_head, self.head_dim).unbind(2)
-        cos, sin = rope_tables(L, self.head_dim, self.theta, x.device)
+        cos, sin = rope_tables(L, self.head_dim, self.theta, x.device, start=past)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         flash = _flash_attn() if x.is_cuda and q.dtype in (torch.float16, torch.bfloat16) else None
-        if flash is not None:
-            out = flash(q, k, v, causal=True)
-        else:
-            out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                                 is_causal=True).transpose(1, 2)
-        return self.o_proj(out.reshape(b, L, d))
+        if flash is not None and cache is None:
+            return self.o_proj(flash(q, k, v, causal=True).reshape(b, L, d))
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (b, h, L, head_dim)
+        mask = None
+        if cache is not None:
+            k, v = torch.cat([cache.k, k], dim=2), torch.cat([cache.v, v], dim=2)
+            cache.k, cache.v = k, v
+            if past and L > 1:  # query i (position past + i) sees keys 0..past + i
+                mask = torch.ones(L, past + L, dtype=torch.bool, device=x.device).tril(past)
+        causal = mask is None and L > 1 and past == 0
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
+        return self.o_proj(out.transpose(1, 2).reshape(b, L, d))
+
+    def new_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> KVCache:
+        empty = torch.zeros(batch, self.n_head, 0, self.head_dim, device=device, dtype=dtype)
+        return KVCache(empty, empty.clone())
 
 
 class SwiGLU(nn.Module):
@@ -90,9 +119,10 @@ class TransformerBlock(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = SwiGLU(cfg)
 
-    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None,
+                cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         normed, stream = self.norm(hidden, residual)
-        normed, stream = self.mlp_norm(self.mixer(normed.to(hidden.dtype)), stream)
+        normed, stream = self.mlp_norm(self.mixer(normed.to(hidden.dtype), cache), stream)
         return self.mlp(normed.to(hidden.dtype)), stream
 
 
@@ -103,15 +133,16 @@ class TransformerBackbone(nn.Module):
         self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layer))
         self.norm_f = RMSNorm(cfg.d_model, cfg.norm_eps)
 
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, states: list[KVCache] | None = None) -> torch.Tensor:
+        """Final normalised hidden states (b, L, d_model); with ``states``, continuing the cached positions."""
         hidden, residual = self.embeddings(input_ids), None
-        for layer in self.layers:
-            hidden, residual = layer(hidden, residual)
+        for i, layer in enumerate(self.layers):
+            hidden, residual = layer(hidden, residual, None if states is None else states[i])
         return self.norm_f(hidden, residual)[0]
 
 
-class TransformerLM(nn.Module):
-    """Llama-style causal LM with a head tied to the embedding; the MambaLM interface minus recurrence."""
+class TransformerLM(Generation, nn.Module):
+    """Llama-style causal LM with a head tied to the embedding; MambaLM's interface, a KV cache as the state."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -143,30 +174,18 @@ class TransformerLM(nn.Module):
         return [(self, self.lm_head.weight)]
 
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                return_logits: bool = True) -> LMOutput:
-        """As MambaLM.forward: ``labels`` already shifted, -100 ignored, fp32 chunked cross-entropy."""
-        hidden = self.backbone(input_ids)
+                states: list[KVCache] | None = None, return_logits: bool = True) -> LMOutput:
+        """As MambaLM.forward: ``labels`` already shifted, -100 ignored, fp32 chunked cross-entropy; with
+        ``states`` (KV caches) the input continues the cached positions."""
+        hidden = self.backbone(input_ids, states)
         loss = None
         if labels is not None:
             loss = dispatch.linear_cross_entropy(hidden.flatten(0, 1), self.lm_head.weight, labels.flatten(),
                                                  ignore_index=-100)
         return LMOutput(logits=self.lm_head(hidden) if return_logits else None, loss=loss)
 
-    @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, max_new_tokens: int, temperature: float = 0.0,
-                 top_k: int | None = None, top_p: float | None = None, eos_token_id: int | None = None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-        """MambaLM.generate's contract. No KV cache: each new token re-runs the whole prefix (fine for the
-        short generations evaluation needs)."""
-        out = input_ids
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        for _ in range(max_new_tokens):
-            logits = self.forward(out).logits[:, -1, : self.config.vocab_size]
-            nxt = sample_next(logits, temperature, top_k, top_p, generator)
-            if eos_token_id is not None:
-                nxt = torch.where(done, torch.full_like(nxt, eos_token_id), nxt)
-                done |= nxt == eos_token_id
-            out = torch.cat([out, nxt[:, None]], dim=1)
-            if eos_token_id is not None and bool(done.all()):
-                break
-        return out
+    def new_states(self, batch: int, device=None, dtype=None) -> list[KVCache]:
+        """Empty per-layer KV caches (they grow by one position per token fed)."""
+        p = self.backbone.embeddings.weight
+        device, dtype = device or p.device, dtype or p.dtype
+        return [layer.mixer.new_cache(batch, device, dtype) for layer in self.backbone.layers]

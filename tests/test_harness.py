@@ -94,6 +94,26 @@ def test_generate_until_is_greedy_generate_cut_at_stop(polar_lm):
     assert cut == ref.split(stop)[0] and stop not in cut
 
 
+def test_generate_until_runs_the_transformer_baseline(tiny_export):
+    """The harness drives a TransformerLM (KV cache) as it drives Mamba: same text as a no-cache greedy loop."""
+    from eval.harness import PolarLM
+    from models import ModelConfig, build_model
+
+    lm = PolarLM(pretrained=str(tiny_export), max_length=64)
+    lm.model = build_model(ModelConfig.preset("transformer-tiny", vocab_size=lm.model.config.vocab_size)).eval()
+    prompt = "ROMEO:\nBut soft, what light"
+    ids, new = lm.tok.encode(prompt), []
+    with torch.no_grad():
+        while len(new) < 12:
+            nxt = int(lm.model(torch.tensor([ids + new])).logits[0, -1, : lm.model.config.vocab_size].argmax())
+            if nxt == lm.eot_token_id:
+                break
+            new.append(nxt)
+    ref = lm.tok.decode(new)
+    (got,) = lm.generate_until([Req(prompt, {"until": ["\x00never"], "max_gen_toks": 12})], disable_tqdm=True)
+    assert got == ref
+
+
 def test_hf_tokenizer_files_have_our_ids(tiny_export):
     from transformers import AutoTokenizer
 

@@ -7,7 +7,7 @@ import torch
 
 from kernels import dispatch
 from models import MambaLM, ModelConfig
-from models.mamba import sample_next
+from models.generation import sample_next
 from models.typed_config import ConfigError
 
 VARIANTS = {

@@ -78,10 +78,12 @@ def test_scoring_hand_made_cases():
     assert niah.rank_of_true([-2.0, -2.0]) == 1  # ties in the model's favour
 
 
-def test_recurrent_scoring_equals_plain_forward(tok, text):
+@pytest.mark.parametrize("arch", ["mamba", "transformer"])
+def test_recurrent_scoring_equals_plain_forward(tok, text, arch):
+    from models import ModelConfig, build_model
     from tests.eval_fixtures import tiny_model
 
-    model = tiny_model()
+    model = tiny_model() if arch == "mamba" else build_model(ModelConfig.preset("transformer-tiny")).eval()
     prompts = niah.make_prompts(tok, text, 160, 50, 2, 3, random.Random(0))
     ids = torch.tensor([p.ids for p in prompts])
     conts = [[tok.encode(" " + p.value), tok.encode(" 42")] for p in prompts]

@@ -1,4 +1,5 @@
-"""TransformerLM: causal, finite loss, MambaLM's interface, counted FLOPs, config rules, and `polar train`."""
+"""TransformerLM: causal, finite loss, MambaLM's interface (KV-cache decoding), counted FLOPs, config rules,
+and `polar train`."""
 
 import pytest
 import torch
@@ -58,6 +59,21 @@ def test_greedy_generate_is_argmax():
     assert out.shape == (2, 9) and torch.equal(out[:, :5], prompt)
     with torch.no_grad():
         assert torch.equal(model(out[:, :-1]).logits[:, 4:, :512].argmax(-1), out[:, 5:])
+
+
+@pytest.mark.parametrize("chunks", [[16], [5, 1, 7, 3], [1] * 16])
+def test_kv_cache_continues_the_sequence(chunks):
+    """Feeding a sequence in chunks through the KV cache gives the logits of one full causal forward."""
+    model = tiny()
+    ids = torch.randint(0, 512, (2, sum(chunks)))
+    states = model.new_states(2)
+    got, start = [], 0
+    with torch.no_grad():
+        for n in chunks:
+            got.append(model(ids[:, start:start + n], states=states).logits)
+            start += n
+        torch.testing.assert_close(torch.cat(got, 1), model(ids).logits, rtol=1e-4, atol=1e-5)
+    assert states[0].k.shape[2] == sum(chunks)
 
 
 def test_counted_flops_match_torch_flop_counter():
