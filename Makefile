@@ -44,6 +44,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_model.py
 	$(PY) benchmarks/bench_kernels.py
 	$(PY) benchmarks/bench_data.py
+	$(PY) benchmarks/bench_niah.py
 	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_train.py
 
 clean:
