@@ -224,6 +224,7 @@ def polarized_scan(
 
 def initial_state_terms(
     h0, delta, A, C, z=None, delta_bias=None, delta_softplus=False, n_ones=0, n_zeros=0, zero_mode="exact",
+    block=256,
 ):
     """What a scan started from state ``h0`` (b, d, N_total) adds to the same scan started from zero.
 
@@ -234,12 +235,15 @@ def initial_state_terms(
     from a state (chunked prefill) without a kernel change.
     """
     dt = _prepare_dt(delta, delta_bias, delta_softplus)
-    P = discrete_transition(dt.cumsum(-1).transpose(1, 2), A, n_ones, n_zeros, zero_mode)  # (b, L, d, N_total)
-    h0 = h0.to(dt.dtype)
-    dy = torch.einsum("bldn,bdn,bnl->bdl", P, h0, C.to(dt.dtype))
+    S = dt.cumsum(-1).transpose(1, 2)  # (b, L, d): Σ_{s≤t} Δ_s
+    h0, C = h0.to(dt.dtype), C.to(dt.dtype)
+    # P is (b, L, d, N_total): built `block` positions at a time so memory stays bounded for long chunks
+    dy = torch.cat([torch.einsum("bldn,bdn,bnl->bdl", discrete_transition(S[:, s:s + block], A, n_ones, n_zeros,
+                                                                          zero_mode), h0, C[..., s:s + block])
+                    for s in range(0, S.shape[1], block)], dim=-1)
     if z is not None:
         dy = dy * F.silu(z.to(dt.dtype))
-    return dy, P[:, -1] * h0
+    return dy, discrete_transition(S[:, -1], A, n_ones, n_zeros, zero_mode) * h0
 
 
 def _chunked_core(u, dt, A, B, C, chunk_size: int):

@@ -5,6 +5,7 @@ import torch
 
 from kernels.scan_ref import (
     REFERENCE_ZERO_A,
+    initial_state_terms,
     selective_scan_chunked,
     selective_scan_sequential,
     selective_step,
@@ -156,6 +157,12 @@ def test_scan_continues_from_initial_state(zero_mode, n_ones, n_zeros, split):
     y, h = dispatch.selective_scan(tail(u), tail(delta), A, tail(B), tail(C), z=tail(z), initial_state=h_mid, **kw)
     torch.testing.assert_close(y, tail(y_full), rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(h, h_full, rtol=1e-10, atol=1e-10)
+    # the same terms built a few positions at a time (how long chunks bound their memory), on the oracle
+    y0, h0 = selective_scan_sequential(tail(u), tail(delta), A, tail(B), tail(C), z=tail(z), **kw)
+    dy, dh = initial_state_terms(h_mid, tail(delta), A, tail(C), tail(z), bias, True, n_ones, n_zeros, zero_mode,
+                                 block=3)
+    torch.testing.assert_close(y0 + dy, tail(y_full), rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(h0 + dh, h_full, rtol=1e-10, atol=1e-10)
 
 
 def test_initial_state_gradcheck():
