@@ -1,9 +1,10 @@
 """Decoding shared by every LM here: next-token sampling and ``generate`` over a per-layer inference state.
 
-A model provides ``new_states(batch)`` (Mamba: O(1) recurrent states; Transformer: a KV cache) and a
-``forward(input_ids, states=...)`` that continues from those states and updates them; :class:`Generation`
-turns that into one-token ``step`` and ``generate`` (prefill the prompt in parallel, then one step per
-token), so evaluation code drives either architecture the same way.
+Every sequence-mixing layer (``backbone.layers[i].mixer``) makes its own inference state with
+``new_state(batch, device, dtype)`` (Mamba: the O(1) conv + SSM state; Transformer: a KV cache), and the
+model's ``forward(input_ids, states=...)`` continues from those states and updates them. :class:`Generation`
+builds on that: ``new_states``, one-token ``step`` and ``generate`` (prefill the prompt in parallel, then
+one step per token), so evaluation code drives either architecture the same way.
 """
 
 from __future__ import annotations
@@ -36,7 +37,14 @@ def sample_next(
 
 
 class Generation:
-    """Mixin for an ``nn.Module`` LM with ``config.vocab_size``, ``new_states`` and ``forward(..., states=)``."""
+    """Mixin for an ``nn.Module`` LM with ``config.vocab_size``, ``backbone.embeddings``, ``backbone.layers``
+    whose ``.mixer`` has ``new_state``, and ``forward(..., states=)``."""
+
+    def new_states(self, batch: int, device=None, dtype=None) -> list:
+        """Fresh per-layer inference states (default: the embedding's device and dtype)."""
+        p = self.backbone.embeddings.weight
+        device, dtype = device or p.device, dtype or p.dtype
+        return [layer.mixer.new_state(batch, device, dtype) for layer in self.backbone.layers]
 
     def step(self, input_ids: torch.Tensor, states: list) -> torch.Tensor:
         """Feed one token per sequence (b,) or (b, 1); updates ``states``; returns logits (b, vocab)."""

@@ -1,10 +1,11 @@
 """The Mamba language model (Gu & Dao 2023), baseline and polarized (Wang et al. 2025), in plain PyTorch.
 
 Read top to bottom: RMSNorm -> MambaMixer (one selective-SSM layer) -> MambaBlock (pre-norm residual)
--> MambaLM (embedding, blocks, final norm, tied head, loss, recurrent decoding). Parameter names follow
-transformers' ``MambaForCausalLM`` so state dicts move between the two without renaming. The conv, the
-scan, the residual add + norm and the loss go through :mod:`kernels.dispatch`, which picks the fastest
-backend for the device (fused CUDA/Triton kernels on GPU, PyTorch on CPU).
+-> MambaLM (embedding, blocks, final norm, tied head, loss; recurrent decoding from
+:mod:`models.generation`). Parameter names follow transformers' ``MambaForCausalLM`` so state dicts move
+between the two without renaming. The conv, the scan, the residual add + norm and the loss go through
+:mod:`kernels.dispatch`, which picks the fastest backend for the device (fused CUDA/Triton kernels on
+GPU, PyTorch on CPU).
 """
 
 from __future__ import annotations
@@ -239,10 +240,3 @@ class MambaLM(Generation, nn.Module):
             loss = dispatch.linear_cross_entropy(hidden.flatten(0, 1), self.lm_head.weight, labels.flatten(),
                                                  ignore_index=-100)
         return LMOutput(logits=self.lm_head(hidden) if return_logits else None, loss=loss)
-
-    # Recurrent inference -----------------------------------------------------------------------
-    def new_states(self, batch: int, device=None, dtype=None) -> list[LayerState]:
-        """Fresh per-layer recurrent state: O(1) in sequence length."""
-        p = self.backbone.embeddings.weight
-        device, dtype = device or p.device, dtype or p.dtype
-        return [layer.mixer.new_state(batch, device, dtype) for layer in self.backbone.layers]

@@ -90,7 +90,8 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal)
         return self.o_proj(out.transpose(1, 2).reshape(b, L, d))
 
-    def new_cache(self, batch: int, device: torch.device, dtype: torch.dtype) -> KVCache:
+    def new_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> KVCache:
+        """An empty cache; it grows by one position per token fed."""
         empty = torch.zeros(batch, self.n_head, 0, self.head_dim, device=device, dtype=dtype)
         return KVCache(empty, empty.clone())
 
@@ -183,9 +184,3 @@ class TransformerLM(Generation, nn.Module):
             loss = dispatch.linear_cross_entropy(hidden.flatten(0, 1), self.lm_head.weight, labels.flatten(),
                                                  ignore_index=-100)
         return LMOutput(logits=self.lm_head(hidden) if return_logits else None, loss=loss)
-
-    def new_states(self, batch: int, device=None, dtype=None) -> list[KVCache]:
-        """Empty per-layer KV caches (they grow by one position per token fed)."""
-        p = self.backbone.embeddings.weight
-        device, dtype = device or p.device, dtype or p.dtype
-        return [layer.mixer.new_cache(batch, device, dtype) for layer in self.backbone.layers]
