@@ -89,8 +89,9 @@ def run_niah_cmd(args: argparse.Namespace) -> int:
     from eval.loading import load_for_eval
     from eval.niah import run_niah, write_niah
 
+    cfg = niah_config(args)  # a bad option fails before the model loads
     model, tok = load_for_eval(args.checkpoint, args.step, args.tokenizer)
-    result = run_niah(model, tok, niah_config(args))
+    result = run_niah(model, tok, cfg)
     paths = write_niah(result, Path(args.out) if args.out else default_out(args.checkpoint, args.step),
                        title=str(args.checkpoint))
     for c in result["cells"]:

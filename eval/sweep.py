@@ -89,8 +89,11 @@ def sweep(runs: list[str | Path], every: int = 1, lm: str | None = None, niah: s
     (a SLURM array task, launch/slurm/eval_sweep.sbatch; a final unsharded call combines them)."""
     runs = [Path(r) for r in runs]
     evals = {name: argv for name, argv in (("lm", lm), ("niah", niah)) if argv is not None}
-    for name, argv in evals.items():  # a typo should fail now, not after hours of other evaluations
-        (parse_lm_args if name == "lm" else parse_niah_args)(argv)
+    for name, argv in evals.items():  # a typo or bad value should fail now, not after hours of other evaluations
+        if name == "lm":
+            parse_lm_args(argv)
+        else:
+            niah_config(parse_niah_args(argv))
     jobs = []
     for run in runs:
         steps = checkpoint_steps(run, max(1, every))

@@ -79,6 +79,8 @@ def test_bad_eval_arguments_fail_before_any_work(tmp_path, calls):
     run = fake_run(tmp_path, "r", [1])
     with pytest.raises(SystemExit):
         sw.sweep([run], 1, niah="--lenghts 1k", out=tmp_path / "out", progress=False)
+    with pytest.raises(ValueError, match="distractors"):
+        sw.sweep([run], 1, niah="--digits 1 --distractors 9", out=tmp_path / "out", progress=False)
     assert calls.done == []
 
 
