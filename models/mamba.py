@@ -163,15 +163,18 @@ class MambaBlock(nn.Module):
         return self.mixer(normed, state), stream
 
 
-class MambaBackbone(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+class Backbone(nn.Module):
+    """Embedding, ``n_layer`` blocks of one kind (MambaBlock here, TransformerBlock for the baseline) passing
+    (hidden, residual), final norm."""
+
+    def __init__(self, cfg: ModelConfig, block: type[nn.Module]):
         super().__init__()
         self.embeddings = nn.Embedding(cfg.padded_vocab_size, cfg.d_model)
-        self.layers = nn.ModuleList(MambaBlock(cfg) for _ in range(cfg.n_layer))
+        self.layers = nn.ModuleList(block(cfg) for _ in range(cfg.n_layer))
         self.norm_f = RMSNorm(cfg.d_model, cfg.norm_eps)
 
-    def forward(self, input_ids: torch.Tensor, states: list[LayerState] | None = None) -> torch.Tensor:
-        """Final normalised hidden states (b, L, d_model)."""
+    def forward(self, input_ids: torch.Tensor, states: list | None = None) -> torch.Tensor:
+        """Final normalised hidden states (b, L, d_model); with ``states`` (one per layer), continuing them."""
         hidden, residual = self.embeddings(input_ids), None
         for i, layer in enumerate(self.layers):
             hidden, residual = layer(hidden, residual, None if states is None else states[i])
@@ -191,7 +194,7 @@ class MambaLM(Generation, nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
-        self.backbone = MambaBackbone(cfg)
+        self.backbone = Backbone(cfg, MambaBlock)
         self.lm_head = nn.Linear(cfg.d_model, cfg.padded_vocab_size, bias=False)
         self.lm_head.weight = self.backbone.embeddings.weight
         self.reset_parameters()

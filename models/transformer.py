@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from kernels import dispatch
 from models.config import ModelConfig
 from models.generation import Generation
-from models.mamba import LMOutput, RMSNorm
+from models.mamba import Backbone, LMOutput, RMSNorm
 
 
 def _flash_attn():
@@ -127,28 +127,13 @@ class TransformerBlock(nn.Module):
         return self.mlp(normed.to(hidden.dtype)), stream
 
 
-class TransformerBackbone(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.embeddings = nn.Embedding(cfg.padded_vocab_size, cfg.d_model)
-        self.layers = nn.ModuleList(TransformerBlock(cfg) for _ in range(cfg.n_layer))
-        self.norm_f = RMSNorm(cfg.d_model, cfg.norm_eps)
-
-    def forward(self, input_ids: torch.Tensor, states: list[KVCache] | None = None) -> torch.Tensor:
-        """Final normalised hidden states (b, L, d_model); with ``states``, continuing the cached positions."""
-        hidden, residual = self.embeddings(input_ids), None
-        for i, layer in enumerate(self.layers):
-            hidden, residual = layer(hidden, residual, None if states is None else states[i])
-        return self.norm_f(hidden, residual)[0]
-
-
 class TransformerLM(Generation, nn.Module):
     """Llama-style causal LM with a head tied to the embedding; MambaLM's interface, a KV cache as the state."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
-        self.backbone = TransformerBackbone(cfg)
+        self.backbone = Backbone(cfg, TransformerBlock)
         self.lm_head = nn.Linear(cfg.d_model, cfg.padded_vocab_size, bias=False)
         self.lm_head.weight = self.backbone.embeddings.weight
         self.reset_parameters()
