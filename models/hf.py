@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any
 
@@ -144,7 +145,9 @@ def config_from_json(data: dict[str, Any]) -> ModelConfig:
         }
         return ModelConfig.from_dict({
             "d_model": data["hidden_size"], "n_layer": data["num_hidden_layers"],
-            "vocab_size": data["vocab_size"], "norm_eps": data.get("layer_norm_epsilon", 1e-5),
+            # transformers' embedding has exactly vocab_size rows (its pad_vocab_size_multiple is unused)
+            "vocab_size": data["vocab_size"], "pad_vocab_size_multiple": 1,
+            "norm_eps": data.get("layer_norm_epsilon", 1e-5),
             "residual_in_fp32": data.get("residual_in_fp32", True), "ssm": ssm,
         })
     if "d_model" in data and "n_layer" in data:  # mamba_ssm's MambaConfig
@@ -160,30 +163,52 @@ def config_from_json(data: dict[str, Any]) -> ModelConfig:
     raise ConfigError("config.json is neither a polar-mamba, transformers Mamba nor mamba_ssm config")
 
 
+def _read_file(path: Path, read) -> dict[str, torch.Tensor]:
+    """``read(path)``, with one line naming the file when it is truncated or corrupt."""
+    try:
+        return read(path)
+    except Exception as e:  # safetensors and torch raise several kinds for a damaged file
+        what = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        raise ConfigError(f"{path} is truncated or corrupt ({what}): export it again from its run "
+                          "(polar export RUN --force, or --step N for another checkpoint)") from e
+
+
 def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    def safetensors(path: Path) -> dict[str, torch.Tensor]:
+        return load_file(str(path))
+
     if (folder / WEIGHTS).is_file():
-        return load_file(str(folder / WEIGHTS))
+        return _read_file(folder / WEIGHTS, safetensors)
     if (folder / WEIGHTS_INDEX).is_file():
         files = sorted(set(json.loads((folder / WEIGHTS_INDEX).read_text())["weight_map"].values()))
-        return {k: v for f in files for k, v in load_file(str(folder / f)).items()}
+        return {k: v for f in files for k, v in _read_file(folder / f, safetensors).items()}
     if (folder / "pytorch_model.bin").is_file():  # mamba_ssm
-        return torch.load(folder / "pytorch_model.bin", map_location="cpu", weights_only=True)
+        return _read_file(folder / "pytorch_model.bin",
+                          lambda p: torch.load(p, map_location="cpu", weights_only=True))
     raise FileNotFoundError(f"no weights in {folder}: expected {WEIGHTS}, {WEIGHTS_INDEX} or pytorch_model.bin")
 
 
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
 def resolve_folder(path_or_repo: str | Path, revision: str | None = None) -> Path:
-    """A local folder as is; anything else is treated as a Hub repo id and downloaded (cached)."""
+    """A local folder as is; a missing path shaped like a Hub id (``ORG/NAME``) is downloaded (cached)."""
     p = Path(path_or_repo)
     if p.is_dir():
         return p
-    if p.exists() or str(path_or_repo).startswith((".", "/")) or str(path_or_repo).count("/") != 1:
-        raise FileNotFoundError(f"model folder not found: {path_or_repo} (pass an export folder or a Hub id ORG/NAME)")
+    if p.exists() or not HUB_ID.match(str(path_or_repo)):
+        raise FileNotFoundError(f"{path_or_repo} not found: pass a run directory, an export folder or a Hub id ORG/NAME")
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(
-        str(path_or_repo), revision=revision,
-        allow_patterns=["*.json", "*.safetensors", "pytorch_model.bin", "*.model"],
-    ))
+    try:
+        return Path(snapshot_download(
+            str(path_or_repo), revision=revision,
+            allow_patterns=["*.json", "*.safetensors", "pytorch_model.bin", "*.model"],
+        ))
+    except Exception as e:  # offline, no such repo, no access: one line, not a network traceback
+        reason = str(e).splitlines()[0][:160] if str(e) else type(e).__name__
+        raise FileNotFoundError(f"{path_or_repo} not found: no such local folder, and the Hub gave no model of "
+                                f"that name ({reason})") from e
 
 
 def from_pretrained(path_or_repo: str | Path, revision: str | None = None,

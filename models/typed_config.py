@@ -85,6 +85,36 @@ def _coerce(value: Any, tp: Any, where: str) -> Any:
     return value
 
 
+def bounded(default: Any = dataclasses.MISSING, *, gt: float | None = None, ge: float | None = None,
+            lt: float | None = None, le: float | None = None, default_factory: Any = dataclasses.MISSING) -> Any:
+    """A dataclass field whose numeric value (or each list item; None is allowed) must lie within bounds;
+    :func:`from_dict` checks it, so every numeric key is validated the same way, with the same message."""
+    metadata = {"bounds": {k: v for k, v in (("gt", gt), ("ge", ge), ("lt", lt), ("le", le)) if v is not None}}
+    if default_factory is not dataclasses.MISSING:
+        return dataclasses.field(default_factory=default_factory, metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+_BOUND_TESTS = {"gt": (float.__gt__, ">"), "ge": (float.__ge__, ">="), "lt": (float.__lt__, "<"),
+                "le": (float.__le__, "<=")}
+
+
+def check_bounds(obj: Any, prefix: str = "") -> None:
+    """Raise ConfigError for the first field of ``obj`` outside its :func:`bounded` range."""
+    for f in dataclasses.fields(obj):
+        bounds = f.metadata.get("bounds")
+        value = getattr(obj, f.name)
+        if not bounds or value is None or isinstance(value, str):
+            continue
+        for item in value if isinstance(value, (list, tuple)) else [value]:
+            for kind, limit in bounds.items():
+                test, sign = _BOUND_TESTS[kind]
+                if not test(float(item), float(limit)):
+                    where = f"{prefix}.{f.name}" if prefix else f.name
+                    rule = " and ".join(f"{_BOUND_TESTS[k][1]} {v}" for k, v in bounds.items())
+                    raise ConfigError(f"{where} must be {rule}, got {value}")
+
+
 def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
     """Build dataclass ``cls`` from a nested dict; unknown keys and bad types raise ConfigError."""
     hints = typing.get_type_hints(cls)
@@ -96,11 +126,13 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
             raise ConfigError(f"unknown config key '{where}': {_suggest(key, list(fields))}")
         kwargs[key] = _coerce(value, hints[key], where)
     try:
-        return cls(**kwargs)
+        obj = cls(**kwargs)
     except ConfigError:
         raise
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{prefix or cls.__name__}: {e}") from e
+    check_bounds(obj, prefix)
+    return obj
 
 
 def to_dict(obj: Any) -> dict[str, Any]:

@@ -1,15 +1,28 @@
-"""Checkpoints: DeepSpeed tags under ``RUN/checkpoints/``, per-rank RNG, ``latest``, keep-last-K, export.
+"""Checkpoints: DeepSpeed tags under ``RUN/checkpoints/``, per-rank RNG, ``latest``, rotation, export.
 
 Layout of one tag (``step_00000100/``): DeepSpeed's model/optimizer files (its ``client_state`` holds the
 trainer's state: step, consumed_samples, tokens seen, ...), ``rng_rank{r}.pt`` for every rank (python,
 numpy, torch, cuda), and ``polar_state.json`` (resolved config, tokenizer fingerprint, data manifest
-hash) so compatibility is checked before anything is loaded. ``latest`` names the newest complete tag
-and moves only after every rank has written; older tags beyond ``keep_last`` are pruned after that.
+hash, and the tag's place in the run's history: ``seq``, ``parent``, ``ancestors``) so compatibility is
+checked before anything is loaded.
+
+Written the way a database commits (docs/training.md, "Crash safety"): every rank writes into
+``step_X.partial/`` and fsyncs its files; rank 0 adds ``polar_state.json``, renames the folder into place,
+fsyncs the directory, then replaces ``latest`` (fsynced) and rotates. A tag folder without the ``.partial``
+suffix is therefore complete, and ``latest`` never names data that has not reached the disk. A save that
+fails (ENOSPC, EACCES, ...) removes its partial folder and leaves the previous tags and ``latest`` as they
+were.
+
+Rotation keeps the ``keep_last`` most recently written tags of the current lineage (the tags this run
+descends from, not simply the highest step numbers: a run resumed from an older tag must not lose its new
+checkpoints to the abandoned ones), never the tag being resumed from, and leaves other lineages alone.
 """
 
 from __future__ import annotations
 
+import errno
 import json
+import logging
 import os
 import random
 import re
@@ -25,45 +38,85 @@ import torch
 TAG_RE = re.compile(r"^step_(\d{8})$")
 STATE_FILE = "polar_state.json"
 UNIVERSAL_SUFFIX = "_universal"
+PARTIAL_SUFFIX = ".partial"  # a tag being written; never read
+REPLACED_SUFFIX = ".replaced"  # a complete tag being superseded by a new save of the same step
+
+log = logging.getLogger(__name__)
 
 
 class CheckpointError(ValueError):
     """A checkpoint cannot be used with this run; the message says why and what to do."""
 
 
+class CheckpointSaveError(RuntimeError):
+    """A checkpoint could not be written; the previous one and ``latest`` are untouched."""
+
+
 def tag_for(step: int) -> str:
     return f"step_{step:08d}"
 
 
-def list_tags(ckpt_dir: Path) -> list[str]:
-    """Complete tags (those with our state file), oldest first."""
-    if not ckpt_dir.is_dir():
-        return []
-    tags = [p.name for p in ckpt_dir.iterdir() if TAG_RE.match(p.name) and (p / STATE_FILE).is_file()]
-    return sorted(tags)
-
-
-def latest_tag(ckpt_dir: Path) -> str | None:
-    f = ckpt_dir / "latest"
-    return f.read_text().strip() if f.is_file() else None
-
-
-def resolve_tag(ckpt_dir: Path, step: int | None = None) -> str:
-    """The tag for ``step`` (default: ``latest``), with a clear error when it does not exist."""
-    if step is None:
-        tag = latest_tag(ckpt_dir)
-        if tag is None:
-            raise FileNotFoundError(f"no checkpoint in {ckpt_dir} (no 'latest' file): train first or pass --step")
-    else:
-        tag = tag_for(step)
-    if not (ckpt_dir / tag / STATE_FILE).is_file():
-        have = ", ".join(str(int(TAG_RE.match(t)[1])) for t in list_tags(ckpt_dir)) or "none"
-        raise FileNotFoundError(f"checkpoint {ckpt_dir / tag} not found (steps available: {have})")
-    return tag
+def step_of(tag: str) -> int:
+    return int(TAG_RE.match(tag)[1])
 
 
 def read_state(ckpt_dir: Path, tag: str) -> dict[str, Any]:
-    return json.loads((ckpt_dir / tag / STATE_FILE).read_text())
+    path = ckpt_dir / tag / STATE_FILE
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path} is corrupt ({e.msg}): resume or load another step") from e
+
+
+def _order(ckpt_dir: Path, tag: str) -> tuple[int, int]:
+    """Write order: the tag's ``seq`` (tags from before seq existed sort first, by step)."""
+    return read_state(ckpt_dir, tag).get("seq", -1), step_of(tag)
+
+
+def list_tags(ckpt_dir: Path) -> list[str]:
+    """Complete tags, oldest written first."""
+    if not ckpt_dir.is_dir():
+        return []
+    tags = [p.name for p in ckpt_dir.iterdir() if TAG_RE.match(p.name) and (p / STATE_FILE).is_file()]
+    return sorted(tags, key=lambda t: _order(ckpt_dir, t))
+
+
+def latest_tag(ckpt_dir: Path) -> str | None:
+    """The tag named by ``latest``, as written (it may be missing on disk: see :func:`resume_tag`)."""
+    f = ckpt_dir / "latest"
+    return f.read_text().strip() or None if f.is_file() else None
+
+
+def resume_tag(ckpt_dir: Path) -> str | None:
+    """The tag to resume from: ``latest`` when complete, else the newest complete tag (said in one line)."""
+    named, tags = latest_tag(ckpt_dir), list_tags(ckpt_dir)
+    if named in tags or (named is None and not tags):
+        return named
+    if not tags:
+        log.warning("%s names %s, which is missing or incomplete, and no complete checkpoint is left: "
+                    "starting from step 0", ckpt_dir / "latest", named)
+        return None
+    log.warning("%s names %s, which is missing or incomplete: resuming from %s, the newest complete checkpoint",
+                ckpt_dir / "latest", named, tags[-1])
+    return tags[-1]
+
+
+def resolve_tag(ckpt_dir: Path, step: int | None = None) -> str:
+    """The tag for ``step`` (default: the one to resume from), with a clear error when it does not exist."""
+    if step is None:
+        tag = resume_tag(ckpt_dir)
+        if tag is None:
+            raise FileNotFoundError(f"no checkpoint in {ckpt_dir}: train first or pass --step")
+    else:
+        tag = tag_for(step)
+    if not (ckpt_dir / tag / STATE_FILE).is_file():
+        raise FileNotFoundError(f"checkpoint {ckpt_dir / tag} not found (steps available: {available_steps(ckpt_dir)})")
+    return tag
+
+
+def available_steps(ckpt_dir: Path, but: str | None = None) -> str:
+    """``"100, 200"``: the steps of the complete tags (except ``but``), for error messages."""
+    return ", ".join(str(step_of(t)) for t in sorted(list_tags(ckpt_dir), key=step_of) if t != but) or "none"
 
 
 def rng_state() -> dict[str, Any]:
@@ -81,31 +134,128 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(path: Path) -> None:
+    """Flush every file under ``path`` and every directory entry to the disk."""
+    for root, _, files in os.walk(path):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as f:
+                os.fsync(f.fileno())
+        fsync_dir(Path(root))
+
+
 def atomic_write(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` so that a crash leaves the old or the new content, both on disk."""
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text)
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    fsync_dir(path.parent)
+
+
+def _agree_failed(failed: bool) -> bool:
+    """True on every rank when any rank failed."""
+    if not torch.distributed.is_initialized():
+        return failed
+    t = torch.tensor([float(failed)])
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def _save_error(ckpt_dir: Path, tag: str, error: OSError | None) -> CheckpointSaveError:
+    free = shutil.disk_usage(ckpt_dir).free / 2**30 if ckpt_dir.exists() else float("nan")
+    cause = f"{error.strerror or error} ({error.filename or ckpt_dir})" if error else "another rank failed to write"
+    return CheckpointSaveError(
+        f"saving checkpoint {ckpt_dir / tag} failed: {cause}; {free:.2f} GiB free on {ckpt_dir}: "
+        f"free space or fix permissions, then run again to resume from {latest_tag(ckpt_dir) or 'the start'}"
+    )
+
+
+def lineage(ckpt_dir: Path, parent: str | None) -> list[str]:
+    """The tags a save descending from ``parent`` descends from (``parent``'s ancestors, then ``parent``)."""
+    if parent is None:
+        return []
+    state = read_state(ckpt_dir, parent)
+    # tags written before ancestry was recorded: every older step counts as an ancestor
+    ancestors = state.get("ancestors", [t for t in list_tags(ckpt_dir) if step_of(t) < step_of(parent)])
+    return [*ancestors, parent]
+
+
+def rotate(ckpt_dir: Path, tag: str, keep_last: int, protect: str | None) -> list[str]:
+    """Delete the current lineage's tags beyond the ``keep_last`` most recently written (never ``tag`` or
+    ``protect``); returns the deleted tags."""
+    family = set(read_state(ckpt_dir, tag).get("ancestors", [])) | {tag}
+    ours = [t for t in list_tags(ckpt_dir) if t in family]
+    doomed = [t for t in ours[:-keep_last] if t not in (tag, protect)]
+    for old in doomed:
+        shutil.rmtree(ckpt_dir / old, ignore_errors=True)
+        shutil.rmtree(ckpt_dir / f"{old}{UNIVERSAL_SUFFIX}", ignore_errors=True)
+    return doomed
 
 
 def save(engine, ckpt_dir: Path, step: int, client_state: dict[str, Any], meta: dict[str, Any],
-         keep_last: int, rank: int) -> str:
-    """Write tag ``step`` on every rank, then (rank 0) move ``latest`` and prune old tags."""
-    barrier = torch.distributed.barrier
+         keep_last: int, rank: int, parent: str | None = None, protect: str | None = None,
+         fail: bool = False) -> str:
+    """Write tag ``step`` on every rank (crash-safe, see the module docstring), then (rank 0) move
+    ``latest`` and rotate. ``parent``: the tag this run resumed from or last saved (the lineage);
+    ``protect``: the tag this job resumed from (never rotated away). ``fail`` injects ENOSPC after the
+    files are written (tests)."""
     tag = tag_for(step)
-    # universal_checkpoint_info lets DeepSpeed's ds_to_universal convert the tag for a resize
-    engine.save_checkpoint(str(ckpt_dir), tag=tag, client_state={**client_state, "universal_checkpoint_info": {}},
-                           save_latest=False)
-    torch.save(rng_state(), ckpt_dir / tag / f"rng_rank{rank}.pt")
-    barrier()
+    partial = ckpt_dir / f"{tag}{PARTIAL_SUFFIX}"
+    error: OSError | None = None
+    try:
+        if rank == 0:
+            ckpt_dir.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(partial, ignore_errors=True)  # left by a crash
+        torch.distributed.barrier()
+        # universal_checkpoint_info lets DeepSpeed's ds_to_universal convert the tag for a resize
+        engine.save_checkpoint(str(ckpt_dir), tag=partial.name,
+                               client_state={**client_state, "universal_checkpoint_info": {}}, save_latest=False)
+        torch.save(rng_state(), partial / f"rng_rank{rank}.pt")
+        if fail:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(partial))
+        fsync_tree(partial)
+    except OSError as e:
+        error = e
+    if not _agree_failed(error is not None) and rank == 0:
+        try:
+            _commit(ckpt_dir, tag, partial, meta, step, parent)
+        except OSError as e:
+            error = e
+    if _agree_failed(error is not None):
+        if rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+        torch.distributed.barrier()
+        raise _save_error(ckpt_dir, tag, error)
     if rank == 0:
-        atomic_write(ckpt_dir / tag / STATE_FILE, json.dumps({**meta, "step": step}, indent=2))
-        atomic_write(ckpt_dir / "latest", tag)
-        for old in list_tags(ckpt_dir)[:-keep_last]:
-            if old != tag:
-                shutil.rmtree(ckpt_dir / old, ignore_errors=True)
-                shutil.rmtree(ckpt_dir / f"{old}{UNIVERSAL_SUFFIX}", ignore_errors=True)
-    barrier()
+        rotate(ckpt_dir, tag, keep_last, protect)
+    torch.distributed.barrier()
     return tag
+
+
+def _commit(ckpt_dir: Path, tag: str, partial: Path, meta: dict[str, Any], step: int, parent: str | None) -> None:
+    """Rank 0: state file, rename into place, ``latest`` — each durable before the next."""
+    tags = list_tags(ckpt_dir)
+    seq = max((_order(ckpt_dir, t)[0] for t in tags), default=-1) + 1
+    state = {**meta, "step": step, "seq": seq, "parent": parent, "ancestors": lineage(ckpt_dir, parent)}
+    atomic_write(partial / STATE_FILE, json.dumps(state, indent=2))
+    final, replaced = ckpt_dir / tag, ckpt_dir / f"{tag}{REPLACED_SUFFIX}"
+    if final.exists():  # a complete tag of the same step (another lineage): never overwrite it in place
+        shutil.rmtree(replaced, ignore_errors=True)
+        os.replace(final, replaced)
+    os.replace(partial, final)
+    fsync_dir(ckpt_dir)
+    atomic_write(ckpt_dir / "latest", tag)
+    shutil.rmtree(replaced, ignore_errors=True)
 
 
 def check_compatible(saved: dict[str, Any], meta: dict[str, Any], where: Path) -> None:
@@ -163,23 +313,38 @@ def load(engine, ckpt_dir: Path, tag: str, rank: int, universal: bool = False) -
     """Load tag into ``engine``; restore this rank's RNG (fresh ranks after a resize keep their seed).
     With ``universal`` the engine was built with ``checkpoint.load_universal`` for a world-size change."""
     load_tag = universal_tag(ckpt_dir, tag, rank) if universal else tag
-    _, client_state = engine.load_checkpoint(str(ckpt_dir), tag=load_tag, load_optimizer_states=True,
-                                             load_lr_scheduler_states=False)
+    try:
+        _, client_state = engine.load_checkpoint(str(ckpt_dir), tag=load_tag, load_optimizer_states=True,
+                                                 load_lr_scheduler_states=False)
+        rng_file = ckpt_dir / tag / f"rng_rank{rank}.pt"
+        if rng_file.is_file():
+            set_rng_state(torch.load(rng_file, weights_only=False))
+    except Exception as e:  # a truncated or damaged file: DeepSpeed and torch raise many kinds
+        raise unreadable(ckpt_dir, tag, e) from e
     if client_state is None:
         raise CheckpointError(f"{ckpt_dir / tag}: DeepSpeed could not load it (see the log above)")
-    rng_file = ckpt_dir / tag / f"rng_rank{rank}.pt"
-    if rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=False))
     return client_state
+
+
+def unreadable(ckpt_dir: Path, tag: str, error: BaseException) -> CheckpointError:
+    """The one-line error for a tag whose files cannot be read, naming the steps that still exist."""
+    what = str(error).splitlines()[0][:200] if str(error) else type(error).__name__
+    return CheckpointError(
+        f"checkpoint {ckpt_dir / tag} is truncated or corrupt ({what}): load another step with --step N "
+        f"(steps available: {available_steps(ckpt_dir, but=tag)}), or move it aside to resume from the one before"
+    )
 
 
 def consolidated_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]:
     """Full fp32 model weights from a tag, whatever the ZeRO stage (0: the saved module; 1-3: merged
     from the partitioned optimizer states by DeepSpeed's zero_to_fp32)."""
     stage = read_state(ckpt_dir, tag)["config"]["distributed"]["zero_stage"]
-    if stage == 0:
-        return torch.load(ckpt_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu",
-                          weights_only=False)["module"]
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    try:
+        if stage == 0:
+            return torch.load(ckpt_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu",
+                              weights_only=False)["module"]
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-    return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+    except Exception as e:  # a truncated or damaged file: torch and DeepSpeed raise many kinds
+        raise unreadable(ckpt_dir, tag, e) from e

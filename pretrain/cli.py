@@ -26,7 +26,7 @@ SUBCOMMAND_MODULES = [
 ]
 
 # Bad input (config typos, missing files, corrupt data) surfaces as these; they print as one line.
-USER_ERRORS = (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, RuntimeError)
+USER_ERRORS = (ValueError, OSError, RuntimeError)  # OSError covers missing files, full disks, permissions
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -17,6 +17,9 @@ def _config(args: argparse.Namespace):
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from pretrain.runlock import exit_with_launcher
+
+    exit_with_launcher()  # first: no orphaned worker may write to the run
     from pretrain.trainer import train
 
     return train(_config(args))

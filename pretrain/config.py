@@ -14,14 +14,14 @@ from typing import Any, Literal
 import yaml
 
 from models.config import PRESETS, ModelConfig
-from models.typed_config import ConfigError, _suggest, apply_overrides, from_dict, load_yaml, to_dict
+from models.typed_config import ConfigError, _suggest, apply_overrides, bounded, from_dict, load_yaml, to_dict
 
 
 @dataclass
 class RunConfig:
     name: str = "run"
     out_dir: str = "runs"  # the run directory is out_dir/name
-    seed: int = 1234
+    seed: int = bounded(1234, ge=0)
 
     @property
     def dir(self) -> Path:
@@ -32,29 +32,22 @@ class RunConfig:
 class DataConfig:
     path: str = "data/shakespeare"  # a folder written by `polar prepare`
     tokenizer: str | None = None  # checked against the data's fingerprint when given
-    seq_len: int = 1024
-    micro_batch_size: int = 8  # sequences per process per micro-step
-    global_batch_size: int = 64  # sequences per optimizer step (all processes, all micro-steps)
+    seq_len: int = bounded(1024, gt=0)
+    micro_batch_size: int = bounded(8, gt=0)  # sequences per process per micro-step
+    global_batch_size: int = bounded(64, gt=0)  # sequences per optimizer step (all processes, all micro-steps)
     verify_checksums: bool = False  # sha256 every shard at start (slow for large data)
-
-    def __post_init__(self):
-        for k in ("seq_len", "micro_batch_size", "global_batch_size"):
-            if getattr(self, k) <= 0:
-                raise ConfigError(f"data.{k} must be > 0, got {getattr(self, k)}")
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 3e-3  # peak learning rate
-    min_lr_ratio: float = 0.1  # floor = lr * min_lr_ratio
-    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
-    eps: float = 1e-8
-    weight_decay: float = 0.1  # not applied to norms, biases, A_log, D
-    grad_clip: float = 1.0
+    lr: float = bounded(3e-3, gt=0)  # peak learning rate
+    min_lr_ratio: float = bounded(0.1, ge=0, le=1)  # floor = lr * min_lr_ratio
+    betas: list[float] = bounded(default_factory=lambda: [0.9, 0.95], ge=0, lt=1)
+    eps: float = bounded(1e-8, gt=0)
+    weight_decay: float = bounded(0.1, ge=0)  # not applied to norms, biases, A_log, D
+    grad_clip: float = bounded(1.0, ge=0)  # 0: no clipping
 
     def __post_init__(self):
-        if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1:
-            raise ConfigError("optim.lr must be > 0 and optim.min_lr_ratio in [0, 1]")
         if len(self.betas) != 2:
             raise ConfigError(f"optim.betas must have two values, got {self.betas}")
 
@@ -62,18 +55,16 @@ class OptimConfig:
 @dataclass
 class ScheduleConfig:
     kind: Literal["cosine", "wsd", "constant"] = "cosine"
-    steps: int | None = None  # explicit optimizer steps; else derived from tokens
-    tokens: int | None = None  # explicit token budget; else tokens_per_param x params (Chinchilla)
-    tokens_per_param: float = 20.0
-    warmup_steps: int | None = None  # default: warmup_fraction of the steps
-    warmup_fraction: float = 0.01
-    decay_fraction: float = 0.2  # WSD: the final fraction of steps that decays to the floor
+    steps: int | None = bounded(None, gt=0)  # explicit optimizer steps; else derived from tokens
+    tokens: int | None = bounded(None, gt=0)  # explicit token budget; else tokens_per_param x params (Chinchilla)
+    tokens_per_param: float = bounded(20.0, gt=0)
+    warmup_steps: int | None = bounded(None, ge=0)  # default: warmup_fraction of the steps
+    warmup_fraction: float = bounded(0.01, ge=0, lt=1)
+    decay_fraction: float = bounded(0.2, gt=0, le=1)  # WSD: the final fraction of steps that decays to the floor
 
     def __post_init__(self):
-        if self.steps is not None and self.steps <= 0:
-            raise ConfigError(f"schedule.steps must be > 0, got {self.steps}")
-        if not 0 <= self.warmup_fraction < 1 or not 0 < self.decay_fraction <= 1:
-            raise ConfigError("schedule.warmup_fraction must be in [0, 1) and decay_fraction in (0, 1]")
+        if self.steps is not None and self.warmup_steps is not None and self.warmup_steps > self.steps:
+            raise ConfigError(f"schedule.warmup_steps ({self.warmup_steps}) exceeds schedule.steps ({self.steps})")
 
 
 @dataclass
@@ -96,34 +87,31 @@ class PrecisionConfig:
 
 @dataclass
 class CheckpointConfig:
-    every: int = 500  # optimizer steps; a checkpoint is also written at the end and on SIGTERM/SIGUSR1
-    keep_last: int = 3
-
-    def __post_init__(self):
-        if self.every <= 0 or self.keep_last <= 0:
-            raise ConfigError("checkpoint.every and checkpoint.keep_last must be > 0")
+    every: int = bounded(500, gt=0)  # optimizer steps; a checkpoint is also written at the end and on SIGTERM/SIGUSR1
+    keep_last: int = bounded(3, gt=0)  # most recent tags of the run's lineage kept (docs/training.md)
 
 
 @dataclass
 class LoggingConfig:
-    every: int = 10  # steps between console/JSONL lines (JSONL gets every step when 1)
+    every: int = bounded(10, gt=0)  # steps between console/JSONL lines (JSONL gets every step when 1)
     wandb: Literal["disabled", "offline", "online"] = "disabled"
     wandb_project: str = "polar-mamba"
     progress_bar: bool = True
-    max_nonfinite_steps: int = 5  # this many non-finite steps in a row stop the run
+    max_nonfinite_steps: int = bounded(5, gt=0)  # this many non-finite steps in a row stop the run
 
 
 @dataclass
 class EvalConfig:
-    every: int = 500  # optimizer steps between validation passes (0: only at the end)
-    batches: int = 8  # micro-batches per process per validation pass
+    every: int = bounded(500, ge=0)  # optimizer steps between validation passes (0: only at the end)
+    batches: int = bounded(8, gt=0)  # micro-batches per process per validation pass
 
 
 @dataclass
 class DebugConfig:
     # Fault injection for tests: make these steps' loss NaN; send SIGTERM to rank 0 after this step.
-    inject_nonfinite_steps: list[int] = field(default_factory=list)
-    signal_at_step: int | None = None
+    inject_nonfinite_steps: list[int] = bounded(default_factory=list, gt=0)
+    signal_at_step: int | None = bounded(None, gt=0)
+    fail_save_at_step: int | None = bounded(None, gt=0)  # the checkpoint of this step fails with ENOSPC after writing its files
 
 
 @dataclass

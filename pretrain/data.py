@@ -91,6 +91,7 @@ class TokenShards:
         self.shards: list[np.ndarray] = []
         for entry in self.manifest["splits"][split]["shards"]:
             self.shards.append(self._open(entry, verify_checksums))
+        self.max_ids: list[int | None] = [e.get("max_id") for e in self.manifest["splits"][split]["shards"]]
         sizes = np.array([len(s) for s in self.shards], dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(sizes)])  # start of each shard in the stream
         self.num_tokens = int(self.offsets[-1])
@@ -118,6 +119,23 @@ class TokenShards:
     def __len__(self) -> int:
         return self.num_tokens
 
+    def shard_path(self, index: int) -> Path:
+        return self.data_dir / self.manifest["splits"][self.split]["shards"][index]["file"]
+
+    def check_vocab(self, vocab_size: int) -> None:
+        """Refuse data holding ids a ``vocab_size`` embedding cannot look up (from the manifest's max ids)."""
+        for k, max_id in enumerate(self.max_ids):
+            if max_id is not None and max_id >= vocab_size:
+                raise DataError(
+                    f"shard {self.shard_path(k)} holds token id {max_id}, outside the model's vocabulary of "
+                    f"{vocab_size}: set model.vocab_size to the tokenizer's ({self.vocab_size}) or re-run polar prepare"
+                )
+
+    def locate(self, position: int) -> tuple[Path, int]:
+        """(shard file, token offset in it) of stream position ``position``."""
+        k = int(np.searchsorted(self.offsets, position, side="right")) - 1
+        return self.shard_path(k), position - int(self.offsets[k])
+
     def read(self, start: int, length: int) -> np.ndarray:
         """Tokens ``[start, start + length)`` of the stream (a view when inside one shard)."""
         k = int(np.searchsorted(self.offsets, start, side="right")) - 1
@@ -136,10 +154,14 @@ class TokenShards:
 
 @dataclass(frozen=True)
 class PackedDataset:
-    """Non-overlapping windows of ``seq_len + 1`` tokens over a split, in a seeded order per epoch."""
+    """Non-overlapping windows of ``seq_len + 1`` tokens over a split, in a seeded order per epoch.
+
+    With ``vocab_size`` every window read is checked (a max over the window: cheap) so a shard damaged
+    after prepare, with its size unchanged, fails naming the shard and offset instead of an IndexError."""
 
     tokens: TokenShards
     seq_len: int
+    vocab_size: int | None = None
 
     def __post_init__(self) -> None:
         if self.seq_len < 1:
@@ -157,7 +179,16 @@ class PackedDataset:
 
     def window(self, index: int) -> np.ndarray:
         """Window ``index`` in stream order: tokens ``[index*seq_len, (index+1)*seq_len]`` (inclusive)."""
-        return self.tokens.read(index * self.seq_len, self.seq_len + 1)
+        start = index * self.seq_len
+        w = self.tokens.read(start, self.seq_len + 1)
+        if self.vocab_size is not None and len(w) and int(w.max()) >= self.vocab_size:
+            bad = int(np.argmax(w >= self.vocab_size))
+            shard, offset = self.tokens.locate(start + bad)
+            raise DataError(
+                f"shard {shard} is corrupt: token id {int(w[bad])} at token offset {offset} is outside the "
+                f"vocabulary of {self.vocab_size}: re-run polar prepare --out {self.tokens.data_dir} --force"
+            )
+        return w
 
     def permutation(self, seed: int, epoch: int) -> np.ndarray:
         """The visiting order of epoch ``epoch``: a new permutation per epoch, the same on every rank."""

@@ -9,12 +9,15 @@ dropped first, so the file has every step exactly once.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import uuid
 from pathlib import Path
 from typing import Any
 
 from models.config import ModelConfig
+
+log = logging.getLogger(__name__)
 
 # Dense peak FLOP/s per device, (bf16, fp32). Matched by substring of torch.cuda.get_device_name().
 PEAK_FLOPS = {
@@ -69,10 +72,19 @@ def peak_flops(device_name: str, dtype: str) -> float | None:
 
 
 def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
+    """The records of a JSONL file; a torn line (a crash mid-write) is dropped with a warning, never fatal."""
     p = Path(path)
     if not p.is_file():
         return []
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    records = []
+    for n, line in enumerate(p.read_text(errors="replace").splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            log.warning("%s line %d is torn or corrupt (a crash mid-write?): dropped", p, n)
+    return records
 
 
 class MetricsSink:

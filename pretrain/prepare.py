@@ -61,11 +61,13 @@ class ShardWriter:
         self._file = open(self.out / name, "wb")  # noqa: SIM115 - closed in _close
         self._hash = hashlib.sha256()
         self._count = 0
-        self.shards.append({"file": name, "tokens": 0, "sha256": ""})
+        self._max_id = -1
+        self.shards.append({"file": name, "tokens": 0, "sha256": "", "max_id": -1})
 
     def _close(self) -> None:
         self._file.close()
-        self.shards[-1].update(tokens=self._count, sha256=self._hash.hexdigest())
+        # max_id lets the trainer refuse data a model's vocabulary cannot embed before it starts
+        self.shards[-1].update(tokens=self._count, sha256=self._hash.hexdigest(), max_id=self._max_id)
         self._file = None
 
     def write(self, tokens: np.ndarray) -> None:
@@ -77,6 +79,7 @@ class ShardWriter:
             self._file.write(data)
             self._hash.update(data)
             self._count += len(take)
+            self._max_id = max(self._max_id, int(take.max()))
             tokens = tokens[len(take) :]
             if self._count == self.shard_tokens:
                 self._close()

@@ -6,10 +6,14 @@ files, per-rank RNG beside them. The loader's position is ``consumed_samples``; 
 pure function of the step. So a run stopped at step k and resumed takes the same steps, bit for bit, as
 one that never stopped.
 
+One writer per run: rank 0 holds ``RUN/train.lock`` (pretrain/runlock.py) for the life of the job, and
+everything that can be validated (config, data, vocabulary, checkpoint compatibility, metrics) is checked
+before anything in the run directory is written.
+
 Exit codes: 0 done; :data:`EXIT_PREEMPTED` after a SIGTERM/SIGUSR1 checkpoint (requeue to resume);
 :data:`EXIT_NONFINITE` when ``logging.max_nonfinite_steps`` non-finite steps came in a row (the last good
-checkpoint is left as it was). ``RUN/status.json`` records the same outcome for launchers (torchrun
-reports any non-zero worker exit as 1).
+checkpoint is left as it was); 2 for bad input, a held lock or a failed save (one line on stderr).
+``RUN/status.json`` records the outcome for launchers (torchrun reports any non-zero worker exit as 1).
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ from pretrain.config import TrainConfig
 from pretrain.data import DistributedSampleLoader, PackedDataset, TokenShards
 from pretrain.engine import build_engine, grad_accumulation_steps, init_distributed, set_lr
 from pretrain.metrics import MetricsSink, loss_summary, peak_flops, plot_loss, train_flops_per_token
+from pretrain.runlock import RunLock
 from pretrain.schedule import lr_at, make_budget
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: checkpointed after a signal; run again to resume
@@ -56,6 +61,7 @@ class Trainer:
         self.is_main = self.env.rank == 0
         self.run_dir = cfg.run.dir
         self.ckpt_dir = self.run_dir / "checkpoints"
+        self.lock = self._lock_run()
         torch.manual_seed(cfg.run.seed)
 
         expected_fp = None
@@ -69,7 +75,8 @@ class Trainer:
                 f"model.vocab_size={cfg.model.vocab_size} is smaller than the data's tokenizer vocabulary "
                 f"({train_tokens.vocab_size}): set model.vocab_size to {train_tokens.vocab_size}"
             )
-        self.train_data = PackedDataset(train_tokens, cfg.data.seq_len)
+        train_tokens.check_vocab(cfg.model.vocab_size)
+        self.train_data = PackedDataset(train_tokens, cfg.data.seq_len, cfg.model.vocab_size)
         self.val_data = self._val_dataset(expected_fp)
         manifest = Path(cfg.data.path) / "manifest.json"
         self.meta = {
@@ -80,7 +87,9 @@ class Trainer:
             "hardware": f"{self.env.world_size} x "
                         f"{torch.cuda.get_device_name() if self.env.device.type == 'cuda' else 'CPU process'}",
         }
-        resume_tag = ckpt.latest_tag(self.ckpt_dir)
+        resume_tag = ckpt.resume_tag(self.ckpt_dir) if self.is_main else None
+        resume_tag = self._broadcast(resume_tag)  # one decision, logged once
+        self.resume_from = self.last_tag = resume_tag
         resize = False
         if resume_tag is not None:  # refuse before anything is built or written
             saved = ckpt.read_state(self.ckpt_dir, resume_tag)
@@ -102,21 +111,48 @@ class Trainer:
             self.state = TrainState(**client["trainer"])
             self.loader.load_state_dict({"consumed_samples": self.state.consumed_samples, "seed": cfg.run.seed})
             self._print(f"resumed from {self.ckpt_dir / resume_tag} (step {self.state.step})")
+        # everything is validated and loaded: only now is the run directory written
         if self.is_main:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
+            self.lock.record()
         self.metrics = MetricsSink(self.run_dir, cfg.to_dict(), cfg.logging.wandb, cfg.logging.wandb_project,
                                    self.state.step, enabled=self.is_main)
+        if self.is_main:
+            ckpt.atomic_write(self.run_dir / "config.yaml", cfg.to_yaml())
         self.flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len)
         device_name = torch.cuda.get_device_name() if self.env.device.type == "cuda" else "cpu"
         self.peak = peak_flops(device_name, cfg.precision.dtype)
         self._signal: int | None = None  # set by the handler on this rank
         self._stop = False  # set identically on every rank from the all-reduced signal flags
 
+    def _lock_run(self) -> RunLock | None:
+        """Rank 0 takes the run lock; every rank fails with the holder named when it is taken."""
+        lock, error = None, ""
+        if self.is_main:
+            try:
+                lock = RunLock(self.run_dir).acquire()
+            except RuntimeError as e:
+                error = str(e)
+        error = self._broadcast(error)
+        if error:
+            raise RuntimeError(error)
+        return lock
+
+    def _broadcast(self, value):
+        """Rank 0's ``value`` on every rank."""
+        box = [value]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
     def _val_dataset(self, expected_fp: str | None) -> PackedDataset | None:
         try:
-            return PackedDataset(TokenShards(self.cfg.data.path, "val", expected_fp), self.cfg.data.seq_len)
-        except ValueError as e:  # no val split, or shorter than one window
+            tokens = TokenShards(self.cfg.data.path, "val", expected_fp)
+        except ValueError as e:  # no val split
+            log.warning("no validation: %s", e)
+            return None
+        tokens.check_vocab(self.cfg.model.vocab_size)
+        try:
+            return PackedDataset(tokens, self.cfg.data.seq_len, self.cfg.model.vocab_size)
+        except ValueError as e:  # shorter than one window
             log.warning("no validation: %s", e)
             return None
 
@@ -208,8 +244,16 @@ class Trainer:
         return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
 
     def save(self) -> None:
-        ckpt.save(self.engine, self.ckpt_dir, self.state.step, self.state_dict(), self.meta,
-                  self.cfg.checkpoint.keep_last, self.env.rank)
+        """Checkpoint now; a failed save stops the run with status.json saying why (nothing is lost but
+        the steps since the previous checkpoint, which stays as it was)."""
+        try:
+            self.last_tag = ckpt.save(self.engine, self.ckpt_dir, self.state.step, self.state_dict(), self.meta,
+                                      self.cfg.checkpoint.keep_last, self.env.rank, parent=self.last_tag,
+                                      protect=self.resume_from,
+                                      fail=self.state.step == self.cfg.debug.fail_save_at_step)
+        except ckpt.CheckpointSaveError as e:
+            self._write_status("save_failed", reason=str(e))
+            raise
 
     def fit(self) -> int:
         cfg, s = self.cfg, self.state
@@ -269,11 +313,15 @@ class Trainer:
         self._final_report()
         return 0
 
-    def _write_status(self, state: str) -> None:
-        """RUN/status.json: how the last invocation ended (finished | preempted | nonfinite); launchers
-        (launch/slurm/train.sbatch) read it to decide whether to requeue."""
+    def _write_status(self, state: str, reason: str | None = None) -> None:
+        """RUN/status.json: how the last invocation ended (finished | preempted | nonfinite | save_failed,
+        with the reason); launchers (launch/slurm/train.sbatch) read it to decide whether to requeue."""
         if self.is_main:
-            ckpt.atomic_write(self.run_dir / "status.json", json.dumps({"state": state, "step": self.state.step}))
+            status = {"state": state, "step": self.state.step, **({"reason": reason} if reason else {})}
+            try:
+                ckpt.atomic_write(self.run_dir / "status.json", json.dumps(status))
+            except OSError as e:  # a full disk must not hide the reason the run stopped
+                log.warning("could not write %s: %s", self.run_dir / "status.json", e)
 
     def _train_record(self, loss: float, dt: float) -> dict:
         s = self.state
@@ -333,5 +381,7 @@ def train(cfg: TrainConfig) -> int:
     finally:
         trainer.metrics.close()
         torch.distributed.barrier()
+        if trainer.lock is not None:
+            trainer.lock.release()
         torch.distributed.destroy_process_group()
 

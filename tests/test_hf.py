@@ -100,9 +100,29 @@ def test_loads_mamba_ssm_layout(tmp_path):
         torch.testing.assert_close(back(ids).logits, ours(ids).logits)
 
 
+def test_stock_checkpoint_with_an_odd_vocabulary_round_trips(tmp_path):
+    """transformers' embedding has exactly vocab_size rows: no padding to a multiple of 8 on load."""
+    vocab = int(torch.randint(300, 700, ()).item()) | 1
+    cfg = MambaConfig(vocab_size=vocab, hidden_size=48, state_size=8, num_hidden_layers=2, expand=2,
+                      conv_kernel=4, time_step_rank=5)
+    stock = MambaForCausalLM(cfg).eval()
+    stock.save_pretrained(tmp_path / "stock")
+    ours = from_pretrained(tmp_path / "stock").eval()
+    save_pretrained(ours, tmp_path / "ours")
+    back = MambaForCausalLM.from_pretrained(tmp_path / "ours").eval()
+    ids = torch.randint(0, vocab, (2, 19))
+    with torch.no_grad():
+        expected = stock(ids).logits
+        assert expected.shape[-1] == vocab
+        torch.testing.assert_close(ours(ids).logits, expected, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(back(ids).logits, expected, rtol=1e-4, atol=1e-4)
+
+
 def test_missing_folder_and_mismatched_weights(tmp_path):
-    with pytest.raises(FileNotFoundError, match="model folder not found"):
+    with pytest.raises(FileNotFoundError, match="nope not found"):
         from_pretrained(tmp_path / "nope")
+    with pytest.raises(FileNotFoundError, match="not found: no such local folder, and the Hub"):
+        from_pretrained("no-such-org/no-such-model")  # offline in the tests: the Hub cannot answer
     save_pretrained(perturbed_model(), tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
     cfg["polar_mamba"]["polarize"]["ones"] = 1
