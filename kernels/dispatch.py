@@ -102,7 +102,7 @@ def choose_backend(device: torch.device | str = "cpu", op: str = "selective_scan
 def _announce(op: str, backend: str) -> None:
     if (op, backend) not in _announced:
         _announced.add((op, backend))
-        log.info("kernel backend for %s: %s", op, backend)
+        log.debug("kernel backend for %s: %s", op, backend)  # console noise otherwise; `polar -v` shows it
 
 
 def _backend(op: str, device: torch.device) -> str:

@@ -6,7 +6,8 @@ import argparse
 from pathlib import Path
 
 EXIT_CODES = "Exit codes: 0 done, 75 checkpointed after SIGTERM/SIGUSR1 (run again to resume), 3 stopped " \
-             "after repeated non-finite losses."
+             "after repeated non-finite losses, 2 bad input, another trainer holding the run, or a failed save " \
+             "(one line on stderr; RUN/status.json says why)."
 
 
 def _config(args: argparse.Namespace):

@@ -375,7 +375,12 @@ class Trainer:
 
 
 def train(cfg: TrainConfig) -> int:
-    trainer = Trainer(cfg)
+    try:
+        trainer = Trainer(cfg)
+    except BaseException:  # refused before training: leave no live process group (gloo aborts at exit)
+        if torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+        raise
     try:
         return trainer.fit()
     finally:
