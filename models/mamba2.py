@@ -102,6 +102,11 @@ class Mamba2Mixer(nn.Module):
                 y, state.ssm = y
         return self.out_proj(self.norm(y.reshape(b, L, -1), z))
 
+    def transitions(self, hidden: torch.Tensor) -> torch.Tensor:
+        """A_t = exp(Δ_t·A) of each head's learned channels (b, L, n_heads) for mixer input ``hidden`` (diagnostics)."""
+        dt = self.in_proj(hidden)[..., -self.n_heads :].float() + self.dt_bias.float()
+        return torch.exp(F.softplus(dt) * -torch.exp(self.A_log.float()))
+
     def new_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> LayerState:
         """The last d_conv-1 inputs of the conv over (x, B, C) and the SSD state (b, heads, head_dim, N_total)."""
         return LayerState(

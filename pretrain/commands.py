@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 EXIT_CODES = "Exit codes: 0 done, 75 checkpointed after SIGTERM/SIGUSR1 (run again to resume), 3 stopped " \
@@ -39,7 +40,9 @@ def run_export(args: argparse.Namespace) -> int:
     from pretrain.export import export
 
     out = export(args.run, args.out or Path(args.run) / "export", args.step, args.force)
-    print(f"exported {args.run} -> {out} (loads with transformers.MambaForCausalLM.from_pretrained)")
+    arch = json.loads((out / "config.json").read_text())["architectures"][0]  # a polarized Mamba-2 is not stock
+    loads = "polar-mamba's models.hf" if arch.startswith("Polar") else f"transformers.{arch}"
+    print(f"exported {args.run} -> {out} (loads with {loads}.from_pretrained)")
     return 0
 
 
