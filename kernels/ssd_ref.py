@@ -3,7 +3,7 @@ chunked algorithm (the CPU path), one decode step, and the polarized channels ar
 
 Per head h (one scalar decay A_h < 0 for all its state channels), head channel p and state channel n:
 
-    a_t = exp(Δ_t · A_h),   h_t[p, n] = a_t · h_{t-1}[p, n] + Δ_t · x_t[p] · B_t[n],   y_t[p] = <C_t, h_t[p]> + D_h · x_t[p]
+    a_t = exp(Δ_t·A_h),   h_t[p, n] = a_t·h_{t-1}[p, n] + Δ_t·x_t[p]·B_t[n],   y_t[p] = <C_t, h_t[p]> + D_h·x_t[p]
 
 B and C are shared by the heads of a group (``n_groups`` groups of n_heads / n_groups consecutive heads).
 
@@ -130,8 +130,9 @@ def polarized_ssd(core, x, dt, A, B, C, D=None, dt_bias=None, dt_softplus=False,
         # (b, L, g, [r, p] or n) -> (b·g, r·p or n, L): a group's heads share B and C like Mamba-1's channels
         as_channels = lambda t: t.reshape(b, L, g, -1).permute(0, 2, 3, 1).reshape(b * g, -1, L)
         w = as_channels(dt[..., None] * xf)
-        dy, h_ones, h_zeros = polar_channel_terms(w, as_channels(Bf[..., :n_ones]), as_channels(Cf[..., :n_ones]),
-                                                  as_channels(Bf[..., n_ones + N :]), as_channels(Cf[..., n_ones + N :]))
+        ones, zeros = slice(0, n_ones), slice(n_ones + N, n_total)
+        dy, h_ones, h_zeros = polar_channel_terms(w, as_channels(Bf[..., ones]), as_channels(Cf[..., ones]),
+                                                  as_channels(Bf[..., zeros]), as_channels(Cf[..., zeros]))
         y = y + dy.reshape(b, g, -1, L).permute(0, 3, 1, 2).reshape(b, L, h, p)
         heads = lambda s: s.reshape(b, h, p, -1)  # (b·g, r·p, k) -> (b, h, p, k)
         h_ones = heads(h_ones)

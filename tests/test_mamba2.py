@@ -65,7 +65,8 @@ def test_polar_channels_with_zero_b_columns_are_the_baseline():
     learned = torch.zeros(g, n, dtype=torch.bool)
     learned[:, 1 : 1 + N] = True
     keep_xbc = torch.cat([torch.ones(di, dtype=torch.bool), learned.flatten(), learned.flatten()])
-    keep_in = torch.cat([torch.ones(di, dtype=torch.bool), keep_xbc, torch.ones(polar.config.n_heads, dtype=torch.bool)])
+    n_heads = polar.config.n_heads
+    keep_in = torch.cat([torch.ones(di, dtype=torch.bool), keep_xbc, torch.ones(n_heads, dtype=torch.bool)])
     sd = {}
     for name, t in polar.state_dict().items():
         if name.endswith("mixer.in_proj.weight"):
