@@ -122,3 +122,20 @@ def test_mqar_cli_trains_a_mamba2_cell(tmp_path):
     assert main(["mqar", "train", "configs/mqar/mamba2-cpu.yaml", "--variant", "both", "--layers", "2",
                  *overrides]) == 0
     assert "| both | 2 |" in (tmp_path / "mqar-mamba2-cpu" / "results.md").read_text()
+
+
+@pytest.mark.parametrize("preset", ["mamba2-tiny", "mamba2-tiny-polar", "mamba-tiny-polar"])
+def test_model_card_names_the_class_that_loads_it(tmp_path, preset):
+    from models.typed_config import to_dict
+    from pretrain.config import build_config
+    from pretrain.model_card import render_card
+
+    cfg = build_config({"model": {"preset": preset}, "data": {"path": str(tmp_path / "data")},
+                        "schedule": {"steps": 4}})
+    card = render_card("org/m2", {"config": to_dict(cfg), "step": 4}, tmp_path, 89_136, {}, "apache-2.0", "cpu")
+    if preset == "mamba-tiny-polar":  # Mamba-1 exports stay stock-loadable
+        assert "polarized Mamba:" in card and "MambaForCausalLM.from_pretrained" in card and "exactly 1 and 0" in card
+    elif preset.endswith("polar"):
+        assert "polarized Mamba-2" in card and "cannot load it" in card and "Mamba2ForCausalLM" not in card
+    else:
+        assert "baseline Mamba-2" in card and "Mamba2ForCausalLM.from_pretrained" in card
