@@ -160,6 +160,8 @@ def config_from_json(data: dict[str, Any]) -> ModelConfig:
         })
     if "d_model" in data and "n_layer" in data:  # mamba_ssm's MambaConfig
         ssm_cfg = data.get("ssm_cfg") or {}
+        if ssm_cfg.get("layer") == "Mamba2":
+            return hf_mamba2.config_from_mamba_ssm(data)
         if ssm_cfg.get("layer", "Mamba1") != "Mamba1":
             raise ConfigError(f"only Mamba-1 checkpoints are supported, got ssm_cfg.layer={ssm_cfg['layer']!r}")
         ssm = {k: ssm_cfg[k] for k in ("d_state", "d_conv", "expand", "dt_rank") if k in ssm_cfg}

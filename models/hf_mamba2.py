@@ -4,7 +4,8 @@ models and configs here and keeps the folder format (config.json + safetensors, 
 
 A baseline Mamba2LM's state dict *is* transformers' layout (models/mamba2.py), so it exports as a stock
 ``mamba2`` checkpoint (head tied, vocabulary as padded) and stock checkpoints import with their exact
-vocabulary (``pad_vocab_size_multiple: 1``).
+vocabulary (``pad_vocab_size_multiple: 1``). mamba_ssm's Mamba-2 checkpoints (``ssm_cfg.layer: Mamba2``) use
+the same names (``backbone.embedding.weight`` aside) and import too.
 
 A polarized one cannot be a stock checkpoint: transformers' Mamba-2 has one decay per head for all its
 state channels, while a polarized head has channels that never decay (A_t ≡ 1) and channels that keep no
@@ -95,13 +96,16 @@ def from_hf_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
     return out
 
 
-def config_from_json(data: dict[str, Any]) -> ModelConfig:
-    """Our ModelConfig from a stock transformers ``Mamba2Config`` (its exact vocabulary: no padding)."""
-    limit = data.get("time_step_limit", (0.0, math.inf))
+def _refuse_dt_clamp(name: str, limit) -> None:
     # transformers 5 writes non-finite floats as {"__float__": "Infinity"} (JSON has no inf)
     if tuple(float(v["__float__"] if isinstance(v, dict) else v) for v in limit) != (0.0, math.inf):
-        raise ConfigError(f"Mamba-2 time_step_limit {limit} clamps Δ; polar-mamba's Mamba-2 does not clamp "
+        raise ConfigError(f"Mamba-2 {name} {limit} clamps Δ; polar-mamba's Mamba-2 does not clamp "
                           "(only the default (0, inf) loads)")
+
+
+def config_from_json(data: dict[str, Any]) -> ModelConfig:
+    """Our ModelConfig from a stock transformers ``Mamba2Config`` (its exact vocabulary: no padding)."""
+    _refuse_dt_clamp("time_step_limit", data.get("time_step_limit", (0.0, math.inf)))
     hidden, expand = data["hidden_size"], data.get("expand", 2)
     if data.get("num_heads", 128) * data.get("head_dim", 64) != hidden * expand:
         raise ConfigError("Mamba-2 config: num_heads x head_dim must equal expand x hidden_size")
@@ -116,4 +120,22 @@ def config_from_json(data: dict[str, Any]) -> ModelConfig:
         "vocab_size": data["vocab_size"], "pad_vocab_size_multiple": 1,
         "norm_eps": data.get("layer_norm_epsilon", 1e-5), "residual_in_fp32": data.get("residual_in_fp32", True),
         "ssm": ssm,
+    })
+
+
+def config_from_mamba_ssm(data: dict[str, Any]) -> ModelConfig:
+    """Our ModelConfig from mamba_ssm's ``MambaConfig`` with ``ssm_cfg.layer: Mamba2`` (the state-spaces/mamba2-*
+    checkpoints: the same parameter names, ``backbone.embedding.weight``); its options beyond ours are refused."""
+    s = data.get("ssm_cfg") or {}
+    _refuse_dt_clamp("ssm_cfg.dt_limit", s.get("dt_limit", (0.0, math.inf)))
+    extra = {k: s[k] for k in ("d_ssm", "D_has_hdim", "norm_before_gate") if s.get(k)}
+    if extra or not s.get("rmsnorm", True):
+        raise ConfigError(f"mamba_ssm Mamba2 options {extra or {'rmsnorm': False}} have no polar-mamba equivalent")
+    ssm = {"d_state": s.get("d_state", 128), "d_conv": s.get("d_conv", 4), "expand": s.get("expand", 2),
+           "head_dim": s.get("headdim", 64), "n_groups": s.get("ngroups", 1), "chunk_size": s.get("chunk_size", 256),
+           "conv_bias": s.get("conv_bias", True), "proj_bias": s.get("bias", False)}
+    return ModelConfig.from_dict({
+        "arch": "mamba2", "d_model": data["d_model"], "n_layer": data["n_layer"], "vocab_size": data["vocab_size"],
+        "pad_vocab_size_multiple": data.get("pad_vocab_size_multiple", 8),
+        "residual_in_fp32": data.get("residual_in_fp32", True), "ssm": ssm,
     })

@@ -83,3 +83,24 @@ def test_untied_stock_head_is_refused(tmp_path):
     theirs.save_pretrained(tmp_path)
     with pytest.raises(ConfigError, match="untied lm_head"):
         from_pretrained(tmp_path)
+
+
+def test_loads_mamba_ssm_mamba2_layout(tmp_path):
+    """mamba_ssm's folder (config.json with ssm_cfg.layer Mamba2, pytorch_model.bin, backbone.embedding)."""
+    ours = perturbed()
+    sd = {k.replace("backbone.embeddings.", "backbone.embedding."): v for k, v in ours.state_dict().items()}
+    torch.save(sd, tmp_path / "pytorch_model.bin")
+    cfg = ours.config
+    ssm_cfg = {"layer": "Mamba2", "d_state": cfg.ssm.d_state, "headdim": cfg.ssm.head_dim,
+               "ngroups": cfg.ssm.n_groups, "chunk_size": cfg.ssm.chunk_size}
+    config = {"d_model": cfg.d_model, "n_layer": cfg.n_layer, "vocab_size": cfg.vocab_size, "ssm_cfg": ssm_cfg,
+              "rms_norm": True, "residual_in_fp32": True, "pad_vocab_size_multiple": 1}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    back = from_pretrained(tmp_path).eval()
+    ids = torch.randint(0, VOCAB, (2, 11)) % cfg.vocab_size
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, ours(ids).logits)
+    config["ssm_cfg"]["d_ssm"] = 64
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match="d_ssm"):
+        from_pretrained(tmp_path)
