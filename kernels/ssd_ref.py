@@ -41,6 +41,19 @@ def _per_head(t: torch.Tensor, n_heads: int, dim: int) -> torch.Tensor:
     return t.repeat_interleave(n_heads // t.shape[dim], dim=dim)
 
 
+def _no_autocast(fn):
+    """Run ``fn`` with autocast off: the scan is fp32 whatever the activations (bf16 AMP would otherwise turn its
+    einsums, and so the carried state, into bf16 matmuls)."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        device = next(a for a in args if isinstance(a, torch.Tensor)).device
+        with torch.autocast(device.type, enabled=False):
+            return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@_no_autocast
 def ssd_step(state, x, dt, A, B, C, D=None, dt_bias=None, dt_softplus=False, n_ones=0, n_zeros=0):
     """One recurrent step (decoding): state (b, h, p, N_total) in the compute dtype; x (b, h, p); dt (b, h);
     B, C (b, g, N_total). Returns (y (b, h, p) in x's dtype, new_state). Also builds the oracle."""
@@ -108,6 +121,7 @@ def chunked_core(x, dt, A, B, C, initial_state=None, chunk_size=256):
     return y.reshape(b, c * T, h, p)[:, :L], H.reshape(b, h, p, n)
 
 
+@_no_autocast
 def polarized_ssd(core, x, dt, A, B, C, D=None, dt_bias=None, dt_softplus=False, n_ones=0, n_zeros=0,
                   initial_state=None, return_final_state=False):
     """SSD with polarized channels around ``core(x, dt, A, B, C, initial_state) -> (y, final_state)``, a plain

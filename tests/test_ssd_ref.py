@@ -113,3 +113,17 @@ def test_dispatch_ssd_in_fp32_and_bf16(monkeypatch):
     y16, h16 = dispatch.ssd(x.bfloat16(), dt, A, B.bfloat16(), C.bfloat16(), chunk_size=4, **kw)
     assert y16.dtype == torch.bfloat16 and h16.dtype == torch.float32
     assert dispatch.describe("cpu")["ssd"] == "torch"
+
+
+def test_scan_stays_fp32_under_bf16_autocast():
+    """AMP training must not turn the SSD's einsums (and the carried state) into bf16 matmuls."""
+    x, dt, A, B, C, D, bias, h0 = [t.detach().float() for t in make_inputs(2, 21, 4, 2, 2, 3, 1, 1, True)]
+    x, B, C = x.bfloat16(), B.bfloat16(), C.bfloat16()
+    kw = dict(D=D, dt_bias=bias, dt_softplus=True, n_ones=1, n_zeros=1, initial_state=h0, return_final_state=True)
+    y, h = dispatch.ssd(x, dt, A, B, C, chunk_size=8, **kw)
+    y1, h1 = dispatch.ssd_step(h0, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D, bias, True, 1, 1)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y_amp, h_amp = dispatch.ssd(x, dt, A, B, C, chunk_size=8, **kw)
+        y1_amp, h1_amp = dispatch.ssd_step(h0, x[:, 0], dt[:, 0], A, B[:, 0], C[:, 0], D, bias, True, 1, 1)
+    assert torch.equal(y_amp, y) and torch.equal(h_amp, h) and h_amp.dtype == torch.float32
+    assert torch.equal(y1_amp, y1) and torch.equal(h1_amp, h1)
