@@ -83,7 +83,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "export",
         help="consolidate a checkpoint into a Hugging Face folder",
         description="Consolidate a training checkpoint (any ZeRO stage) into config.json + model.safetensors "
-        "(+ the tokenizer) that polar and stock transformers.MambaForCausalLM load.",
+        "(+ the tokenizer) that polar and stock transformers.MambaForCausalLM load (Mamba-2: Mamba2ForCausalLM; "
+        "a polarized Mamba-2 loads with polar only, docs/mamba2.md).",
     )
     p.add_argument("run", help="run directory (runs/NAME), its checkpoints/ folder or one checkpoint tag folder")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
@@ -95,7 +96,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "publish",
         help="publish a checkpoint to the Hugging Face Hub (model card, tokenizer, stock-transformers weights)",
         description="Consolidate a checkpoint into a Hub-ready folder — model.safetensors (sharded past 2 GB), "
-        "config.json for transformers.MambaForCausalLM, generation_config.json, the tokenizer (SentencePiece + "
+        "config.json for transformers.MambaForCausalLM (or Mamba2ForCausalLM), generation_config.json, the tokenizer (SentencePiece + "
         "Hugging Face files with identical ids) and a model card with the training facts and the run's "
         "lm-eval results (RUN/eval/) — check it, and upload it as one commit to branch stepN (like Pythia) "
         "unless --revision says otherwise. The token comes from HF_TOKEN or `huggingface-cli login`. "
