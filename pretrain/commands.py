@@ -96,7 +96,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "publish",
         help="publish a checkpoint to the Hugging Face Hub (model card, tokenizer, stock-transformers weights)",
         description="Consolidate a checkpoint into a Hub-ready folder — model.safetensors (sharded past 2 GB), "
-        "config.json for transformers.MambaForCausalLM (or Mamba2ForCausalLM), generation_config.json, the tokenizer (SentencePiece + "
+        "config.json for transformers.MambaForCausalLM (or Mamba2ForCausalLM), generation_config.json, the "
+        "tokenizer (SentencePiece + "
         "Hugging Face files with identical ids) and a model card with the training facts and the run's "
         "lm-eval results (RUN/eval/) — check it, and upload it as one commit to branch stepN (like Pythia) "
         "unless --revision says otherwise. The token comes from HF_TOKEN or `huggingface-cli login`. "
