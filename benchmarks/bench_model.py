@@ -1,4 +1,5 @@
-"""CPU throughput and peak memory: polar-mamba's MambaLM vs transformers' MambaForCausalLM, and our scans.
+"""CPU throughput and peak memory: polar-mamba's MambaLM vs transformers' MambaForCausalLM, our Mamba2LM vs
+transformers' Mamba2ForCausalLM, and our scans.
 
 What it measures (fp32, torch's default thread count, the config of the issue: d_model 256, 4 layers,
 vocab 4096, batch 4, seq 512):
@@ -11,11 +12,14 @@ vocab 4096, batch 4, seq 512):
   once the model and inputs exist. Every measurement runs in a fresh subprocess so peaks don't mix.
 * Speedups of ours over transformers (same variant) against the issue's goals: forward+backward >= 50x,
   forward >= 2x.
+* Mamba-2 (docs/mamba2.md): our ``Mamba2LM`` (baseline, N 64, heads of 64) against transformers'
+  ``Mamba2ForCausalLM`` from the same export (without mamba_ssm its PyTorch chunked SSD), time and peak
+  memory as ratios (transformers / ours); no goal: both run the chunked algorithm.
 * Scans: ``kernels.scan_ref.selective_scan_chunked`` vs the ``selective_scan_sequential`` oracle on that
   config's scan shapes (batch 4, d_inner 512, seq 512, N 16, and 1 + 16 + 1 polarized), fwd and fwd+bwd.
 
 Prints markdown tables and writes benchmarks/results/bench_model.{json,md} (``--quick``: *_quick.*).
-Run: HF_HUB_OFFLINE=1 PYTHONPATH=. .venv/bin/python benchmarks/bench_model.py [--quick]
+Run: HF_HUB_OFFLINE=1 PYTHONPATH=. .venv/bin/python benchmarks/bench_model.py [--quick] [--variants mamba2]
 """
 
 from __future__ import annotations
@@ -40,7 +44,12 @@ sys.path.insert(0, str(ROOT))  # so `models` and `kernels` import without PYTHON
 RESULTS = ROOT / "benchmarks" / "results"
 ISSUE_HF_SECONDS = {"fwd": 0.86, "fwdbwd": 120.0}  # transformers' fallback, measured in the issue
 GOALS = {"fwd": 2.0, "fwdbwd": 50.0}  # required speedup of ours over transformers
-VARIANTS = {"baseline": {}, "polar": {"polarize.ones": 1, "polarize.zeros": 1}}
+VARIANTS = {  # name -> (preset, overrides); d_model, n_layer and vocab come from the command line
+    "baseline": ("mamba-tiny", {}),
+    "polar": ("mamba-tiny", {"polarize.ones": 1, "polarize.zeros": 1}),
+    "mamba2": ("mamba2-tiny", {"ssm.d_state": 64, "ssm.head_dim": 64, "ssm.chunk_size": 256}),
+}
+GOAL_VARIANTS = ("baseline", "polar")  # the speedup goals are Mamba-1's (transformers' per-token loop)
 
 
 # Measurement (runs inside a worker subprocess) ---------------------------------------------------
@@ -69,9 +78,9 @@ def _model_fn(spec: dict):
     if spec["impl"] == "ours":
         model = from_pretrained(spec["dir"])
     else:
-        from transformers import MambaForCausalLM
+        from transformers import AutoModelForCausalLM  # MambaForCausalLM or Mamba2ForCausalLM, from config.json
 
-        model = MambaForCausalLM.from_pretrained(spec["dir"], dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(spec["dir"], dtype=torch.float32)
     g = torch.Generator().manual_seed(0)
     ids = torch.randint(0, spec["vocab"], (spec["batch"], spec["seq"] + 1), generator=g)
     inputs, labels = ids[:, :-1], ids[:, 1:]
@@ -153,20 +162,20 @@ def machine_info() -> dict:
 
 def export_models(args, tmp: Path) -> dict[str, dict]:
     """Build each variant once (seeded), save_pretrained it, and check both libraries agree on it."""
-    from transformers import MambaForCausalLM
+    from transformers import AutoModelForCausalLM
 
+    from models.build import build_model
     from models.config import ModelConfig
     from models.hf import save_pretrained
-    from models.mamba import MambaLM
 
     out = {}
-    for name, polar in VARIANTS.items():
+    for name, (preset, overrides) in VARIANTS.items():
         torch.manual_seed(0)
-        cfg = ModelConfig.preset("mamba-tiny", d_model=args.d_model, n_layer=args.n_layer, vocab_size=args.vocab,
-                                 **polar)
-        ours = MambaLM(cfg).eval()
+        cfg = ModelConfig.preset(preset, d_model=args.d_model, n_layer=args.n_layer, vocab_size=args.vocab,
+                                 **overrides)
+        ours = build_model(cfg).eval()
         folder = save_pretrained(ours, tmp / name)
-        hf = MambaForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
+        hf = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()
         ids = torch.randint(0, args.vocab, (1, 64))
         with torch.no_grad():
             diff = (ours(ids).logits - hf(input_ids=ids, use_cache=False).logits).abs().max().item()
@@ -177,12 +186,12 @@ def export_models(args, tmp: Path) -> dict[str, dict]:
 
 def bench_models(args, exports: dict) -> list[dict]:
     rows = []
-    hf_variants = ["baseline"] + (["polar"] if args.hf_polar else [])
-    plan = [("ours", v) for v in VARIANTS] + [("hf", v) for v in hf_variants]
+    hf_variants = ["baseline", "mamba2"] + (["polar"] if args.hf_polar else [])
+    plan = [("ours", v) for v in args.variants] + [("hf", v) for v in hf_variants if v in args.variants]
     for impl, variant in plan:
         row = {"impl": impl, "variant": variant}
         for mode in ("fwd", "fwdbwd"):
-            slow = impl == "hf" and mode == "fwdbwd"
+            slow = impl == "hf" and mode == "fwdbwd" and variant in GOAL_VARIANTS
             spec = {"kind": "model", "impl": impl, "mode": mode, "dir": exports[variant]["dir"], "vocab": args.vocab,
                     "batch": args.batch, "seq": args.seq,
                     "warmup": args.hf_warmup if slow else args.warmup,
@@ -193,20 +202,24 @@ def bench_models(args, exports: dict) -> list[dict]:
         rows.append(row)
     for row in rows:
         ref = next((r for r in rows if r["impl"] == "hf" and r["variant"] == row["variant"]), None)
-        ref = ref or next(r for r in rows if r["impl"] == "hf")
+        ref = ref or next(r for r in rows if r["impl"] == "hf")  # hf/baseline (listed first)
         row["vs"] = f"hf/{ref['variant']}"
         for mode in ("fwd", "fwdbwd"):
             row[mode]["tokens_per_s"] = args.batch * args.seq / row[mode]["seconds"]
             row[mode]["speedup"] = ref[mode]["seconds"] / row[mode]["seconds"]
+            row[mode]["memory_ratio"] = ref[mode]["peak_mib"] / max(row[mode]["peak_mib"], 1e-9)
             if _issue_config(args):
                 row[mode]["speedup_vs_issue"] = ISSUE_HF_SECONDS[mode] / row[mode]["seconds"]
-        row["meets_goals"] = all(row[m]["speedup"] >= GOALS[m] for m in GOALS) if row["impl"] == "ours" else None
+        goal_row = row["impl"] == "ours" and row["variant"] in GOAL_VARIANTS
+        row["meets_goals"] = all(row[m]["speedup"] >= GOALS[m] for m in GOALS) if goal_row else None
     return rows
 
 
 def bench_scans(args, exports: dict) -> list[dict]:
     rows = []
     for variant, polar in (("baseline", 0), ("polar", 1)):
+        if variant not in args.variants:
+            continue
         row = {"variant": variant}
         for impl in ("chunked", "sequential"):
             for mode in ("fwd", "fwdbwd"):
@@ -237,7 +250,7 @@ def _issue_config(args) -> bool:
 def render(args, info: dict, exports: dict, model_rows: list[dict], scan_rows: list[dict]) -> str:
     names = {"ours": "polar-mamba MambaLM", "hf": "transformers MambaForCausalLM"}
     mrows = []
-    for r in model_rows:
+    for r in (r for r in model_rows if r["variant"] in GOAL_VARIANTS):
         f, fb = r["fwd"], r["fwdbwd"]
         ours = r["impl"] == "ours"
         mrows.append([
@@ -253,36 +266,56 @@ def render(args, info: dict, exports: dict, model_rows: list[dict], scan_rows: l
         f"{r['chunked_fwdbwd']['seconds']:.4f}", f"{r['sequential_fwdbwd']['seconds']:.4f}",
         f"{r['speedup_fwdbwd']:.1f}x",
     ] for r in scan_rows]
-    ours = [r for r in model_rows if r["impl"] == "ours"]
+    ours = [r for r in model_rows if r["impl"] == "ours" and r["variant"] in GOAL_VARIANTS]
+    m2 = [r for r in model_rows if r["variant"] == "mamba2"]
+    m2rows = [[f"{'polar-mamba Mamba2LM' if r['impl'] == 'ours' else 'transformers Mamba2ForCausalLM'}",
+               *(f"{r[m][k]:.3f}" if k == "seconds" else f"{r[m][k]:.0f}" for m in ("fwd", "fwdbwd")
+                 for k in ("seconds", "peak_mib")),
+               *(f"{r[m][k]:.2f}x" for m in ("fwd", "fwdbwd") for k in ("speedup", "memory_ratio"))]
+              for r in m2]
     issue = ", ".join(f"{r['variant']} {r['fwd'].get('speedup_vs_issue', 0):.1f}x fwd / "
                       f"{r['fwdbwd'].get('speedup_vs_issue', 0):.0f}x fwd+bwd" for r in ours)
     diffs = ", ".join(f"{k} {v['max_abs_logit_diff']:.1e}" for k, v in exports.items())
-    return "\n".join([
+    header = [
         f"## Model throughput (CPU, fp32; d_model {args.d_model}, {args.n_layer} layers, vocab {args.vocab}, "
         f"batch {args.batch}, seq {args.seq})",
         "",
         f"{info['cpu']}, {info['cores']} cores, torch {info['torch']} with {info['torch_threads']} threads, "
         f"transformers {info['transformers']} (PyTorch fallback scan); load average before/after "
         f"{info['loadavg_start']:.1f}/{info['loadavg_end']:.1f}. Timed calls (median) / warm-ups: "
-        f"{args.repeat} / {args.warmup}, transformers fwd+bwd {args.hf_repeat} / {args.hf_warmup}. "
-        f"Peak = rise of peak RSS during the calls, MiB. Speedup = transformers s / ours s (same variant "
-        f"when measured, else baseline); "
+        f"{args.repeat} / {args.warmup}, transformers Mamba-1 fwd+bwd {args.hf_repeat} / {args.hf_warmup}. "
+        f"Peak = rise of peak RSS during the calls, MiB. Same weights: max |logit diff| ours vs transformers "
+        f"(seq 64): {diffs}.",
+        "",
+    ]
+    mamba1 = [
+        f"Speedup = transformers s / ours s (same variant when measured, else baseline); "
         f"goals: fwd >= {GOALS['fwd']:g}x, fwd+bwd >= {GOALS['fwdbwd']:g}x.",
         "",
         _table(["model", "fwd s", "fwd tok/s", "fwd peak MiB", "fwd+bwd s", "fwd+bwd tok/s", "fwd+bwd peak MiB",
                 "fwd speedup", "fwd+bwd speedup", "goals"], mrows),
         "",
-        (f"Vs the issue's reference (transformers {ISSUE_HF_SECONDS['fwd']} s fwd, {ISSUE_HF_SECONDS['fwdbwd']:g} s "
-         f"fwd+bwd, measured at the default config): {issue}. " if _issue_config(args) else "")
-        + f"Same weights: max |logit diff| ours vs transformers (seq 64): {diffs}.",
+    ] + ([f"Vs the issue's reference (transformers {ISSUE_HF_SECONDS['fwd']} s fwd, {ISSUE_HF_SECONDS['fwdbwd']:g} s "
+          f"fwd+bwd, measured at the default config): {issue}.", ""] if _issue_config(args) and ours else [])
+    mamba2 = [
+        f"## Mamba-2: Mamba2LM vs transformers' Mamba2ForCausalLM (same export; d_model {args.d_model}, "
+        f"{args.n_layer} layers, N {exports['mamba2']['d_state']}, batch {args.batch}, seq {args.seq})",
         "",
+        "Ratios are transformers / ours (time: > 1 means ours is faster; memory: > 1 means ours peaks lower).",
+        "",
+        _table(["model", "fwd s", "fwd peak MiB", "fwd+bwd s", "fwd+bwd peak MiB", "fwd time ratio",
+                "fwd memory ratio", "fwd+bwd time ratio", "fwd+bwd memory ratio"], m2rows),
+        "",
+    ]
+    scans = [
         f"## Selective scan: chunked vs sequential (batch {args.batch}, d_inner {exports['baseline']['d_inner']}, "
         f"seq {args.seq})",
         "",
         _table(["scan", "chunked fwd s", "sequential fwd s", "fwd speedup", "chunked fwd+bwd s",
                 "sequential fwd+bwd s", "fwd+bwd speedup"], srows),
         "",
-    ])
+    ]
+    return "\n".join(header + (mamba1 if mrows else []) + (mamba2 if m2rows else []) + (scans if srows else []))
 
 
 def parse_args(argv=None):
@@ -300,10 +333,14 @@ def parse_args(argv=None):
     p.add_argument("--scan-slow-repeat", type=int, default=3, help="timed calls for the sequential scan")
     p.add_argument("--hf-polar", action="store_true",
                    help="also time transformers on the polarized export (another ~2 min fwd+bwd)")
+    p.add_argument("--variants", type=lambda v: v.split(","), default=list(VARIANTS),
+                   help=f"comma-separated model rows (default {','.join(VARIANTS)}); scans follow baseline/polar")
     p.add_argument("--quick", action="store_true", help="smoke run: seq 64, 1 timed call, no warm-up")
     p.add_argument("--out-dir", type=Path, default=RESULTS)
     p.add_argument("--worker", help=argparse.SUPPRESS)  # internal: one measurement, JSON spec
     args = p.parse_args(argv)
+    if unknown := set(args.variants) - set(VARIANTS):
+        p.error(f"--variants: unknown {sorted(unknown)}; choose from {','.join(VARIANTS)}")
     if args.quick:
         args.seq, args.warmup, args.repeat, args.hf_warmup, args.hf_repeat, args.scan_slow_repeat = 64, 0, 1, 0, 1, 1
     return args

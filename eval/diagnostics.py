@@ -7,8 +7,9 @@
 * over-smoothing (Fig. 5): mean over token pairs i < j of ||h_i - h_j||, divided by the mean ||h_i||, for
   the features after each mixer and after each block (the residual stream); 0 when all tokens are alike.
 * A range (Fig. 6): for each learned state channel (d, n) of each Mamba layer, max_t A_t - min_t A_t with
-  A_t = exp(Δ_t[d]·A[d, n]) over the positions of the inputs; its cumulative histogram shows how little
-  the selective transition moves between "remember" (1) and "forget" (0), the gap polarization fills.
+  A_t = exp(Δ_t[d]·A[d, n]) over the positions of the inputs (Mamba-2: one A_t per head); its cumulative
+  histogram shows how little the selective transition moves between "remember" (1) and "forget" (0), the
+  gap polarization fills.
 
 Inputs are random token sequences from the model's vocabulary (seeded). Each diagnostic is written as
 JSON and PNG into the output folder; several targets are overlaid for comparison.
@@ -106,6 +107,10 @@ def a_range(model: nn.Module, input_ids: torch.Tensor) -> list[list[float]] | No
     None for models without a selective SSM."""
     if not hasattr(model.backbone.layers[0].mixer, "A_log"):
         return None
+    if hasattr(model.backbone.layers[0].mixer, "transitions"):  # Mamba-2: one A_t per head, computed by the mixer
+        inputs = _mixer_inputs(model, input_ids)
+        return [(At.amax(1) - At.amin(1)).flatten().tolist()
+                for At in (layer.mixer.transitions(x) for layer, x in zip(model.backbone.layers, inputs))]
     captured: list[torch.Tensor] = []
     hooks = [layer.mixer.x_proj.register_forward_hook(lambda m, a, out: captured.append(out))
              for layer in model.backbone.layers]

@@ -18,7 +18,7 @@ import os
 
 import torch
 
-from kernels import conv_ref, loss_ref, norm_ref, scan_ref
+from kernels import conv_ref, loss_ref, norm_ref, scan_ref, ssd_ref
 from kernels.triton_jit import interpreting
 
 ENV_VAR = "POLAR_KERNELS"
@@ -28,12 +28,14 @@ OPS = {  # op -> backends that implement it, fastest first
     "selective_scan": ("cuda", "triton", "torch"),
     "selective_step": ("torch",),  # one token: a handful of elementwise ops, nothing to fuse
     "causal_conv1d": ("cuda", "triton", "torch"),
+    "ssd": ("cuda", "torch"),  # Mamba-2; "cuda" is mamba_ssm's SSD (Triton) kernels. Decoding steps are PyTorch.
     "add_rmsnorm": ("triton", "torch"),
     "linear_cross_entropy": ("triton", "torch"),
 }
 CUDA_PACKAGES = {  # op -> module with the stock CUDA kernel
     "selective_scan": "mamba_ssm.ops.selective_scan_interface",
     "causal_conv1d": "causal_conv1d",
+    "ssd": "mamba_ssm.ops.triton.ssd_combined",
 }
 
 log = logging.getLogger(__name__)
@@ -163,6 +165,27 @@ def selective_step(
     return scan_ref.selective_step(
         state, x, dt, A, B, C, D, z, dt_bias, dt_softplus, n_ones, n_zeros, zero_mode
     )
+
+
+def ssd(x, dt, A, B, C, D=None, dt_bias=None, dt_softplus=False, n_ones=0, n_zeros=0,
+        initial_state=None, return_final_state=False, chunk_size=256):
+    """Mamba-2's SSD scan with polarized channels; signature and shapes of :func:`kernels.ssd_ref.ssd_chunked`.
+    mamba_ssm's ``mamba_chunk_scan_combined`` (CUDA) or our chunked PyTorch form runs the learned channels,
+    :func:`ssd_ref.polarized_ssd` adds the polar ones."""
+    if _backend("ssd", x.device) == "cuda":
+        stock = _probe(CUDA_PACKAGES["ssd"])[0].mamba_chunk_scan_combined
+
+        def core(x, dt, A, B, C, h0):
+            return stock(x, dt, A, B, C, chunk_size, initial_states=h0, return_final_states=True)
+    else:
+        core = functools.partial(ssd_ref.chunked_core, chunk_size=chunk_size)
+    return ssd_ref.polarized_ssd(core, x, dt, A, B, C, D, dt_bias, dt_softplus, n_ones, n_zeros, initial_state,
+                                 return_final_state)
+
+
+def ssd_step(state, x, dt, A, B, C, D=None, dt_bias=None, dt_softplus=False, n_ones=0, n_zeros=0):
+    """One Mamba-2 decoding step (always PyTorch: one token has nothing to fuse); see :func:`ssd_ref.ssd_step`."""
+    return ssd_ref.ssd_step(state, x, dt, A, B, C, D, dt_bias, dt_softplus, n_ones, n_zeros)
 
 
 def causal_conv1d(x, weight, bias=None, activation="silu"):

@@ -184,6 +184,16 @@ class _ChunkedScan(torch.autograd.Function):
         return gu, gdt, gA, gB, gC, None
 
 
+def polar_channel_terms(w, B_ones, C_ones, B_zeros, C_zeros):
+    """The exact polarized channels in closed form (module docstring) for w = Δ_t u_t (b, d, L) and their B, C
+    columns (b, n_ones, L) and (b, n_zeros, L): ones h_t = Σ_{s≤t} w_s B_s, zeros h_t = w_t B_t. Returns what
+    they add to y, <C_t, h_t> (b, d, L), and their last states (b, d, n_ones), (b, d, n_zeros). Shared by
+    every backend of the Mamba-1 scan and of Mamba-2's SSD (:mod:`kernels.ssd_ref`)."""
+    h_ones = torch.cumsum(w[:, :, None, :] * B_ones[:, None], dim=-1)  # (b, d, n_ones, L)
+    dy = torch.einsum("bdkl,bkl->bdl", h_ones, C_ones) + w * (B_zeros * C_zeros).sum(1, keepdim=True)
+    return dy, h_ones[..., -1], w[:, :, None, -1] * B_zeros[:, None, :, -1]
+
+
 def polarized_scan(
     core, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
     n_ones=0, n_zeros=0, zero_mode="exact", return_last_state=False,
@@ -193,7 +203,7 @@ def polarized_scan(
     learned channels (and the zero channels as A = -100 in reference mode); the exact polar channels are
     added in closed form (module docstring), then D·u and the SiLU(z) gate. Any backend whose kernel has
     no polarization (our chunked scan, mamba_ssm's ``selective_scan_fn``) is polarized through this."""
-    d, N = A.shape
+    d = A.shape[0]
     cdt = compute_dtype(u)
     uf = u.to(cdt)
     dt = _prepare_dt(delta, delta_bias, delta_softplus)
@@ -204,22 +214,18 @@ def polarized_scan(
     n_scan = A_scan.shape[1]
     y, h_scan = core(uf, dt, A_scan, Bf[:, n_ones : n_ones + n_scan], Cf[:, n_ones : n_ones + n_scan])
     y = y.to(cdt)
-    w = dt * uf  # Δ_t u_t
-    states = [h_scan]
-    if n_ones:  # h_t = Σ_{s≤t} Δ_s B_s u_s
-        h_ones = torch.cumsum(w[:, :, None, :] * Bf[:, None, :n_ones], dim=-1)  # (b, d, n_ones, L)
-        y = y + torch.einsum("bdkl,bkl->bdl", h_ones, Cf[:, :n_ones])
-        states.insert(0, h_ones[..., -1])
-    if n_zeros and zero_mode == "exact":  # h_t = Δ_t B_t u_t
-        B_z, C_z = Bf[:, n_ones + N :], Cf[:, n_ones + N :]
-        y = y + w * (B_z * C_z).sum(1, keepdim=True)
-        states.append(w[:, :, None, -1] * B_z[:, None, :, -1])
+    n_exact_zeros = n_zeros if zero_mode == "exact" else 0
+    if n_ones or n_exact_zeros:
+        dy, h_ones, h_zeros = polar_channel_terms(dt * uf, Bf[:, :n_ones], Cf[:, :n_ones],
+                                                  Bf[:, n_ones + n_scan :], Cf[:, n_ones + n_scan :])
+        y = y + dy
+        h_scan = torch.cat([h_ones, h_scan, h_zeros], dim=-1)
     if D is not None:
         y = y + uf * D.to(cdt)[:, None]
     if z is not None:
         y = y * F.silu(z.to(cdt))
     y = y.to(u.dtype)
-    return (y, torch.cat(states, dim=-1)) if return_last_state else y
+    return (y, h_scan) if return_last_state else y
 
 
 def initial_state_terms(

@@ -1,5 +1,5 @@
-"""ModelConfig: the typed description of a Mamba LM (baseline or polarized) or of the Llama-style
-Transformer baseline (``arch: transformer``), and their named presets.
+"""ModelConfig: the typed description of a Mamba LM (baseline or polarized; Mamba-1, or Mamba-2 with
+``arch: mamba2``) or of the Llama-style Transformer baseline (``arch: transformer``), and their named presets.
 
 Polarization (Wang et al. 2025, §4): ``polarize.ones`` state channels whose transition is fixed at
 A_t = 1 (never forget) and ``polarize.zeros`` channels fixed at A_t = 0 (no memory) are added beside
@@ -45,9 +45,14 @@ class SSMConfig:
     dt_init_floor: float = 1e-4
     conv_bias: bool = True
     proj_bias: bool = False
+    # Mamba-2 only (arch: mamba2, models/mamba2.py): d_inner = n_heads x head_dim; B and C are shared by
+    # n_groups groups of heads; chunk_size is the SSD algorithm's block length.
+    head_dim: int = 64
+    n_groups: int = 1
+    chunk_size: int = 256
 
     def __post_init__(self):
-        for name in ("d_state", "d_conv", "expand"):
+        for name in ("d_state", "d_conv", "expand", "head_dim", "n_groups", "chunk_size"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"ssm.{name} must be > 0, got {getattr(self, name)}")
         if self.dt_rank != "auto" and self.dt_rank <= 0:
@@ -58,7 +63,7 @@ class SSMConfig:
 
 @dataclass
 class ModelConfig:
-    arch: Literal["mamba", "transformer"] = "mamba"
+    arch: Literal["mamba", "mamba2", "transformer"] = "mamba"
     d_model: int = 768
     n_layer: int = 24
     vocab_size: int = 50277
@@ -91,6 +96,14 @@ class ModelConfig:
                                   f"got d_model={self.d_model}, n_head={self.n_head}")
             if self.d_ff is not None and self.d_ff <= 0:
                 raise ConfigError(f"model.d_ff must be > 0 or null, got {self.d_ff}")
+        if self.arch == "mamba2":
+            if self.d_inner % self.ssm.head_dim or self.n_heads % self.ssm.n_groups:
+                raise ConfigError(f"mamba2: ssm.head_dim must divide expand x d_model = {self.d_inner} into heads and "
+                                  f"ssm.n_groups must divide the heads, got head_dim={self.ssm.head_dim}, "
+                                  f"n_groups={self.ssm.n_groups}")
+            if self.polarize.zeros and self.polarize.zero_mode == "reference":
+                raise ConfigError("polarize.zero_mode: reference (A = -100) is Mamba-1's paper code; "
+                                  "use zero_mode: exact with arch: mamba2")
 
     # Derived sizes -------------------------------------------------------------------------------
     @property
@@ -100,6 +113,11 @@ class ModelConfig:
     @property
     def dt_rank(self) -> int:
         return math.ceil(self.d_model / 16) if self.ssm.dt_rank == "auto" else self.ssm.dt_rank
+
+    @property
+    def n_heads(self) -> int:
+        """Mamba-2 heads (each with one scalar decay)."""
+        return self.d_inner // self.ssm.head_dim
 
     @property
     def d_state_total(self) -> int:
@@ -148,6 +166,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     "mamba-370m": {"d_model": 1024, "n_layer": 48},
     "mamba-550m": {"d_model": 1280, "n_layer": 46},
     "mamba-790m": {"d_model": 1536, "n_layer": 48},
+    # Mamba-2 (Dao & Gu 2024): the paper's 130m/370m/780m shapes (N = 128, head_dim 64, one B/C group).
+    "mamba2-tiny": {"arch": "mamba2", "d_model": 64, "n_layer": 2, "vocab_size": 512,
+                    "ssm": {"d_state": 16, "head_dim": 16, "chunk_size": 64}},
+    "mamba2-130m": {"arch": "mamba2", "d_model": 768, "n_layer": 24, "ssm": {"d_state": 128}},
+    "mamba2-370m": {"arch": "mamba2", "d_model": 1024, "n_layer": 48, "ssm": {"d_state": 128}},
+    "mamba2-780m": {"arch": "mamba2", "d_model": 1536, "n_layer": 48, "ssm": {"d_state": 128}},
 }
 PRESETS.update({f"{k}-polar": {**v, **_POLAR} for k, v in list(PRESETS.items())})
 # Llama-style Transformer baselines (models/transformer.py).

@@ -8,7 +8,8 @@ reference`` the zero channels export as A_log = log(100), i.e. the paper's A = -
 config rides along in config.json under ``polar_mamba`` so loading back is lossless.
 
 mamba_ssm checkpoints (``config.json`` with d_model/n_layer/ssm_cfg and ``pytorch_model.bin``) differ
-only by ``backbone.embedding.weight``; :func:`from_pretrained` reads them too.
+only by ``backbone.embedding.weight``; :func:`from_pretrained` reads them too. Mamba-2 (``arch: mamba2``,
+transformers' ``Mamba2ForCausalLM``) converts in :mod:`models.hf_mamba2`.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from models import hf_mamba2
+from models.build import build_model
 from models.config import ModelConfig
 from models.mamba import MambaLM
 from models.typed_config import ConfigError
@@ -41,6 +44,8 @@ def _expanded_a_log(a_log: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
 def to_hf_state_dict(model: MambaLM) -> dict[str, torch.Tensor]:
     """transformers-layout tensors (A_log expanded over all channels, tied head omitted)."""
     cfg = model.config
+    if cfg.arch == "mamba2":
+        return hf_mamba2.to_hf_state_dict(model)
     out = {}
     for name, t in model.state_dict().items():
         if name == "lm_head.weight":
@@ -51,6 +56,8 @@ def to_hf_state_dict(model: MambaLM) -> dict[str, torch.Tensor]:
 
 def from_hf_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
     """Inverse of :func:`to_hf_state_dict` (also accepts mamba_ssm's ``backbone.embedding.weight``)."""
+    if cfg.arch == "mamba2":
+        return hf_mamba2.from_hf_state_dict(sd, cfg)
     out = {}
     n_ones, N = cfg.polarize.ones, cfg.ssm.d_state
     for name, t in sd.items():
@@ -66,10 +73,12 @@ def from_hf_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
 
 def hf_config(cfg: ModelConfig, special_ids: dict[str, int] | None = None) -> dict[str, Any]:
     """config.json content that stock ``transformers.MambaConfig`` reads, plus our own section."""
+    ids = {"pad_token_id": 0, "bos_token_id": 0, "eos_token_id": 0, **(special_ids or {})}
+    if cfg.arch == "mamba2":
+        return hf_mamba2.hf_config(cfg, ids, CONFIG_KEY)
     if cfg.arch != "mamba":
         raise ConfigError(f"Hugging Face export is Mamba-only (model.arch is {cfg.arch!r}): load the run directory "
                           "or checkpoint itself (pretrain.export.load_model) instead")
-    ids = {"pad_token_id": 0, "bos_token_id": 0, "eos_token_id": 0, **(special_ids or {})}
     return {
         "architectures": ["MambaForCausalLM"],
         "model_type": "mamba",
@@ -134,6 +143,8 @@ def config_from_json(data: dict[str, Any]) -> ModelConfig:
     """Our ModelConfig from a config.json written by us, by transformers (MambaConfig), or by mamba_ssm."""
     if CONFIG_KEY in data:
         return ModelConfig.from_dict(data[CONFIG_KEY])
+    if data.get("model_type") == hf_mamba2.MODEL_TYPE:
+        return hf_mamba2.config_from_json(data)
     if data.get("model_type") == "mamba":  # a stock transformers checkpoint
         ssm = {
             "d_state": data.get("state_size", 16),
@@ -152,6 +163,8 @@ def config_from_json(data: dict[str, Any]) -> ModelConfig:
         })
     if "d_model" in data and "n_layer" in data:  # mamba_ssm's MambaConfig
         ssm_cfg = data.get("ssm_cfg") or {}
+        if ssm_cfg.get("layer") == "Mamba2":
+            return hf_mamba2.config_from_mamba_ssm(data)
         if ssm_cfg.get("layer", "Mamba1") != "Mamba1":
             raise ConfigError(f"only Mamba-1 checkpoints are supported, got ssm_cfg.layer={ssm_cfg['layer']!r}")
         ssm = {k: ssm_cfg[k] for k in ("d_state", "d_conv", "expand", "dt_rank") if k in ssm_cfg}
@@ -222,7 +235,7 @@ def from_pretrained(path_or_repo: str | Path, revision: str | None = None,
     cfg = config_from_json(json.loads(cfg_file.read_text()))
     sd = from_hf_state_dict(_read_weights(folder), cfg)
     with torch.device("meta"):
-        model = MambaLM(cfg)
+        model = build_model(cfg)
     missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
     if missing or unexpected:
         raise ConfigError(f"{folder}: weights do not match the config (missing {missing[:3]}, "

@@ -147,13 +147,14 @@ class MambaMixer(nn.Module):
 class MambaBlock(nn.Module):
     """Pre-norm residual block in mamba_ssm's fused add-norm form: it takes (hidden, residual), adds them
     into the new residual stream, and returns (mixer(norm(stream)), stream). The stream is fp32 when
-    ``residual_in_fp32``, else it keeps the dtype hidden + residual would have."""
+    ``residual_in_fp32``, else it keeps the dtype hidden + residual would have. ``mixer`` is the
+    sequence-mixing layer's class (Mamba-2's block is this one with models.mamba2.Mamba2Mixer)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, mixer: type[nn.Module] = MambaMixer):
         super().__init__()
         self.residual_in_fp32 = cfg.residual_in_fp32
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mixer = MambaMixer(cfg)
+        self.mixer = mixer(cfg)
 
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None,
                 state: LayerState | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -191,10 +192,12 @@ class LMOutput(NamedTuple):
 class MambaLM(Generation, nn.Module):
     """Mamba language model with a head tied to the embedding (vocab padded to a multiple of 8)."""
 
+    block = MambaBlock  # builds one layer from the config (Mamba2LM swaps the mixer)
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.config = cfg
-        self.backbone = Backbone(cfg, MambaBlock)
+        self.backbone = Backbone(cfg, self.block)
         self.lm_head = nn.Linear(cfg.d_model, cfg.padded_vocab_size, bias=False)
         self.lm_head.weight = self.backbone.embeddings.weight
         self.reset_parameters()

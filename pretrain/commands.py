@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 EXIT_CODES = "Exit codes: 0 done, 75 checkpointed after SIGTERM/SIGUSR1 (run again to resume), 3 stopped " \
@@ -43,7 +44,9 @@ def run_export(args: argparse.Namespace) -> int:
     from pretrain.export import export
 
     out = export(args.run, args.out or Path(args.run) / "export", args.step, args.force)
-    print(f"exported {args.run} -> {out} (loads with transformers.MambaForCausalLM.from_pretrained)")
+    arch = json.loads((out / "config.json").read_text())["architectures"][0]  # a polarized Mamba-2 is not stock
+    loads = "polar-mamba's models.hf" if arch.startswith("Polar") else f"transformers.{arch}"
+    print(f"exported {args.run} -> {out} (loads with {loads}.from_pretrained)")
     return 0
 
 
@@ -84,7 +87,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "export",
         help="consolidate a checkpoint into a Hugging Face folder",
         description="Consolidate a training checkpoint (any ZeRO stage) into config.json + model.safetensors "
-        "(+ the tokenizer) that polar and stock transformers.MambaForCausalLM load.",
+        "(+ the tokenizer) that polar and stock transformers.MambaForCausalLM load (Mamba-2: Mamba2ForCausalLM; "
+        "a polarized Mamba-2 loads with polar only, docs/mamba2.md).",
     )
     p.add_argument("run", help="run directory (runs/NAME), its checkpoints/ folder or one checkpoint tag folder")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
@@ -96,7 +100,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "publish",
         help="publish a checkpoint to the Hugging Face Hub (model card, tokenizer, stock-transformers weights)",
         description="Consolidate a checkpoint into a Hub-ready folder — model.safetensors (sharded past 2 GB), "
-        "config.json for transformers.MambaForCausalLM, generation_config.json, the tokenizer (SentencePiece + "
+        "config.json for transformers.MambaForCausalLM (or Mamba2ForCausalLM), generation_config.json, the "
+        "tokenizer (SentencePiece + "
         "Hugging Face files with identical ids) and a model card with the training facts and the run's "
         "lm-eval results (RUN/eval/) — check it, and upload it as one commit to branch stepN (like Pythia) "
         "unless --revision says otherwise. The token comes from HF_TOKEN or `huggingface-cli login`. "

@@ -53,29 +53,41 @@ def render_card(repo_id: str, state: dict[str, Any], run_dir: Path, params: int,
     val = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r["kind"] == "val"]
     step, tokens = state["step"], state["step"] * data["global_batch_size"] * data["seq_len"]
     polar = pol["ones"] or pol["zeros"]
+    mamba2 = model.get("arch") == "mamba2"
+    name, hf_class = ("Mamba-2", "Mamba2ForCausalLM") if mamba2 else ("Mamba", "MambaForCausalLM")
     meta = {
         "license": license,
         "library_name": "transformers",
         "pipeline_tag": "text-generation",
-        "tags": ["mamba", "state-space-model", "polar-mamba"] + (["polarized-ssm"] if polar else []),
+        "tags": ["mamba", "state-space-model", "polar-mamba"] + (["mamba2"] if mamba2 else [])
+        + (["polarized-ssm"] if polar else []),
         "datasets": _datasets(source),
         "model-index": _model_index(repo_id.split("/")[-1], results),
     }
-    kind = (f"polarized Mamba: {model['ssm']['d_state']} learned state channels + {pol['ones']} fixed at A=1 + "
-            f"{pol['zeros']} fixed at A=0 ({pol['zero_mode']} zero channel)") if polar else "baseline Mamba"
+    kind = (f"polarized {name}: {model['ssm']['d_state']} learned state channels{' per head' if mamba2 else ''} + "
+            f"{pol['ones']} fixed at A=1 + {pol['zeros']} fixed at A=0 ({pol['zero_mode']} zero channel)") if polar \
+        else f"baseline {name}"
+    if mamba2 and polar:  # docs/mamba2.md: stock Mamba-2 has one decay per head for all its channels
+        loads = ("Stock `transformers` cannot load it (its Mamba-2 has one decay per head for all state channels); "
+                 "load it with polar-mamba.")
+        code = ["from models.hf import from_pretrained", f'model = from_pretrained("{repo_id}")']
+    else:
+        loads = f"It loads in stock `transformers` (`{hf_class}`)" + (
+            ": the fixed channels are exported as A_log = -inf / +inf, which make exp(Δ·A) exactly 1 and 0."
+            if polar else ".")
+        code = [f"from transformers import AutoTokenizer, {hf_class}",
+                f'tok = AutoTokenizer.from_pretrained("{repo_id}")',
+                f'model = {hf_class}.from_pretrained("{repo_id}")']
     lines = [
         "---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "",
         f"# {repo_id.split('/')[-1]}", "",
         f"A {params / 1e6:.0f}M-parameter {kind}, trained with "
         "[polar-mamba](https://arxiv.org/abs/2501.00658) (Wang et al., ICLR 2025: polarization adds state "
         "channels that never forget and channels with no memory, against Mamba's recency bias and "
-        "over-smoothing). It loads in stock `transformers` (`MambaForCausalLM`): the fixed channels are "
-        "exported as A_log = -inf / +inf, which make exp(Δ·A) exactly 1 and 0.",
+        f"over-smoothing). {loads}",
         "",
         "```python",
-        "from transformers import AutoTokenizer, MambaForCausalLM",
-        f'tok = AutoTokenizer.from_pretrained("{repo_id}")',
-        f'model = MambaForCausalLM.from_pretrained("{repo_id}")',
+        *code,
         "```",
         "",
         "## Training",

@@ -1,0 +1,148 @@
+"""The Mamba-2 language model (Dao & Gu 2024, SSD), baseline and polarized, on the Mamba-1 model's skeleton.
+
+Only the mixer is new: in_proj -> [z, x, B, C, Δ] -> causal depthwise conv + SiLU over x, B and C ->
+SSD scan (one scalar decay per head, x split into heads of ``head_dim`` channels, B and C shared by
+``n_groups`` groups of heads, D skip) -> gated RMSNorm of y·SiLU(z) per group -> out_proj. Blocks,
+backbone, tied head, loss and decoding are :mod:`models.mamba`'s (``MambaBlock`` with this mixer) and
+:mod:`models.generation`'s. Parameter names and semantics are transformers' ``Mamba2ForCausalLM``
+(``mixer.{in_proj, conv1d, dt_bias, A_log, D, norm.weight, out_proj}``), so a baseline's state dict
+loads there unchanged (:mod:`models.hf_mamba2`).
+
+Polarization: each head gets ``polarize.ones`` state channels with A_t ≡ 1 and ``polarize.zeros`` with
+A_t ≡ 0 beside its N learned ones; B and C gain those columns (in_proj and conv1d grow by 2·n_groups per
+extra channel), and the SSD op adds them in closed form around any SSD backend (:mod:`kernels.ssd_ref`).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kernels import dispatch
+from models.config import ModelConfig
+from models.mamba import LayerState, MambaBlock, MambaLM
+
+A_INIT_RANGE = (1.0, 16.0)  # mamba_ssm's Mamba2: A = -U(1, 16) per head
+
+
+class GatedRMSNorm(nn.Module):
+    """RMSNorm of y·SiLU(z) over each group of channels, in fp32, cast back, times the weight (transformers'
+    ``MambaRMSNormGated``; mamba_ssm's ``RMSNormGated`` with norm_before_gate=False)."""
+
+    def __init__(self, dim: int, group_size: int, eps: float):
+        super().__init__()
+        self.group_size, self.eps = group_size, eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        h = (y.float() * F.silu(z.float())).unflatten(-1, (-1, self.group_size))
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.flatten(-2).to(y.dtype)
+
+
+class Mamba2Mixer(nn.Module):
+    """One SSD layer: in_proj -> conv + SiLU over (x, B, C) -> SSD per head -> gated RMSNorm -> out_proj."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        s = cfg.ssm
+        self.n_heads, self.head_dim, self.n_groups = cfg.n_heads, s.head_dim, s.n_groups
+        self.n_ones, self.n_zeros = cfg.polarize.ones, cfg.polarize.zeros
+        di, self.bc_dim = cfg.d_inner, s.n_groups * cfg.d_state_total
+        self.conv_dim = di + 2 * self.bc_dim
+        self.in_proj = nn.Linear(cfg.d_model, di + self.conv_dim + self.n_heads, bias=s.proj_bias)  # z, xBC, Δ
+        self.conv1d = nn.Conv1d(self.conv_dim, self.conv_dim, s.d_conv, groups=self.conv_dim, padding=s.d_conv - 1,
+                                bias=s.conv_bias)
+        self.dt_bias = nn.Parameter(torch.empty(self.n_heads))
+        self.A_log = nn.Parameter(torch.empty(self.n_heads))  # A = -exp(A_log): one decay per head, learned channels
+        self.D = nn.Parameter(torch.empty(self.n_heads))
+        self.norm = GatedRMSNorm(di, di // s.n_groups, cfg.norm_eps)
+        self.out_proj = nn.Linear(di, cfg.d_model, bias=s.proj_bias)
+
+    @torch.no_grad()
+    def reset_ssm_parameters(self) -> None:
+        """mamba_ssm's Mamba-2 initialisation: A ~ U(1, 16), D = 1, Δ bias = inverse softplus of a
+        log-uniform Δ in [dt_min, dt_max] (floored), per head."""
+        s = self.cfg.ssm
+        self.A_log.copy_(torch.log(torch.empty(self.n_heads).uniform_(*A_INIT_RANGE)))
+        self.D.fill_(1.0)
+        dt = torch.exp(torch.rand(self.n_heads) * (math.log(s.dt_max) - math.log(s.dt_min)) + math.log(s.dt_min))
+        dt = dt.clamp(min=s.dt_init_floor)
+        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+
+    def forward(self, hidden: torch.Tensor, state: LayerState | None = None) -> torch.Tensor:
+        """hidden (b, L, d_model). With ``state``, the input continues it (one token: a recurrent step;
+        more: a chunked prefill from the carried state) and leaves its final state there."""
+        b, L, _ = hidden.shape
+        k = self.cfg.ssm.d_conv
+        z, xBC, dt = self.in_proj(hidden).split([self.cfg.d_inner, self.conv_dim, self.n_heads], dim=-1)
+        xBC = xBC.transpose(1, 2)  # (b, conv_dim, L)
+        if state is not None:  # the conv continues from the cached inputs
+            xBC = torch.cat([state.conv.to(xBC.dtype), xBC], dim=-1)
+            state.conv.copy_(xBC[..., -(k - 1) :])
+        xBC = dispatch.causal_conv1d(xBC, self.conv1d.weight[:, 0], self.conv1d.bias, activation="silu")
+        if state is not None:
+            xBC = xBC[..., k - 1 :]
+        x, B, C = xBC.transpose(1, 2).split([self.cfg.d_inner, self.bc_dim, self.bc_dim], dim=-1)
+        x = x.reshape(b, L, self.n_heads, self.head_dim)
+        B, C = (t.reshape(b, L, self.n_groups, -1) for t in (B, C))
+        kw = dict(A=-torch.exp(self.A_log.float()), D=self.D.float(), dt_bias=self.dt_bias.float(), dt_softplus=True,
+                  n_ones=self.n_ones, n_zeros=self.n_zeros)
+        if state is not None and L == 1:
+            y, state.ssm = dispatch.ssd_step(state.ssm, x[:, 0], dt[:, 0], B=B[:, 0], C=C[:, 0], **kw)
+        else:
+            y = dispatch.ssd(x, dt, B=B, C=C, initial_state=None if state is None else state.ssm,
+                             return_final_state=state is not None, chunk_size=self.cfg.ssm.chunk_size, **kw)
+            if state is not None:
+                y, state.ssm = y
+        return self.out_proj(self.norm(y.reshape(b, L, -1), z))
+
+    def transitions(self, hidden: torch.Tensor) -> torch.Tensor:
+        """A_t = exp(Δ_t·A) of each head's learned channels (b, L, n_heads) for mixer input ``hidden`` (diagnostics)."""
+        dt = self.in_proj(hidden)[..., -self.n_heads :].float() + self.dt_bias.float()
+        return torch.exp(F.softplus(dt) * -torch.exp(self.A_log.float()))
+
+    def new_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> LayerState:
+        """The last d_conv-1 inputs of the conv over (x, B, C) and the SSD state (b, heads, head_dim, N_total)."""
+        return LayerState(
+            conv=torch.zeros(batch, self.conv_dim, self.cfg.ssm.d_conv - 1, device=device, dtype=dtype),
+            ssm=torch.zeros(batch, self.n_heads, self.head_dim, self.cfg.d_state_total, device=device,
+                            dtype=torch.float32),
+        )
+
+
+class Mamba2LM(MambaLM):
+    """Mamba-2 language model: MambaLM (embedding, pre-norm blocks, final norm, tied head, loss, decoding)
+    with :class:`Mamba2Mixer` layers."""
+
+    block = functools.partial(MambaBlock, mixer=Mamba2Mixer)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        """mamba_ssm's initialisation: N(0, 0.02) embeddings, PyTorch-default linears and conv with zero
+        biases, the SSD init per head, and out_proj rescaled by 1/sqrt(n_layer)."""
+        cfg = self.config
+        nn.init.normal_(self.backbone.embeddings.weight, std=cfg.initializer_range)
+        for layer in self.backbone.layers:
+            mixer = layer.mixer
+            for lin in (mixer.in_proj, mixer.out_proj):
+                lin.reset_parameters()
+                if lin.bias is not None:
+                    nn.init.zeros_(lin.bias)
+            mixer.conv1d.reset_parameters()
+            mixer.norm.weight.fill_(1.0)
+            mixer.reset_ssm_parameters()
+            if cfg.rescale_prenorm_residual:
+                mixer.out_proj.weight /= math.sqrt(cfg.n_layer)
+
+    def borrowed_parameters(self) -> list[tuple[nn.Module, nn.Parameter]]:
+        """The tied head (read by the loss) and each mixer's conv1d weights (handed to the kernel)."""
+        pairs = [(self, self.lm_head.weight)]
+        for layer in self.backbone.layers:
+            pairs += [(layer.mixer, p) for p in layer.mixer.conv1d.parameters()]
+        return pairs
