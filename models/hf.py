@@ -68,6 +68,9 @@ def hf_config(cfg: ModelConfig, special_ids: dict[str, int] | None = None) -> di
     if cfg.arch != "mamba":
         raise ConfigError(f"Hugging Face export is Mamba-only (model.arch is {cfg.arch!r}): load the run directory "
                           "or checkpoint itself (pretrain.export.load_model) instead")
+    if cfg.final_norm != "rmsnorm":
+        raise ConfigError("Hugging Face's Mamba ends in an RMSNorm: a model.final_norm: layernorm model (the MQAR "
+                          "recipe) cannot be exported; load its cell folder or checkpoint directly instead")
     ids = {"pad_token_id": 0, "bos_token_id": 0, "eos_token_id": 0, **(special_ids or {})}
     return {
         "architectures": ["MambaForCausalLM"],
