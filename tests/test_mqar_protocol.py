@@ -209,3 +209,13 @@ def test_zoology_init_forgets_within_tokens_unless_polarized():
     assert infl["both"][40] / infl["both"][8] > 0.1
     assert infl["both"][40] / infl["default"][40] > 1e6  # orders of magnitude at 40 tokens
     assert infl["mamba_ssm"][40] / infl["mamba_ssm"][8] > 1e-2  # mamba_ssm's init: slow decay, the gap is small
+
+
+def test_plan_prints_each_cells_cost_without_training(tmp_path, capsys):
+    from pretrain.cli import main
+
+    assert main(["mqar", "train", "configs/mqar/gpu-minutes.yaml", "--plan", "--run.out_dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    tokens = 20_000 * 64 + 4_000 * (128 + 3 * 256 + 3 * 512)
+    assert f"| both-reference-L4 | 1,519,360 | {157 + 7 * 32} | {tokens:,} |" in out
+    assert not any(tmp_path.iterdir())  # nothing trained or written
