@@ -94,6 +94,9 @@ class ModelConfig:
         if self.arch == "transformer":
             if self.polarize.enabled:
                 raise ConfigError("model.polarize applies to arch: mamba only; set polarize.ones/zeros to 0")
+            if self.init != "mamba_ssm":
+                raise ConfigError("model.init: zoology applies to arch: mamba only (the Transformer's init is "
+                                  "already N(0, 0.02) with 1/sqrt(2 n_layer) output projections)")
             if self.n_head <= 0 or self.d_model % self.n_head or (self.d_model // self.n_head) % 2:
                 raise ConfigError(f"model.n_head must divide d_model into an even head size (RoPE rotates pairs), "
                                   f"got d_model={self.d_model}, n_head={self.n_head}")
