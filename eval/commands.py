@@ -15,21 +15,24 @@ def _mqar_config(path: str, overrides: list[str]):
 
 
 def run_mqar_train(args: argparse.Namespace) -> int:
-    from eval.mqar import markdown_table, train_sweep
+    from eval.mqar import plan, plan_markdown, results_markdown, train_sweep
 
     cfg = _mqar_config(args.config, args.overrides)
-    print(markdown_table(train_sweep(cfg, args.variant, args.layers, args.force)), end="")
+    if args.plan:
+        print(plan_markdown(plan(cfg, args.variant, args.layers)), end="")
+        return 0
+    print(results_markdown(train_sweep(cfg, args.variant, args.layers, args.force)), end="")
     print(f"wrote {cfg.run.dir / 'results.md'} and results.json")
     return 0
 
 
 def run_mqar_eval(args: argparse.Namespace) -> int:
-    from eval.mqar import evaluate, load_cell_model, markdown_table, rescore_sweep
+    from eval.mqar import evaluate, load_cell_model, rescore_sweep, results_markdown
     from models.typed_config import ConfigError
 
     path = Path(args.target)
     if path.is_file():  # a sweep config
-        print(markdown_table(rescore_sweep(_mqar_config(args.target, args.overrides))), end="")
+        print(results_markdown(rescore_sweep(_mqar_config(args.target, args.overrides))), end="")
         return 0
     cfg = _mqar_config(args.config, args.overrides) if args.config else None
     if (path / "model.pt").is_file():  # one sweep cell, scored on its own eval stages unless --config
@@ -69,14 +72,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     t = mqar.add_parser(
         "train", help="train and score every variant x depth of a sweep config",
         description="Train each sweep.variants entry (default, ones, zeros, both) at each sweep.n_layers depth "
-        "on the data.train curriculum, score it on data.eval, and write OUT/NAME/results.{json,md}. Finished "
-        "cells are skipped (rerun to continue an interrupted sweep; --force retrains). Dotted overrides apply "
-        "(--optim.lr 3e-3 --data.batch_size 64). Example: polar mqar train configs/mqar/cpu.yaml",
+        "on the data.train curriculum, score it on data.eval, and write OUT/NAME/results.{json,md} (with the "
+        "paper's Table 2 beside ours, cell for cell, when the eval stages are the paper's). Each cell reports its "
+        "throughput (training tokens/s). Finished cells are skipped (rerun to continue an interrupted sweep; "
+        "--force retrains). Dotted overrides apply (--optim.lr 3e-3 --model.polarize.zero_mode exact). "
+        "Example: polar mqar train configs/mqar/paper.yaml; --plan prints each cell's cost first.",
     )
     t.add_argument("config", help="MQAR sweep YAML, e.g. configs/mqar/cpu.yaml or configs/mqar/paper.yaml")
     t.add_argument("--variant", action="append", help="train only this variant (repeatable)")
     t.add_argument("--layers", type=int, action="append", help="train only this depth (repeatable)")
     t.add_argument("--force", action="store_true", help="retrain cells that already have a result")
+    t.add_argument("--plan", action="store_true", help="print each cell's parameters, steps, tokens and FLOPs "
+                   "(per epoch and at most) without training")
     t.set_defaults(func=run_mqar_train, accepts_overrides=True)
     e = mqar.add_parser(
         "eval", help="score a trained sweep, one cell, or any checkpoint on MQAR",

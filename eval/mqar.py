@@ -4,19 +4,26 @@ A sweep trains every ``sweep.variants`` entry (model overrides: default, ones on
 at every depth in ``sweep.n_layers`` on a length curriculum (``data.train`` stages, in order), then
 scores recall accuracy at query positions on the ``data.eval`` stages. Each trained model is a folder
 ``OUT/NAME/VARIANT-LN/`` (config.yaml, model.pt, result.json); the sweep writes ``results.json`` and
-``results.md`` (rows: variant x layers, columns: KV pairs at eval + average) beside them. A finished
-folder is skipped when the sweep runs again, so an interrupted sweep continues. One process, plain
-PyTorch: MQAR models are small.
+``results.md`` (rows: variant x layers, columns: KV pairs at eval + average; below it, every cell the
+paper's Table 2 also has, ours beside the paper's with the difference) beside them. A finished folder is
+skipped when the sweep runs again, so an interrupted sweep continues. One process, plain PyTorch: MQAR
+models are small.
+
+The paper's protocol (its released code, VITA-Group/SSM-Bottleneck on zoology) is a set of options,
+each off by default: ``data.filler: zeros``, ``data.shuffle: false``, ``optim.weight_decay_params: all``,
+``optim.grad_clip: 0``, ``optim.schedule: epoch``, ``optim.early_stop_accuracy``, and the model's
+``init: zoology`` and ``final_norm: layernorm`` (configs/mqar/paper.yaml sets them all).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import yaml
@@ -39,14 +46,20 @@ class MQARDataConfig:
     # Curriculum (trained in this order); the paper grows lengths 64 -> 1024 with the KV pairs.
     train: list[Stage] = field(default_factory=lambda: [Stage(64, 4, 1000)])
     eval: list[Stage] = field(default_factory=lambda: [Stage(64, 4, 200)])
-    batch_size: int = 128
+    batch_size: int = 128  # a stage's last batch holds the remainder (as zoology's loader)
     eval_batch_size: int = 64
     seed: int = 0  # train stage i uses seed + i, eval stage j uses seed + 10_000 + j
+    filler: Literal["random", "zeros"] = "random"  # non-context, non-query tokens; the paper's runs: zeros
+    shuffle: bool = True  # reshuffle each stage every epoch; false: in order (the paper's loader)
 
     def __post_init__(self):
         if not self.train or not self.eval:
             raise ConfigError("data.train and data.eval need at least one stage each")
+        if self.filler not in ("random", "zeros"):
+            raise ConfigError(f"data.filler must be 'random' or 'zeros', got {self.filler!r}")
         for s in [*self.train, *self.eval]:
+            if s.num_examples <= 0:
+                raise ConfigError(f"data stage {s}: num_examples must be > 0")
             if 4 * s.num_kv_pairs > s.seq_len or s.num_kv_pairs >= self.vocab_size // 2:
                 raise ConfigError(f"data stage {s}: needs seq_len >= 4 x num_kv_pairs and "
                                   f"num_kv_pairs < vocab_size / 2")
@@ -55,12 +68,30 @@ class MQARDataConfig:
 @dataclass
 class MQAROptimConfig:
     lr: float = 1e-3
-    weight_decay: float = 0.1  # not on norms, biases, A_log, D (pretrain.engine.param_groups)
+    weight_decay: float = 0.1
+    # groups: no decay on norms, biases, A_log, D (pretrain.engine.param_groups); all: every parameter,
+    # as the paper's AdamW(model.parameters(), weight_decay=0.1).
+    weight_decay_params: Literal["groups", "all"] = "groups"
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     warmup_fraction: float = 0.0
     min_lr_ratio: float = 0.0  # cosine decays to lr x min_lr_ratio
-    grad_clip: float = 1.0
+    # step: cosine over optimizer steps (after warmup). epoch: constant within an epoch, cosine over
+    # epochs (torch's CosineAnnealingLR(T_max=epochs) stepped once per epoch: the paper's).
+    schedule: Literal["step", "epoch"] = "step"
+    grad_clip: float = 1.0  # max global grad norm; 0 turns clipping off (the paper clips nothing)
     epochs: int = 1  # passes over the whole curriculum
+    # After each epoch score data.eval and stop once its average exceeds this (the paper: 0.99 on its
+    # test stages, which it also reports); null: no per-epoch scoring.
+    early_stop_accuracy: float | None = None
+
+    def __post_init__(self):
+        if self.schedule not in ("step", "epoch") or self.weight_decay_params not in ("groups", "all"):
+            raise ConfigError(f"optim.schedule must be step|epoch and optim.weight_decay_params groups|all, "
+                              f"got {self.schedule!r}, {self.weight_decay_params!r}")
+        if self.schedule == "epoch" and self.warmup_fraction:
+            raise ConfigError("optim.warmup_fraction needs optim.schedule: step (the per-epoch cosine has no warmup)")
+        if self.epochs <= 0 or self.grad_clip < 0:
+            raise ConfigError(f"optim.epochs must be > 0 and optim.grad_clip >= 0, got {self.epochs}, {self.grad_clip}")
 
 
 @dataclass
@@ -123,56 +154,101 @@ def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def _stage_data(cfg: MQARDataConfig, stage: Stage, seed: int):
+@functools.lru_cache(maxsize=16)  # the cells of a sweep share their data
+def _generate(vocab: int, power_a: float, filler: str, seq_len: int, pairs: int, n: int, seed: int):
     from eval.mqar_data import multiquery_ar
 
-    return multiquery_ar(cfg.vocab_size, stage.seq_len, stage.num_kv_pairs, stage.num_examples, seed, cfg.power_a)
+    return multiquery_ar(vocab, seq_len, pairs, n, seed, power_a, filler)
 
 
-def _lr(step: int, total: int, o: MQAROptimConfig) -> float:
-    warmup = int(o.warmup_fraction * total)
-    if step < warmup:
-        return o.lr * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup - 1)
-    return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress))))
+def _stage_data(cfg: MQARDataConfig, stage: Stage, seed: int):
+    return _generate(cfg.vocab_size, cfg.power_a, cfg.filler, stage.seq_len, stage.num_kv_pairs,
+                     stage.num_examples, seed)
 
 
-def train_model(cfg: MQARConfig, desc: str = "mqar") -> tuple[torch.nn.Module, list[float]]:
-    """Train one model on the curriculum; returns it (eval mode) and the per-step losses."""
+def steps_per_epoch(d: MQARDataConfig) -> int:
+    return sum(math.ceil(s.num_examples / d.batch_size) for s in d.train)
+
+
+def _lr(step: int, epoch: int, total: int, o: MQAROptimConfig) -> float:
+    """Learning rate at optimizer step ``step`` (of ``total``), in epoch ``epoch`` (both from 0)."""
+    if o.schedule == "epoch":
+        progress = epoch / o.epochs
+    else:
+        warmup = int(o.warmup_fraction * total)
+        if step < warmup:
+            return o.lr * (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup - 1))
+    return o.lr * (o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def optimizer_groups(model: torch.nn.Module, o: MQAROptimConfig) -> list[dict[str, Any]]:
+    """AdamW parameter groups: ``optim.weight_decay_params`` says which parameters decay."""
+    from pretrain.engine import param_groups
+
+    if o.weight_decay_params == "all":
+        return [{"params": [p for p in model.parameters() if p.requires_grad], "weight_decay": o.weight_decay}]
+    return param_groups(model, o.weight_decay)
+
+
+def batches(n: int, batch_size: int, shuffle: torch.Generator | None) -> list[torch.Tensor]:
+    """Example indices of one stage's batches for one epoch: in order when ``shuffle`` is None, the last
+    batch holding the remainder."""
+    order = torch.arange(n) if shuffle is None else torch.randperm(n, generator=shuffle)
+    return list(order.split(batch_size))
+
+
+@dataclass
+class TrainLog:
+    losses: list[float]  # per optimizer step
+    lrs: list[float]  # per optimizer step
+    val_average: list[float]  # data.eval average after each epoch (only with optim.early_stop_accuracy)
+    epochs: int  # epochs trained (fewer than optim.epochs after an early stop)
+    tokens: int  # input tokens trained on
+    seconds: float  # wall time of the training loop (data generation excluded)
+
+
+def train_model(cfg: MQARConfig, desc: str = "mqar") -> tuple[torch.nn.Module, TrainLog]:
+    """Train one model on the curriculum; returns it (eval mode) and its log."""
     from tqdm import tqdm
 
     from models.build import build_model
-    from pretrain.engine import param_groups
 
     torch.manual_seed(cfg.run.seed)
     device, o, d = default_device(), cfg.optim, cfg.data
     model = build_model(cfg.model).to(device)
-    opt = torch.optim.AdamW(param_groups(model, o.weight_decay), lr=o.lr, betas=tuple(o.betas))
-    steps_per_epoch = sum(s.num_examples // d.batch_size for s in d.train)
-    total = o.epochs * steps_per_epoch
-    if total == 0:
-        raise ConfigError("data.train stages are smaller than one batch: raise num_examples or lower batch_size")
+    opt = torch.optim.AdamW(optimizer_groups(model, o), lr=o.lr, betas=tuple(o.betas))
+    total = o.epochs * steps_per_epoch(d)
     stages = [_stage_data(d, s, d.seed + i) for i, s in enumerate(d.train)]
-    shuffle = torch.Generator().manual_seed(d.seed)
-    losses: list[float] = []
-    model.train()
+    shuffle = torch.Generator().manual_seed(d.seed) if d.shuffle else None
+    log = TrainLog([], [], [], 0, 0, 0.0)
+    start = time.time()
     with tqdm(total=total, desc=desc, disable=not cfg.progress_bar, dynamic_ncols=True) as bar:
-        for _ in range(o.epochs):
+        for epoch in range(o.epochs):
+            model.train()
             for inputs, labels in stages:
-                order = torch.randperm(len(inputs), generator=shuffle)
-                for b in range(len(inputs) // d.batch_size):
-                    idx = order[b * d.batch_size:(b + 1) * d.batch_size]
+                for idx in batches(len(inputs), d.batch_size, shuffle):
+                    log.lrs.append(_lr(len(log.losses), epoch, total, o))
                     for group in opt.param_groups:
-                        group["lr"] = _lr(len(losses), total, o)
+                        group["lr"] = log.lrs[-1]
                     loss = model(inputs[idx].to(device), labels[idx].to(device), return_logits=False).loss
                     opt.zero_grad(set_to_none=True)
                     loss.backward()
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
+                    if o.grad_clip > 0:
+                        torch.nn.utils.clip_grad_norm_(model.parameters(), o.grad_clip)
                     opt.step()
-                    losses.append(loss.item())
+                    log.losses.append(loss.item())
+                    log.tokens += idx.numel() * inputs.shape[1]
                     bar.update()
-                    bar.set_postfix(len=inputs.shape[1], loss=f"{losses[-1]:.3f}")
-    return model.eval(), losses
+                    bar.set_postfix(len=inputs.shape[1], loss=f"{log.losses[-1]:.3f}")
+            log.epochs = epoch + 1
+            if o.early_stop_accuracy is not None:
+                log.val_average.append(evaluate(model, d)["average"])
+                bar.set_postfix(epoch=epoch, val=f"{log.val_average[-1]:.4f}")
+                if log.val_average[-1] > o.early_stop_accuracy:
+                    break
+    log.seconds = time.time() - start
+    return model.eval(), log
 
 
 @torch.no_grad()
@@ -206,17 +282,23 @@ def train_cell(cfg: MQARConfig, variant: str, n_layer: int, force: bool = False)
         return json.loads((folder / "result.json").read_text())
     cell = cfg.variant(variant, n_layer)
     start = time.time()
-    model, losses = train_model(cell, desc=cell_name(variant, n_layer))
+    model, log = train_model(cell, desc=cell_name(variant, n_layer))
     result = {
         "variant": variant, "n_layer": n_layer, "params": sum(p.numel() for p in model.parameters()),
-        "steps": len(losses), "final_loss": sum(losses[-10:]) / len(losses[-10:]),
-        "train_seconds": round(time.time() - start, 1), "accuracy": evaluate(model, cell.data),
+        "steps": len(log.losses), "epochs": log.epochs, "final_loss": sum(log.losses[-10:]) / len(log.losses[-10:]),
+        "val_average": log.val_average, "train_tokens": log.tokens, "train_seconds": round(time.time() - start, 1),
+        "tokens_per_second": round(log.tokens / max(log.seconds, 1e-9)), "device": _device_name(),
+        "accuracy": evaluate(model, cell.data),
     }
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "config.yaml").write_text(yaml.safe_dump(to_dict(cell), sort_keys=False))
     torch.save({"model_config": to_dict(cell.model), "state_dict": model.state_dict()}, folder / "model.pt")
     (folder / "result.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
+
+
+def _device_name() -> str:
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
 
 
 def load_cell_model(folder: Path) -> tuple[torch.nn.Module, MQARConfig]:
@@ -239,14 +321,86 @@ def markdown_table(results: list[dict[str, Any]]) -> str:
     return "\n".join(lines) + "\n"
 
 
+# The paper's Table 2 (Wang et al. 2025; ../shared/PAPER.md): accuracy % at length 1024 with 64/128/256
+# KV pairs, and their average. It has no "ones" row at 4 layers.
+PAPER_TABLE2: dict[tuple[str, int], list[float]] = {
+    ("default", 2): [98.38, 81.81, 36.00, 72.06], ("default", 4): [99.23, 82.08, 33.52, 71.61],
+    ("ones", 2): [99.81, 94.70, 56.39, 83.63],
+    ("zeros", 2): [98.41, 81.35, 36.55, 72.10], ("zeros", 4): [99.74, 92.20, 52.21, 81.38],
+    ("both", 2): [99.23, 95.54, 54.74, 83.17], ("both", 4): [99.94, 98.80, 81.56, 93.43],
+}
+PAPER_COLUMNS = ["L1024-kv64", "L1024-kv128", "L1024-kv256", "average"]
+
+
+def paper_comparison(results: list[dict[str, Any]]) -> str:
+    """Every cell the paper's Table 2 also has, ours / paper / ours - paper, per column; empty when the
+    sweep's eval stages are not the paper's (length 1024 with 64, 128, 256 pairs)."""
+    rows = [r for r in results if (r["variant"], r["n_layer"]) in PAPER_TABLE2
+            and list(r["accuracy"]) == PAPER_COLUMNS]
+    if not rows:
+        return ""
+    head = ["model", "layers"] + [f"{c.split('-')[-1].replace('kv', 'KV ')} {w}" for c in PAPER_COLUMNS[:3]
+                                  for w in ("ours", "paper", "diff")] + ["avg ours", "avg paper", "avg diff"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        cells = []
+        for c, paper in zip(PAPER_COLUMNS, PAPER_TABLE2[(r["variant"], r["n_layer"])]):
+            ours = 100 * r["accuracy"][c]
+            cells += [f"{ours:.2f}", f"{paper:.2f}", f"{ours - paper:+.2f}"]
+        lines.append(f"| {r['variant']} | {r['n_layer']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def results_markdown(results: list[dict[str, Any]]) -> str:
+    """results.md: our table, then the paper comparison when the eval stages are the paper's."""
+    comparison = paper_comparison(results)
+    return markdown_table(results) + (f"\nBeside the paper's Table 2 (accuracy %):\n\n{comparison}" if comparison else "")
+
+
 def write_table(cfg: MQARConfig) -> list[dict[str, Any]]:
     """Collect every finished cell of the sweep (in config order) into results.json and results.md."""
     results = [json.loads(p.read_text()) for v in cfg.sweep.variants for n in cfg.sweep.n_layers
                if (p := cfg.run.dir / cell_name(v, n) / "result.json").is_file()]
     if results:
         (cfg.run.dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-        (cfg.run.dir / "results.md").write_text(markdown_table(results))
+        (cfg.run.dir / "results.md").write_text(results_markdown(results))
     return results
+
+
+def plan(cfg: MQARConfig, variants: list[str] | None = None, layers: list[int] | None = None) -> list[dict[str, Any]]:
+    """What each cell costs, without training: parameters, steps, tokens and FLOPs (pretrain.metrics'
+    counter: 3x forward for a training token, 1x for an eval token) per epoch and at most (all
+    ``optim.epochs``; an early stop ends sooner). Per-epoch scoring is counted only with early stopping."""
+    from models.build import build_model
+    from pretrain.metrics import forward_flops_per_token
+
+    d, o = cfg.data, cfg.optim
+    train_tokens = sum(s.num_examples * s.seq_len for s in d.train)
+    eval_tokens = sum(s.num_examples * s.seq_len for s in d.eval)
+    rows = []
+    for v in variants or cfg.sweep.variants:
+        for n in layers or cfg.sweep.n_layers:
+            model_cfg = cfg.variant(v, n).model
+            with torch.device("meta"):
+                params = sum(p.numel() for p in build_model(model_cfg).parameters())
+            fwd = forward_flops_per_token(model_cfg)
+            epoch_flops = 3 * fwd * train_tokens + (fwd * eval_tokens if o.early_stop_accuracy is not None else 0)
+            rows.append({"cell": cell_name(v, n), "params": params, "steps_per_epoch": steps_per_epoch(d),
+                         "train_tokens_per_epoch": train_tokens, "flops_per_epoch": epoch_flops,
+                         "max_epochs": o.epochs, "max_tokens": o.epochs * train_tokens,
+                         "max_flops": o.epochs * epoch_flops + fwd * eval_tokens})
+    return rows
+
+
+def plan_markdown(rows: list[dict[str, Any]]) -> str:
+    head = ["cell", "params", "steps/epoch", "train tokens/epoch", "FLOPs/epoch", "max epochs", "max tokens",
+            "max FLOPs"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        lines.append(f"| {r['cell']} | {r['params']:,} | {r['steps_per_epoch']:,} | {r['train_tokens_per_epoch']:,} "
+                     f"| {r['flops_per_epoch']:.3g} | {r['max_epochs']} | {r['max_tokens']:,} | {r['max_flops']:.3g} |")
+    total = sum(r["max_flops"] for r in rows)
+    return "\n".join(lines) + f"\n\nall cells: at most {sum(r['max_tokens'] for r in rows):,} training tokens, {total:.3g} FLOPs\n"
 
 
 def train_sweep(cfg: MQARConfig, variants: list[str] | None = None, layers: list[int] | None = None,
@@ -256,7 +410,8 @@ def train_sweep(cfg: MQARConfig, variants: list[str] | None = None, layers: list
         for n in layers or cfg.sweep.n_layers:
             r = train_cell(cfg, v, n, force)
             print(f"{cell_name(v, n)}: average accuracy {100 * r['accuracy']['average']:.2f}% "
-                  f"({r['steps']} steps, {r['train_seconds']} s)", flush=True)
+                  f"({r['steps']} steps, {r.get('epochs', '?')} epochs, {r['train_seconds']} s, "
+                  f"{r.get('tokens_per_second', 0):,} tokens/s on {r.get('device', '?')})", flush=True)
     return write_table(cfg)
 
 

@@ -73,6 +73,11 @@ class ModelConfig:
     tie_embeddings: bool = True
     initializer_range: float = 0.02
     rescale_prenorm_residual: bool = True
+    # mamba_ssm: its init (Δ from [dt_min, dt_max]). zoology: the polarization paper's MQAR code
+    # (every Linear N(0, initializer_range), every bias 0 incl. dt_proj's so Δ starts at softplus(0),
+    # out_proj N(0, initializer_range / sqrt(2 n_layer))); models.mamba.MambaLM.reset_parameters.
+    init: Literal["mamba_ssm", "zoology"] = "mamba_ssm"
+    final_norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"  # layernorm: the paper's MQAR model (not HF-exportable)
     ssm: SSMConfig = field(default_factory=SSMConfig)
     polarize: PolarizeConfig = field(default_factory=PolarizeConfig)
     # Transformer only (arch: transformer); ssm and polarize are Mamba only.
@@ -86,6 +91,12 @@ class ModelConfig:
                 raise ConfigError(f"model.{name} must be > 0, got {getattr(self, name)}")
         if self.d_model % 8:
             raise ConfigError(f"model.d_model must be a multiple of 8 (kernel tiling), got {self.d_model}")
+        if self.init not in ("mamba_ssm", "zoology") or self.final_norm not in ("rmsnorm", "layernorm"):
+            raise ConfigError(f"model.init must be mamba_ssm|zoology and model.final_norm rmsnorm|layernorm, "
+                              f"got {self.init!r}, {self.final_norm!r}")
+        if self.init != "mamba_ssm" and self.arch != "mamba":
+            raise ConfigError(f"model.init: zoology is the paper's Mamba-1 MQAR init; arch {self.arch} keeps its own "
+                              "(the Transformer's is already N(0, 0.02) with 1/sqrt(2 n_layer) output projections)")
         if not self.tie_embeddings:
             raise ConfigError("model.tie_embeddings: only tied embeddings are supported (HF's Mamba layout ties them)")
         if self.arch == "transformer":

@@ -73,6 +73,9 @@ def from_hf_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
 
 def hf_config(cfg: ModelConfig, special_ids: dict[str, int] | None = None) -> dict[str, Any]:
     """config.json content that stock ``transformers.MambaConfig`` reads, plus our own section."""
+    if cfg.final_norm != "rmsnorm":
+        raise ConfigError("Hugging Face's Mamba ends in an RMSNorm: a model.final_norm: layernorm model (the MQAR "
+                          "recipe) cannot be exported; load its cell folder or checkpoint directly instead")
     ids = {"pad_token_id": 0, "bos_token_id": 0, "eos_token_id": 0, **(special_ids or {})}
     if cfg.arch == "mamba2":
         return hf_mamba2.hf_config(cfg, ids, CONFIG_KEY)

@@ -36,6 +36,15 @@ class RMSNorm(nn.Module):
         return dispatch.add_rmsnorm(x, residual, self.weight, self.eps)
 
 
+class AddLayerNorm(nn.LayerNorm):
+    """Residual add + LayerNorm with RMSNorm's interface: the final norm of the polarization paper's MQAR
+    model (``model.final_norm: layernorm``; zoology's ``ln_f``), applied to the fp32 stream."""
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        stream = x.float() if residual is None else x.float() + residual.float()
+        return super().forward(stream).to(x.dtype), stream
+
+
 @dataclass
 class LayerState:
     """Recurrent state of one mixer: the last d_conv-1 conv inputs and the SSM state (fp32)."""
@@ -172,7 +181,7 @@ class Backbone(nn.Module):
         super().__init__()
         self.embeddings = nn.Embedding(cfg.padded_vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(block(cfg) for _ in range(cfg.n_layer))
-        self.norm_f = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.norm_f = (AddLayerNorm if cfg.final_norm == "layernorm" else RMSNorm)(cfg.d_model, cfg.norm_eps)
 
     def forward(self, input_ids: torch.Tensor, states: list | None = None) -> torch.Tensor:
         """Final normalised hidden states (b, L, d_model); with ``states`` (one per layer), continuing them."""
@@ -218,6 +227,24 @@ class MambaLM(Generation, nn.Module):
             mixer.reset_ssm_parameters()
             if cfg.rescale_prenorm_residual:
                 mixer.out_proj.weight /= math.sqrt(cfg.n_layer)
+        if cfg.init == "zoology":
+            self._zoology_init()
+
+    @torch.no_grad()
+    def _zoology_init(self) -> None:
+        """The polarization paper's MQAR init (its model's ``_init_weights``, applied over every module):
+        every Linear N(0, initializer_range) with zero bias -- dt_proj's too, so Δ starts at softplus(0)
+        = ln 2 -- and out_proj N(0, initializer_range / sqrt(2 n_layer)). Conv, A_log and D keep the
+        mamba_ssm init above; the tied head is the embedding."""
+        std = self.config.initializer_range
+        for layer in self.backbone.layers:
+            mixer = layer.mixer
+            for lin in (mixer.in_proj, mixer.x_proj, mixer.dt_proj, mixer.out_proj):
+                nn.init.normal_(lin.weight, std=std)
+                if lin.bias is not None:
+                    nn.init.zeros_(lin.bias)
+            if self.config.rescale_prenorm_residual:
+                mixer.out_proj.weight /= math.sqrt(2 * self.config.n_layer)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         """Unique parameters (the tied head counts once)."""

@@ -82,9 +82,9 @@ def test_short_training_run_learns(tmp_path):
                      data=MQARDataConfig(vocab_size=V, train=[Stage(16, 2, 12800)], eval=[Stage(16, 2, 512)],
                                          batch_size=64),
                      optim=MQAROptimConfig(lr=1e-2, warmup_fraction=0.05), progress_bar=False)
-    model, losses = train_model(cfg)
+    model, log = train_model(cfg)
     acc = evaluate(model, cfg.data)["average"]
-    assert acc > 0.3, (acc, losses[::20])  # chance is 1 / (V/2) = 0.125
+    assert acc > 0.3, (acc, log.losses[::20])  # chance is 1 / (V/2) = 0.125
 
 
 @pytest.mark.slow
