@@ -70,8 +70,9 @@ def test_bad_model_options_are_refused():
     for bad in ({"init": "xavier"}, {"final_norm": "batchnorm"}):
         with pytest.raises(ConfigError, match="not one of"):
             ModelConfig.from_dict(bad)
-    with pytest.raises(ConfigError, match="arch: mamba only"):
-        ModelConfig.from_dict({"arch": "transformer", "init": "zoology"})
+    for arch in ("transformer", "mamba2"):
+        with pytest.raises(ConfigError, match="the paper's Mamba-1 MQAR init"):
+            ModelConfig.from_dict({"arch": arch, "init": "zoology"})
 
 
 # Data ----------------------------------------------------------------------------------------------------
