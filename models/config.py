@@ -13,19 +13,16 @@ import math
 from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
-from models.typed_config import ConfigError, apply_overrides, from_dict, to_dict
+from models.typed_config import ConfigError, apply_overrides, bounded, check_bounds, from_dict, to_dict
 
 
 @dataclass
 class PolarizeConfig:
-    ones: int = 0
-    zeros: int = 0
+    ones: int = bounded(0, ge=0)
+    zeros: int = bounded(0, ge=0)
     zero_mode: Literal["exact", "reference"] = "exact"
 
     def __post_init__(self):
-        for name in ("ones", "zeros"):
-            if getattr(self, name) < 0:
-                raise ConfigError(f"polarize.{name} must be >= 0, got {getattr(self, name)}")
         if self.zero_mode not in ("exact", "reference"):
             raise ConfigError(f"polarize.zero_mode must be 'exact' or 'reference', got {self.zero_mode!r}")
 
@@ -36,27 +33,22 @@ class PolarizeConfig:
 
 @dataclass
 class SSMConfig:
-    d_state: int = 16  # N learned channels
-    d_conv: int = 4
-    expand: int = 2
-    dt_rank: int | Literal["auto"] = "auto"  # auto: ceil(d_model / 16)
-    dt_min: float = 1e-3
-    dt_max: float = 1e-1
-    dt_init_floor: float = 1e-4
+    d_state: int = bounded(16, gt=0)  # N learned channels
+    d_conv: int = bounded(4, gt=0)
+    expand: int = bounded(2, gt=0)
+    dt_rank: int | Literal["auto"] = bounded("auto", gt=0)  # auto: ceil(d_model / 16)
+    dt_min: float = bounded(1e-3, gt=0)
+    dt_max: float = bounded(1e-1, gt=0)
+    dt_init_floor: float = bounded(1e-4, gt=0)
     conv_bias: bool = True
     proj_bias: bool = False
     # Mamba-2 only (arch: mamba2, models/mamba2.py): d_inner = n_heads x head_dim; B and C are shared by
     # n_groups groups of heads; chunk_size is the SSD algorithm's block length.
-    head_dim: int = 64
-    n_groups: int = 1
-    chunk_size: int = 256
+    head_dim: int = bounded(64, gt=0)
+    n_groups: int = bounded(1, gt=0)
+    chunk_size: int = bounded(256, gt=0)
 
     def __post_init__(self):
-        for name in ("d_state", "d_conv", "expand", "head_dim", "n_groups", "chunk_size"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"ssm.{name} must be > 0, got {getattr(self, name)}")
-        if self.dt_rank != "auto" and self.dt_rank <= 0:
-            raise ConfigError(f"ssm.dt_rank must be > 0 or 'auto', got {self.dt_rank}")
         if not 0 < self.dt_min <= self.dt_max:
             raise ConfigError(f"ssm.dt_min/dt_max must satisfy 0 < dt_min <= dt_max, got {self.dt_min}, {self.dt_max}")
 
@@ -64,14 +56,14 @@ class SSMConfig:
 @dataclass
 class ModelConfig:
     arch: Literal["mamba", "mamba2", "transformer"] = "mamba"
-    d_model: int = 768
-    n_layer: int = 24
-    vocab_size: int = 50277
-    pad_vocab_size_multiple: int = 8
-    norm_eps: float = 1e-5
+    d_model: int = bounded(768, gt=0)
+    n_layer: int = bounded(24, gt=0)
+    vocab_size: int = bounded(50277, gt=0)
+    pad_vocab_size_multiple: int = bounded(8, gt=0)
+    norm_eps: float = bounded(1e-5, gt=0)
     residual_in_fp32: bool = True
     tie_embeddings: bool = True
-    initializer_range: float = 0.02
+    initializer_range: float = bounded(0.02, gt=0)
     rescale_prenorm_residual: bool = True
     # mamba_ssm: its init (Δ from [dt_min, dt_max]). zoology: the polarization paper's MQAR code
     # (every Linear N(0, initializer_range), every bias 0 incl. dt_proj's so Δ starts at softplus(0),
@@ -81,14 +73,12 @@ class ModelConfig:
     ssm: SSMConfig = field(default_factory=SSMConfig)
     polarize: PolarizeConfig = field(default_factory=PolarizeConfig)
     # Transformer only (arch: transformer); ssm and polarize are Mamba only.
-    n_head: int = 4
-    d_ff: int | None = None  # SwiGLU hidden size; None: Llama's 8/3 x d_model rounded up to a multiple of 8
-    rope_theta: float = 10000.0
+    n_head: int = bounded(4, gt=0)
+    d_ff: int | None = bounded(None, gt=0)  # SwiGLU hidden size; None: Llama's 8/3 x d_model rounded up to a multiple of 8
+    rope_theta: float = bounded(10000.0, gt=0)
 
     def __post_init__(self):
-        for name in ("d_model", "n_layer", "vocab_size", "pad_vocab_size_multiple"):
-            if getattr(self, name) <= 0:
-                raise ConfigError(f"model.{name} must be > 0, got {getattr(self, name)}")
+        check_bounds(ModelConfig, vars(self), "model")  # also when built directly: the checks below divide by these
         if self.d_model % 8:
             raise ConfigError(f"model.d_model must be a multiple of 8 (kernel tiling), got {self.d_model}")
         if self.init not in ("mamba_ssm", "zoology") or self.final_norm not in ("rmsnorm", "layernorm"):
@@ -102,11 +92,9 @@ class ModelConfig:
         if self.arch == "transformer":
             if self.polarize.enabled:
                 raise ConfigError("model.polarize applies to arch: mamba only; set polarize.ones/zeros to 0")
-            if self.n_head <= 0 or self.d_model % self.n_head or (self.d_model // self.n_head) % 2:
+            if self.d_model % self.n_head or (self.d_model // self.n_head) % 2:
                 raise ConfigError(f"model.n_head must divide d_model into an even head size (RoPE rotates pairs), "
                                   f"got d_model={self.d_model}, n_head={self.n_head}")
-            if self.d_ff is not None and self.d_ff <= 0:
-                raise ConfigError(f"model.d_ff must be > 0 or null, got {self.d_ff}")
         if self.arch == "mamba2":
             if self.d_inner % self.ssm.head_dim or self.n_heads % self.ssm.n_groups:
                 raise ConfigError(f"mamba2: ssm.head_dim must divide expand x d_model = {self.d_inner} into heads and "

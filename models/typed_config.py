@@ -99,11 +99,11 @@ _BOUND_TESTS = {"gt": (float.__gt__, ">"), "ge": (float.__ge__, ">="), "lt": (fl
                 "le": (float.__le__, "<=")}
 
 
-def check_bounds(obj: Any, prefix: str = "") -> None:
-    """Raise ConfigError for the first field of ``obj`` outside its :func:`bounded` range."""
-    for f in dataclasses.fields(obj):
+def check_bounds(cls: type, values: dict[str, Any], prefix: str = "") -> None:
+    """Raise ConfigError for the first of ``values`` (field name -> value) outside its :func:`bounded` range."""
+    for f in dataclasses.fields(cls):
         bounds = f.metadata.get("bounds")
-        value = getattr(obj, f.name)
+        value = values.get(f.name)
         if not bounds or value is None or isinstance(value, str):
             continue
         for item in value if isinstance(value, (list, tuple)) else [value]:
@@ -125,14 +125,13 @@ def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
         if key not in fields:
             raise ConfigError(f"unknown config key '{where}': {_suggest(key, list(fields))}")
         kwargs[key] = _coerce(value, hints[key], where)
+    check_bounds(cls, kwargs, prefix)  # before __post_init__'s cross-field checks rely on them
     try:
-        obj = cls(**kwargs)
+        return cls(**kwargs)
     except ConfigError:
         raise
     except (TypeError, ValueError) as e:
         raise ConfigError(f"{prefix or cls.__name__}: {e}") from e
-    check_bounds(obj, prefix)
-    return obj
 
 
 def to_dict(obj: Any) -> dict[str, Any]:

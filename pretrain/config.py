@@ -69,13 +69,9 @@ class ScheduleConfig:
 
 @dataclass
 class DistributedConfig:
-    zero_stage: int = 2
+    zero_stage: int = bounded(2, ge=0, le=3)
     backend: Literal["auto", "nccl", "gloo"] = "auto"  # auto: nccl on CUDA, gloo on CPU
     deepspeed: dict[str, Any] = field(default_factory=dict)  # raw DeepSpeed JSON, merged over ours
-
-    def __post_init__(self):
-        if self.zero_stage not in (0, 1, 2, 3):
-            raise ConfigError(f"distributed.zero_stage must be 0, 1, 2 or 3, got {self.zero_stage}")
 
 
 @dataclass

@@ -128,7 +128,7 @@ def test_skipped_step_leaves_parameters_unchanged(tmp_path, data):
     "overrides,message",
     [
         ({"optim.lrr": 1.0}, "unknown config key 'optim.lrr': did you mean 'lr'"),
-        ({"distributed.zero_stage": 4}, "zero_stage must be 0, 1, 2 or 3"),
+        ({"distributed.zero_stage": 4}, "zero_stage must be >= 0 and <= 3"),
         ({"model.preset": "mamba-13m"}, "did you mean 'mamba-130m'"),
         ({"precision.dtype": "fp16"}, "is not one of"),
     ],

@@ -66,3 +66,38 @@ def test_load_yaml_errors(tmp_path):
     good = tmp_path / "good.yaml"
     good.write_text("steps: 5\noptim:\n  lr: 0.1\n")
     assert from_dict(Root, load_yaml(good)).optim.lr == 0.1
+
+
+def _numeric_fields(cls, prefix=""):
+    """(dotted key, field) of every int/float field in a config tree."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            yield from _numeric_fields(tp, f"{prefix}{f.name}.")
+        elif any(t in (int, float) for t in (tp, *typing.get_args(tp), *sum(map(typing.get_args, typing.get_args(tp)), ()))):
+            yield f"{prefix}{f.name}", f
+
+
+def test_every_numeric_training_field_is_bounded_and_checked():
+    """Each int/float key of the training config tree carries bounds, and a value past them is refused
+    naming the key (e.g. a negative warmup)."""
+    import dataclasses
+
+    from pretrain.config import TrainConfig, build_config
+
+    fields = list(_numeric_fields(TrainConfig))
+    assert len(fields) > 30
+    unbounded = [k for k, f in fields if "bounds" not in f.metadata]
+    assert unbounded == [], unbounded
+    for key, f in fields:
+        bounds = f.metadata["bounds"]
+        bad = bounds["gt"] if "gt" in bounds else bounds["ge"] - 1 if "ge" in bounds else \
+            bounds["lt"] if "lt" in bounds else bounds["le"] + 1
+        if f.default_factory is not dataclasses.MISSING:  # a list: one bad item among good ones
+            bad = [*f.default_factory()[:1], bad]
+        with pytest.raises(ConfigError, match=rf"{key.replace('.', '[.]')} must be"):
+            build_config({"model": {"preset": "mamba-tiny"}}, {key: bad})
