@@ -74,7 +74,7 @@ class ModelConfig:
     polarize: PolarizeConfig = field(default_factory=PolarizeConfig)
     # Transformer only (arch: transformer); ssm and polarize are Mamba only.
     n_head: int = bounded(4, gt=0)
-    d_ff: int | None = bounded(None, gt=0)  # SwiGLU hidden size; None: Llama's 8/3 x d_model rounded up to a multiple of 8
+    d_ff: int | None = bounded(None, gt=0)  # SwiGLU hidden size; None: Llama's 8/3 x d_model, rounded up to 8s
     rope_theta: float = bounded(10000.0, gt=0)
 
     def __post_init__(self):

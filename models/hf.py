@@ -213,7 +213,8 @@ def resolve_folder(path_or_repo: str | Path, revision: str | None = None) -> Pat
     if p.is_dir():
         return p
     if p.exists() or not HUB_ID.match(str(path_or_repo)):
-        raise FileNotFoundError(f"{path_or_repo} not found: pass a run directory, an export folder or a Hub id ORG/NAME")
+        raise FileNotFoundError(f"{path_or_repo} not found: pass a run directory, an export folder or a Hub id "
+                                "ORG/NAME")
     from huggingface_hub import snapshot_download
 
     try:

@@ -107,7 +107,7 @@ class DebugConfig:
     # Fault injection for tests: make these steps' loss NaN; send SIGTERM to rank 0 after this step.
     inject_nonfinite_steps: list[int] = bounded(default_factory=list, gt=0)
     signal_at_step: int | None = bounded(None, gt=0)
-    fail_save_at_step: int | None = bounded(None, gt=0)  # the checkpoint of this step fails with ENOSPC after writing its files
+    fail_save_at_step: int | None = bounded(None, gt=0)  # this step's checkpoint fails (ENOSPC) after writing
 
 
 @dataclass

@@ -78,7 +78,7 @@ def _numeric_fields(cls, prefix=""):
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
             yield from _numeric_fields(tp, f"{prefix}{f.name}.")
-        elif any(t in (int, float) for t in (tp, *typing.get_args(tp), *sum(map(typing.get_args, typing.get_args(tp)), ()))):
+        elif int in typing.get_args(tp) or float in typing.get_args(tp) or tp in (int, float):
             yield f"{prefix}{f.name}", f
 
 
