@@ -47,7 +47,7 @@ def run_publish(args: argparse.Namespace) -> int:
     from pretrain.publish import publish
 
     print(publish(args.run, args.repo_id, args.step, args.revision, args.private, args.dry_run, args.license,
-                  force=args.force))
+                  force=args.force, project_url=args.project_url))
     return 0
 
 
@@ -93,8 +93,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="publish a checkpoint to the Hugging Face Hub (model card, tokenizer, stock-transformers weights)",
         description="Consolidate a checkpoint into a Hub-ready folder — model.safetensors (sharded past 2 GB), "
         "config.json for transformers.MambaForCausalLM, generation_config.json, the tokenizer (SentencePiece + "
-        "Hugging Face files with identical ids) and a model card with the training facts and the run's "
-        "lm-eval results (RUN/eval/) — check it, and upload it as one commit to branch stepN (like Pythia) "
+        "Hugging Face files with identical ids) and a model card with the training facts, losses and evaluation "
+        "results of that step (RUN/eval/step-N/; --limit results marked partial) — check it, and upload it as one commit to branch stepN (like Pythia) "
         "unless --revision says otherwise. The token comes from HF_TOKEN or `huggingface-cli login`. "
         "--dry-run DIR writes and checks the folder without uploading.",
     )
@@ -104,6 +104,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--revision", default=None, help="branch to upload to (default: stepN)")
     p.add_argument("--private", action="store_true", help="create the repo as private")
     p.add_argument("--license", default="apache-2.0", help="license in the card metadata (default apache-2.0)")
+    p.add_argument("--project-url", default=None, help="project link in the card (default: the installed "
+                   "package's [project.urls], if any)")
     p.add_argument("--dry-run", metavar="DIR", default=None, help="write the folder to DIR and stop")
     p.add_argument("--force", action="store_true", help="replace an existing --dry-run folder")
     p.set_defaults(func=run_publish)
