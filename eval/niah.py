@@ -251,10 +251,11 @@ def run_niah(model: torch.nn.Module, tok: Tokenizer, cfg: NiahConfig, progress: 
 
 
 # -- outputs ----------------------------------------------------------------------------------------------
-def write_niah(result: dict, out: str | Path, title: str = "") -> dict[str, Path]:
+def write_niah(result: dict, out: str | Path, title: str = "", name: str = "niah") -> dict[str, Path]:
+    """OUT/NAME.json (everything), NAME.csv (one row per cell) and NAME.png (the heatmap)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / "niah.json", "csv": out / "niah.csv", "png": out / "niah.png"}
+    paths = {ext: out / f"{name}.{ext}" for ext in ("json", "csv", "png")}
     paths["json"].write_text(json.dumps(result, indent=2) + "\n")
     with paths["csv"].open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(result["cells"][0]))

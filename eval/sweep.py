@@ -1,9 +1,11 @@
 """`polar eval sweep`: evaluate every (K-th) checkpoint of several runs, resumably, and put baseline and
 polarized runs side by side (a combined table, metric-vs-step curves, NIAH accuracy vs length).
 
-One result file per (run, step, eval): ``RUN/eval/sweep/step_NNNNNNNN/{lm,niah}.json`` holding the
-arguments it was computed with. A file with the same arguments is reused, so an interrupted sweep
-computes only what is missing, and results outlive the checkpoints that rotation deletes later.
+Each evaluation runs as `polar eval lm|niah` would and writes its timestamped result files into the step's
+eval folder, ``RUN/eval/step-N/`` (so the model card of step N sees them too); beside them the sweep keeps
+``sweep-{lm,niah}.json``, the result with the arguments it was computed with. A result with the same
+arguments is reused, so an interrupted sweep computes only what is missing, and results outlive the
+checkpoints that rotation deletes later.
 """
 
 from __future__ import annotations
@@ -11,26 +13,32 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 from pathlib import Path
 
 from tqdm import tqdm
 
-from eval.cli import lm_kwargs, niah_config, parse_lm_args, parse_niah_args
+from eval.options import niah_config, parse_lm_args, parse_niah_args
 from pretrain import checkpoint as ckpt
+
+STEP_DIR_RE = re.compile(r"^step-(\d+)$")
 
 
 def _eval_lm(run: Path, step: int, argv: str) -> dict:
-    from eval.harness import evaluate
+    from eval.harness import run_lm_eval
 
-    return evaluate(str(run), step=step, **lm_kwargs(parse_lm_args(argv)))
+    args = parse_lm_args(argv)
+    args.checkpoint, args.step = str(run), step
+    path = run_lm_eval(args)
+    if path is None:
+        raise RuntimeError(f"lm-eval wrote no result for {run} step {step}: drop --output_path from --lm")
+    return json.loads(path.read_text())
 
 
 def _eval_niah(run: Path, step: int, argv: str) -> dict:
-    from eval.loading import load_for_eval
-    from eval.niah import run_niah
+    from eval.results import evaluate_niah
 
-    model, tok = load_for_eval(run, step)
-    return run_niah(model, tok, niah_config(parse_niah_args(argv)), progress=False)
+    return evaluate_niah(run, step, niah_config(parse_niah_args(argv)), progress=False)[0]
 
 
 EVALUATORS = {"lm": _eval_lm, "niah": _eval_niah}
@@ -46,7 +54,7 @@ def checkpoint_steps(run: Path, every: int) -> list[int]:
 
 
 def result_path(run: Path, step: int, name: str) -> Path:
-    return run / "eval" / "sweep" / ckpt.tag_for(step) / f"{name}.json"
+    return run / "eval" / f"step-{step}" / f"sweep-{name}.json"
 
 
 def load_result(run: Path, step: int, name: str, argv: str) -> dict | None:
@@ -109,8 +117,8 @@ def sweep(runs: list[str | Path], every: int = 1, lm: str | None = None, niah: s
         return None
     rows = []
     for run in runs:  # every stored result, including steps whose checkpoints were rotated away
-        for path in sorted((run / "eval" / "sweep").glob("step_*/*.json")):
-            name, step = path.stem, int(ckpt.TAG_RE.match(path.parent.name)[1])
+        for path in sorted((run / "eval").glob("step-*/sweep-*.json")):
+            name, step = path.stem.removeprefix("sweep-"), int(STEP_DIR_RE.match(path.parent.name)[1])
             if name in evals and (result := load_result(run, step, name, evals[name])) is not None:
                 rows.append({"run": run.name, "step": step, "eval": name, "result": result})
     out = Path(out) if out else runs[0].resolve().parent / "sweep"

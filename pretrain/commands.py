@@ -94,8 +94,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="Consolidate a checkpoint into a Hub-ready folder — model.safetensors (sharded past 2 GB), "
         "config.json for transformers.MambaForCausalLM, generation_config.json, the tokenizer (SentencePiece + "
         "Hugging Face files with identical ids) and a model card with the training facts, losses and evaluation "
-        "results of that step (RUN/eval/step-N/; --limit results marked partial) — check it, and upload it as one commit to branch stepN (like Pythia) "
-        "unless --revision says otherwise. The token comes from HF_TOKEN or `huggingface-cli login`. "
+        "results of that step (RUN/eval/step-N/; --limit results marked partial) — check it, and upload it as "
+        "one commit to branch stepN (like Pythia) unless --revision says otherwise. The token comes from "
+        "HF_TOKEN or `huggingface-cli login`. "
         "--dry-run DIR writes and checks the folder without uploading.",
     )
     p.add_argument("run", help="run directory (runs/NAME) or a checkpoint tag folder")

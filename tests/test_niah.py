@@ -43,7 +43,7 @@ def test_config_refuses_more_distractors_than_values():
 
 
 def test_cli_templates():
-    from eval.cli import niah_config, parse_niah_args
+    from eval.options import niah_config, parse_niah_args
 
     cfg = niah_config(parse_niah_args(r"--needle '#{value}.' --question '\n#' --digits 1 --distractors 8"))
     assert (cfg.needle, cfg.question, cfg.digits, cfg.distractors) == ("#{value}.", "\n#", 1, 8)
