@@ -8,7 +8,8 @@ reference`` the zero channels export as A_log = log(100), i.e. the paper's A = -
 config rides along in config.json under ``polar_mamba`` so loading back is lossless.
 
 mamba_ssm checkpoints (``config.json`` with d_model/n_layer/ssm_cfg and ``pytorch_model.bin``) differ
-only by ``backbone.embedding.weight``; :func:`from_pretrained` reads them too.
+only by ``backbone.embedding.weight``; :func:`from_pretrained` reads them too. The Transformer baseline
+saves to the same folder format (config.json with our config, model.safetensors), loadable by polar only.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from models.build import build_model
 from models.config import ModelConfig
 from models.mamba import MambaLM
 from models.typed_config import ConfigError
@@ -65,10 +67,9 @@ def from_hf_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
 
 def hf_config(cfg: ModelConfig, special_ids: dict[str, int] | None = None) -> dict[str, Any]:
     """config.json content that stock ``transformers.MambaConfig`` reads, plus our own section."""
-    if cfg.arch != "mamba":
-        raise ConfigError(f"Hugging Face export is Mamba-only (model.arch is {cfg.arch!r}): load the run directory "
-                          "or checkpoint itself (pretrain.export.load_model) instead")
     ids = {"pad_token_id": 0, "bos_token_id": 0, "eos_token_id": 0, **(special_ids or {})}
+    if cfg.arch != "mamba":  # no stock transformers class has our Transformer baseline's layout: polar loads it
+        return {"architectures": ["TransformerLM"], "model_type": "polar_transformer", **ids, CONFIG_KEY: cfg.to_dict()}
     return {
         "architectures": ["MambaForCausalLM"],
         "model_type": "mamba",
@@ -188,7 +189,8 @@ def resolve_folder(path_or_repo: str | Path, revision: str | None = None) -> Pat
 
 def from_pretrained(path_or_repo: str | Path, revision: str | None = None,
                     device: str | torch.device = "cpu") -> MambaLM:
-    """Load a MambaLM from a folder written by :func:`save_pretrained`, a transformers or mamba_ssm
+    """Load a MambaLM (or a TransformerLM saved by polar-mamba) from a folder written by
+    :func:`save_pretrained`, a transformers or mamba_ssm
     Mamba checkpoint folder, or a Hub repo id (with optional revision)."""
     folder = resolve_folder(path_or_repo, revision)
     cfg_file = folder / "config.json"
@@ -197,7 +199,7 @@ def from_pretrained(path_or_repo: str | Path, revision: str | None = None,
     cfg = config_from_json(json.loads(cfg_file.read_text()))
     sd = from_hf_state_dict(_read_weights(folder), cfg)
     with torch.device("meta"):
-        model = MambaLM(cfg)
+        model = build_model(cfg)
     missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)
     if missing or unexpected:
         raise ConfigError(f"{folder}: weights do not match the config (missing {missing[:3]}, "

@@ -55,7 +55,7 @@ def load_checkpoint_model(ckpt_dir: Path, tag: str) -> tuple[nn.Module, dict]:
 
 def load_model(path: str | Path, step: int | None = None) -> nn.Module:
     """A MambaLM or TransformerLM from a run directory (latest checkpoint, or ``step``), a tag folder, or
-    an export (Mamba only)."""
+    an export."""
     loc = checkpoint_location(path, step)
     if loc is not None:
         return load_checkpoint_model(*loc)[0]

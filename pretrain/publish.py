@@ -11,6 +11,7 @@ import json
 import time
 from pathlib import Path
 
+from pretrain import checkpoint as ckpt
 from pretrain.export import checkpoint_location, checkpoint_step, eval_folder, export
 
 REQUIRED = ("config.json", "generation_config.json", "README.md", "tokenizer.json", "tokenizer_config.json",
@@ -33,6 +34,9 @@ def build_folder(run: str | Path, out: str | Path, repo_id: str, step: int | Non
     if loc is None:
         raise FileNotFoundError(f"no checkpoints under {run}: pass a run directory written by polar train")
     run_dir, step_n = loc[0].parent, checkpoint_step(loc[1])
+    if (arch := ckpt.read_state(*loc)["config"]["model"].get("arch", "mamba")) != "mamba":
+        raise PublishError(f"{run} is a {arch} run: publishing is Mamba-only (the card and checks promise stock "
+                           "transformers' MambaForCausalLM); use polar export for a folder polar loads")
     results = read_step_results(eval_folder(run, step_n), step_n)
 
     def finish(folder: Path, model, state: dict) -> None:

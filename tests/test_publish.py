@@ -188,5 +188,17 @@ def test_sharded_weights_round_trip(runs, tmp_path):
                                    rtol=1e-4, atol=1e-5)
 
 
+def test_export_writes_the_generation_config_publish_writes(runs, tmp_path):
+    from pretrain.export import export
+
+    exported = export(runs["base"], tmp_path / "export")
+    published = build_folder(runs["base"], tmp_path / "hub", "org/x")
+    gen = json.loads((exported / "generation_config.json").read_text())
+    assert gen == json.loads((published / "generation_config.json").read_text())
+    tok = Tokenizer.load(exported)
+    assert (gen["bos_token_id"], gen["eos_token_id"], gen["pad_token_id"], gen["do_sample"]) == (
+        tok.bos_id, tok.eos_id, tok.pad_id, False)
+
+
 def test_verify_accepts_a_complete_folder(runs, tmp_path):
     verify_folder(build_folder(runs["polar"], tmp_path / "hub", "org/x"))
