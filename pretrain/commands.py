@@ -9,6 +9,63 @@ EXIT_CODES = "Exit codes: 0 done, 75 checkpointed after SIGTERM/SIGUSR1 (run aga
              "after repeated non-finite losses."
 
 
+def _field_comments(cls: type) -> dict[str, str]:
+    """``name: type = default  # comment`` -> {name: comment}, read from the dataclass's source."""
+    import inspect
+    import re
+
+    return {m[1]: m[2].strip() for m in re.finditer(r"^\s+(\w+)\s*:[^#\n]*#\s*(.+)$", inspect.getsource(cls), re.M)}
+
+
+def _default_text(value) -> str:
+    import json
+
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def config_reference() -> str:
+    """Every config key of `polar train` with its type, default and comment, generated from the TrainConfig
+    dataclasses (so it cannot drift from the code)."""
+    import dataclasses
+    import typing
+
+    from pretrain.config import TrainConfig
+
+    lines = ["config keys (YAML sections; override any with --SECTION.KEY VALUE; model: {preset: NAME} "
+             "starts from a preset):"]
+
+    def walk(obj, prefix: str) -> None:
+        hints, comments = typing.get_type_hints(type(obj)), _field_comments(type(obj))
+        for f in dataclasses.fields(obj):
+            value, key = getattr(obj, f.name), prefix + f.name
+            if dataclasses.is_dataclass(value):
+                lines.append(f"  [{key}]")
+                walk(value, key + ".")
+                continue
+            choices = typing.get_args(hints[f.name]) if typing.get_origin(hints[f.name]) is typing.Literal else ()
+            hint = hints[f.name]
+            kind = ("|".join(map(str, choices)) if choices
+                    else hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", ""))
+            note = f"  # {comments[f.name]}" if f.name in comments else ""
+            lines.append(f"  --{key} {_default_text(value)}  ({kind}){note}")
+
+    walk(TrainConfig(), "")
+    return "\n".join(lines)
+
+
+class ConfigHelp(argparse.Action):
+    """-h/--help that also prints the config reference (generated on demand: it imports the model code)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.print_help()
+        print()
+        print(config_reference())
+        parser.exit()
+
+
 def _config(args: argparse.Namespace):
     from models.typed_config import parse_override_args
     from pretrain.config import load_config
@@ -47,29 +104,31 @@ def run_publish(args: argparse.Namespace) -> int:
     from pretrain.publish import publish
 
     print(publish(args.run, args.repo_id, args.step, args.revision, args.private, args.dry_run, args.license,
-                  force=args.force, project_url=args.project_url))
+                  force=args.force, project_url=args.project_url, out=args.out))
     return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "train",
+        "train", add_help=False,
         help="train a model from a YAML recipe (DeepSpeed ZeRO; resumes automatically)",
         description="Train from a YAML recipe with DeepSpeed ZeRO. Override any key with dotted flags "
         "(--optim.lr 1e-3 --model.n_layer 12). Run one process directly, or several under torchrun / the "
         "deepspeed launcher / srun (torchrun --nproc_per_node 2 -m pretrain.cli train CONFIG). If "
         "RUN/checkpoints/latest exists the run resumes from it; a finished run reports and exits. " + EXIT_CODES,
     )
+    p.add_argument("-h", "--help", action=ConfigHelp, help="show this help, with every config key and its default")
     p.add_argument("config", help="YAML recipe, e.g. configs/demo-cpu.yaml")
     p.set_defaults(func=run_train, accepts_overrides=True)
 
     p = sub.add_parser(
-        "plan",
+        "plan", add_help=False,
         help="print a recipe's parameters, tokens, steps, FLOPs and GPU-hours",
         description="Budget a recipe without training: counted parameters, token budget (Chinchilla "
         "tokens_per_param x params unless steps/tokens are explicit), optimizer steps, tokens per parameter, "
         "training FLOPs (counted per op, 3x forward) and GPU-hours at a given MFU. Accepts dotted overrides.",
     )
+    p.add_argument("-h", "--help", action=ConfigHelp, help="show this help, with every config key and its default")
     p.add_argument("config", help="YAML recipe, e.g. configs/chinchilla-130m.yaml")
     p.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation (default 0.4)")
     p.add_argument("--gpu", default="H100", help="GPU model for the peak FLOP/s table (default H100)")
@@ -97,7 +156,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "results of that step (RUN/eval/step-N/; --limit results marked partial) — check it, and upload it as "
         "one commit to branch stepN (like Pythia) unless --revision says otherwise. The token comes from "
         "HF_TOKEN or `huggingface-cli login`. "
-        "--dry-run DIR writes and checks the folder without uploading.",
+        "--dry-run builds and checks the folder without uploading (into --out, default RUN/hub/step-N).",
     )
     p.add_argument("run", help="run directory (runs/NAME) or a checkpoint tag folder")
     p.add_argument("--repo-id", required=True, help="ORG/NAME on the Hub (created if missing)")
@@ -107,6 +166,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--license", default="apache-2.0", help="license in the card metadata (default apache-2.0)")
     p.add_argument("--project-url", default=None, help="project link in the card (default: the installed "
                    "package's [project.urls], if any)")
-    p.add_argument("--dry-run", metavar="DIR", default=None, help="write the folder to DIR and stop")
-    p.add_argument("--force", action="store_true", help="replace an existing --dry-run folder")
+    p.add_argument("--dry-run", action="store_true", help="build and check the folder, do not upload")
+    p.add_argument("--out", metavar="DIR", default=None, help="folder to build (default: a temporary one; "
+                   "RUN/hub/step-N with --dry-run)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out folder")
     p.set_defaults(func=run_publish)

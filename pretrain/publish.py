@@ -117,10 +117,11 @@ def upload(folder: str | Path, repo_id: str, revision: str, private: bool, messa
 
 
 def publish(run: str | Path, repo_id: str, step: int | None = None, revision: str | None = None,
-            private: bool = False, dry_run: str | Path | None = None, license: str = "apache-2.0",
+            private: bool = False, dry_run: bool = False, license: str = "apache-2.0",
             max_shard_bytes: int = DEFAULT_SHARD_BYTES, force: bool = False, api=None,
-            project_url: str | None = None) -> str:
-    """Build (into ``dry_run`` or a temporary folder), verify, and unless ``dry_run`` upload."""
+            project_url: str | None = None, out: str | Path | None = None) -> str:
+    """Build the folder into ``out`` (default: a temporary folder; RUN/hub/step-N with ``dry_run``), verify
+    it, and unless ``dry_run`` upload it."""
     import tempfile
 
     loc = checkpoint_location(run, step)
@@ -128,12 +129,14 @@ def publish(run: str | Path, repo_id: str, step: int | None = None, revision: st
         raise FileNotFoundError(f"no checkpoints under {run}: pass a run directory written by polar train")
     tag = loc[1]
     step_n = checkpoint_step(tag)
+    if out is None and dry_run:
+        out = loc[0].parent / "hub" / f"step-{step_n}"
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(dry_run) if dry_run else Path(tmp) / "folder"
-        build_folder(run, out, repo_id, step_n, license, max_shard_bytes=max_shard_bytes, force=force,
+        folder = Path(out) if out else Path(tmp) / "folder"
+        build_folder(run, folder, repo_id, step_n, license, max_shard_bytes=max_shard_bytes, force=force,
                      project_url=project_url, revision=revision)
-        verify_folder(out)
+        verify_folder(folder)
         if dry_run:
-            return f"wrote {out} (checked; not uploaded)"
-        url = upload(out, repo_id, revision or f"step{step_n}", private, f"polar-mamba {tag}", api=api)
+            return f"wrote {folder} (checked; not uploaded)"
+        url = upload(folder, repo_id, revision or f"step{step_n}", private, f"polar-mamba {tag}", api=api)
         return f"uploaded {run} {tag} to {repo_id}@{revision or f'step{step_n}'}: {url}"

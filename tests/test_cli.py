@@ -67,3 +67,53 @@ def test_torch_backend_forced(monkeypatch):
     assert dispatch.choose_backend("cpu") == "torch"
     monkeypatch.setenv("POLAR_KERNELS", "auto")
     assert dispatch.choose_backend("cpu") == "torch"
+
+
+def _leaves(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_leaves(v, f"{prefix}{k}.") if isinstance(v, dict) and k != "deepspeed" else {prefix + k: v})
+    return out
+
+
+@pytest.mark.parametrize("command", ["train", "plan"])
+def test_help_lists_every_config_key_with_its_default(capsys, command):
+    """Checked against the dataclasses: every leaf of TrainConfig() appears as --KEY DEFAULT, nothing else."""
+    import json
+
+    from pretrain.config import TrainConfig
+
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    listed = dict(re.findall(r"^  --((?:\w+\.)+\w+) (.+?)  \(", out, re.M))
+    expected = _leaves(TrainConfig().to_dict())
+    assert set(listed) == set(expected)
+    for key, value in expected.items():
+        assert listed[key] == (value if isinstance(value, str) else json.dumps(value)), key
+
+
+def test_one_flag_grammar_across_subcommands():
+    """--dry-run is a switch, --out a folder, --nproc-per-node the process count, wherever they appear."""
+    from pretrain.cli import build_parser
+
+    def options(parser, path=()):
+        sub = [a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction"]
+        if not sub:
+            yield path, parser
+        for action in sub:
+            for name, child in action.choices.items():
+                yield from options(child, (*path, name))
+
+    seen = set()
+    for path, parser in options(build_parser()):
+        for a in parser._actions:
+            for flag in a.option_strings:
+                seen.add(flag)
+                if flag == "--dry-run":
+                    assert a.nargs == 0, path
+                if flag == "--out":
+                    assert "folder" in a.help or "DIR" in (a.metavar or ""), (path, a.help)
+                assert flag not in ("--nproc", "--output", "--outdir"), path
+    assert {"--dry-run", "--out", "--nproc-per-node"} <= seen

@@ -38,7 +38,7 @@ def runs(tmp_path_factory, data):
 @pytest.mark.parametrize("variant", ["base", "polar"])
 def test_dry_run_folder_loads_in_stock_transformers(runs, data, tmp_path, variant):
     folder = tmp_path / "hub"
-    publish(runs[variant], "org/tiny", dry_run=folder)
+    publish(runs[variant], "org/tiny", dry_run=True, out=folder)
     ours_tok, hf_tok = Tokenizer.load(data["tokenizer"]), AutoTokenizer.from_pretrained(folder)
     rng = random.Random()
     text = "".join(rng.choice(["ROMEO: ", "thou art", "\n", "  ", "é", "ß", "🙂", "Kiss me.", "x"]) for _ in range(40))
@@ -198,6 +198,13 @@ def test_export_writes_the_generation_config_publish_writes(runs, tmp_path):
     tok = Tokenizer.load(exported)
     assert (gen["bos_token_id"], gen["eos_token_id"], gen["pad_token_id"], gen["do_sample"]) == (
         tok.bos_id, tok.eos_id, tok.pad_id, False)
+
+
+def test_cli_dry_run_is_a_switch_building_into_the_run(runs):
+    from pretrain.cli import main
+
+    assert main(["publish", str(runs["base"]), "--repo-id", "org/x", "--dry-run", "--step", "2"]) == 0
+    verify_folder(runs["base"] / "hub" / "step-2")
 
 
 def test_verify_accepts_a_complete_folder(runs, tmp_path):
