@@ -74,6 +74,9 @@ def _config(args: argparse.Namespace):
 
 
 def run_train(args: argparse.Namespace) -> int:
+    from pretrain.console import quiet_deepspeed_accelerator
+
+    quiet_deepspeed_accelerator()
     from pretrain.trainer import train
 
     return train(_config(args))
