@@ -83,15 +83,32 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_plan(args: argparse.Namespace) -> int:
+    from pretrain.memory import per_gpu_memory
     from pretrain.schedule import plan
 
-    p = plan(_config(args), args.mfu, args.gpu, args.gpus)
+    cfg = _config(args)
+    p = plan(cfg, args.mfu, args.gpu, args.gpus)
     print(f"parameters        {p['params']:,}")
     print(f"tokens            {p['tokens']:,} ({p['tokens_per_param']:.1f} per parameter)")
     print(f"steps             {p['steps']:,} x {p['tokens_per_step']:,} tokens (warmup {p['warmup_steps']:,})")
     print(f"training FLOPs    {p['train_flops']:.3e}")
     print(f"GPU-hours         {p['gpu_hours']:,.1f} on {p['gpu']} at {p['mfu']:.0%} MFU "
           f"({p['wall_hours']:,.1f} h on {p['gpus']} GPUs)")
+    data, per_step = cfg.data, cfg.data.micro_batch_size * args.gpus
+    if data.global_batch_size % per_step:
+        print(f"warning: data.global_batch_size {data.global_batch_size} is not a multiple of micro_batch_size x "
+              f"GPUs = {data.micro_batch_size} x {args.gpus}: polar train will refuse it; use a global batch of "
+              f"{max(per_step, data.global_batch_size // per_step * per_step)} or another --gpus")
+    else:
+        print(f"batch             {data.global_batch_size} = {data.micro_batch_size} per GPU x {args.gpus} GPUs x "
+              f"{data.global_batch_size // per_step} accumulation steps")
+    mem = per_gpu_memory(cfg.model, p["params"], cfg.distributed.zero_stage, args.gpus, data.micro_batch_size,
+                         data.seq_len, "fp32" if cfg.precision.dtype == "fp32" else "bf16")
+    gib = {k: v / 2**30 for k, v in mem.items()}
+    print(f"memory per GPU    ~{gib['total']:.2f} GiB = parameters {gib['params']:.2f} + gradients {gib['grads']:.2f} + "
+          f"AdamW {gib['optimizer']:.2f} (ZeRO-{cfg.distributed.zero_stage} over {args.gpus}) + activations "
+          f"{gib['activations']:.2f} (micro-batch {data.micro_batch_size} x {data.seq_len}); plus ~0.5-1 GiB of "
+          "CUDA context and workspaces")
     return 0
 
 
@@ -129,13 +146,16 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="print a recipe's parameters, tokens, steps, FLOPs and GPU-hours",
         description="Budget a recipe without training: counted parameters, token budget (Chinchilla "
         "tokens_per_param x params unless steps/tokens are explicit), optimizer steps, tokens per parameter, "
-        "training FLOPs (counted per op, 3x forward) and GPU-hours at a given MFU. Accepts dotted overrides.",
+        "training FLOPs (counted per op, 3x forward), GPU-hours at a given MFU, the batch split over --gpus (with a "
+        "warning when it does not divide) and the memory per GPU (model state by ZeRO stage, activations at the "
+        "micro-batch). Accepts dotted overrides.",
     )
     p.add_argument("-h", "--help", action=ConfigHelp, help="show this help, with every config key and its default")
     p.add_argument("config", help="YAML recipe, e.g. configs/chinchilla-130m.yaml")
     p.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation (default 0.4)")
     p.add_argument("--gpu", default="H100", help="GPU model for the peak FLOP/s table (default H100)")
-    p.add_argument("--gpus", type=int, default=8, help="GPUs in the job, for wall-clock hours (default 8)")
+    p.add_argument("--gpus", type=int, default=8, help="GPUs in the job, for wall-clock hours, the batch split and "
+                   "memory per GPU (default 8)")
     p.set_defaults(func=run_plan, accepts_overrides=True)
 
     p = sub.add_parser(
