@@ -107,8 +107,8 @@ def run_plan(args: argparse.Namespace) -> int:
     gib = {k: v / 2**30 for k, v in mem.items()}
     print(f"memory per GPU    ~{gib['total']:.2f} GiB = parameters {gib['params']:.2f} + gradients "
           f"{gib['grads']:.2f} + AdamW {gib['optimizer']:.2f} (ZeRO-{cfg.distributed.zero_stage} over {args.gpus}) "
-          f"+ activations {gib['activations']:.2f} (micro-batch {data.micro_batch_size} x {data.seq_len}); plus ~0.5-1 GiB of "
-          "CUDA context and workspaces")
+          f"+ activations {gib['activations']:.2f} (micro-batch {data.micro_batch_size} x {data.seq_len}); "
+          "plus ~0.5-1 GiB of CUDA context and workspaces")
     return 0
 
 
