@@ -29,7 +29,7 @@ import torch
 
 from models.build import build_model
 from pretrain import checkpoint as ckpt
-from pretrain.config import TrainConfig
+from pretrain.config import TrainConfig, resolve_precision
 from pretrain.data import DistributedSampleLoader, PackedDataset, TokenShards
 from pretrain.engine import build_engine, grad_accumulation_steps, init_distributed, set_lr
 from pretrain.metrics import MetricsSink, loss_summary, peak_flops, plot_loss, train_flops_per_token
@@ -53,6 +53,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.env = init_distributed(cfg)
+        cfg.precision.dtype = resolve_precision(cfg.precision.dtype, self.env.device.type)  # the run records it
         self.is_main = self.env.rank == 0
         self.run_dir = cfg.run.dir
         self.ckpt_dir = self.run_dir / "checkpoints"

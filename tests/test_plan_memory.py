@@ -59,3 +59,14 @@ def test_plan_prints_batch_split_memory_and_warns_on_indivisible_batch(capsys):
     assert main(["plan", "configs/chinchilla-130m.yaml", "--gpus", "12"]) == 0
     out = capsys.readouterr().out
     assert "warning: data.global_batch_size 256 is not a multiple of micro_batch_size x GPUs = 16 x 12" in out
+
+
+@pytest.mark.parametrize("dtype,device,bf16_ok,expected", [
+    ("auto", "cpu", True, "fp32"), ("auto", "cuda", True, "bf16"), ("auto", "cuda", False, "fp32"),
+    ("bf16", "cpu", False, "bf16"), ("fp32", "cuda", True, "fp32")])
+def test_precision_auto_picks_bf16_only_on_a_capable_gpu(monkeypatch, dtype, device, bf16_ok, expected):
+    from pretrain.config import TrainConfig, resolve_precision
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: bf16_ok)
+    assert resolve_precision(dtype, device) == expected
+    assert TrainConfig().precision.dtype == "auto"

@@ -28,6 +28,7 @@ def runs(tmp_path_factory, data):
     out = {}
     for name, preset in (("base", "mamba-tiny"), ("polar", "mamba-tiny-polar")):
         cfg = write_config(base, data, name=name, schedule={"steps": 4}, distributed={"zero_stage": 0},
+                           precision={"dtype": "auto"},  # resolved (fp32 on CPU) and recorded by the run
                            model={"preset": preset}, eval={"every": 2},
                            checkpoint={"every": 2})
         ok(train(cfg))
@@ -98,7 +99,7 @@ def test_card_numbers_all_come_from_the_published_step(runs, tmp_path, step):
     assert float(rows["toy_partial"][4]) == round(accs[step] / 2, 4) and "3 of 8 (partial)" in rows["toy_partial"][6]
     assert "sample_len" not in text and "0.999" not in text
     assert "polarized-ssm" in card.data.tags and card.data.license == "apache-2.0"
-    assert "1 fixed at A=1" in text and f"| steps | {step} of 4" in text
+    assert "1 fixed at A=1" in text and f"| steps | {step} of 4" in text and "| fp32, DeepSpeed ZeRO-0 |" in text
     assert "## Intended use and limitations" in text
     for command in ("polar tokenizer train --dataset builtin:shakespeare --vocab-size 512",
                     "polar prepare --dataset builtin:shakespeare", "torchrun --standalone --nproc-per-node 1",
