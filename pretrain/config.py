@@ -119,6 +119,10 @@ class LoggingConfig:
     every: int = 10  # steps between console/JSONL lines (JSONL gets every step when 1)
     wandb: Literal["disabled", "offline", "online"] = "disabled"
     wandb_project: str = "polar-mamba"
+    wandb_entity: str | None = None  # team or user (default: wandb's own default)
+    wandb_group: str | None = None  # groups runs in the wandb UI, e.g. one per sweep
+    wandb_tags: list[str] = field(default_factory=list)
+    sample_prompt: str | None = None  # end-of-run sample; default: the first line of the first validation document
     progress_bar: bool = True
     max_nonfinite_steps: int = 5  # this many non-finite steps in a row stop the run
 

@@ -106,8 +106,10 @@ class Trainer:
         if self.is_main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(cfg.to_yaml())
-        self.metrics = MetricsSink(self.run_dir, cfg.to_dict(), cfg.logging.wandb, cfg.logging.wandb_project,
-                                   self.state.step, enabled=self.is_main)
+        lc = cfg.logging
+        self.metrics = MetricsSink(self.run_dir, cfg.to_dict(), lc.wandb, lc.wandb_project, self.state.step,
+                                   enabled=self.is_main, wandb_args={"entity": lc.wandb_entity,
+                                                                     "group": lc.wandb_group, "tags": lc.wandb_tags})
         self.flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len)
         device_name = torch.cuda.get_device_name() if self.env.device.type == "cuda" else "cpu"
         self.peak = peak_flops(device_name, cfg.precision.dtype)
@@ -309,7 +311,23 @@ class Trainer:
                 self._print(f"loss curve: {plot}")
         # ZeRO-3 partitions the weights, so a rank-0-only generation would hang; export first then.
         if self.is_main and self.cfg.data.tokenizer and self.cfg.distributed.zero_stage < 3:
-            self._print("sample: " + self.sample("ROMEO:", 60))
+            self._print("sample: " + self.sample(self.sample_prompt(), 60))
+
+    def sample_prompt(self) -> str:
+        """``logging.sample_prompt``, else the first non-empty line of the first validation (or training)
+        document, cut at a word to at most 16 tokens: a prompt in the style of the data, whatever the data is."""
+        from tokenizer import Tokenizer
+
+        if self.cfg.logging.sample_prompt:
+            return self.cfg.logging.sample_prompt
+        tok, shards = Tokenizer.load(self.cfg.data.tokenizer), (self.val_data or self.train_data).tokens
+        ids = [int(i) for i in shards.read(0, min(512, shards.num_tokens))]
+        while ids and ids[0] == tok.eos_id:  # documents are joined with EOS
+            ids = ids[1:]
+        text = tok.decode(ids[: ids.index(tok.eos_id)] if tok.eos_id in ids else ids)
+        words = next((line for line in text.splitlines() if line.strip()), text).split(" ")
+        fits = [k for k in range(1, len(words) + 1) if len(tok.encode(" ".join(words[:k]))) <= 16]
+        return " ".join(words[: fits[-1]]) if fits else tok.decode(tok.encode(words[0])[:16])
 
     def sample(self, prompt: str, max_new_tokens: int) -> str:
         """A short sample from the current weights (rank 0, temperature 0.8, top-k 50, fixed seed)."""
