@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 
 EXIT_CODES = "Exit codes: 0 done, 75 checkpointed after SIGTERM/SIGUSR1 (run again to resume), 3 stopped " \
@@ -73,13 +74,41 @@ def _config(args: argparse.Namespace):
     return load_config(args.config, parse_override_args(args.overrides))
 
 
+def finished_run_report(cfg) -> str | None:
+    """The report of a run whose latest checkpoint already reached its step budget, read from its files
+    (nothing is built, no wandb run is opened); None when there is training left to do."""
+    import torch
+
+    from models.build import build_model
+    from pretrain.export import checkpoint_location, checkpoint_step
+    from pretrain.metrics import loss_summary
+    from pretrain.schedule import make_budget
+
+    loc = checkpoint_location(cfg.run.dir)
+    if loc is None:
+        return None
+    step = checkpoint_step(loc[1])
+    with torch.device("meta"):
+        params = build_model(cfg.model).num_parameters()
+    steps = make_budget(cfg, params).steps
+    if step < steps:
+        return None
+    return (f"run already finished at step {step} of {steps} ({cfg.run.dir}): nothing to do (raise schedule.steps "
+            f"to train on, or start a new run.name)\nloss: {loss_summary(cfg.run.dir)}")
+
+
 def run_train(args: argparse.Namespace) -> int:
     from pretrain.console import quiet_deepspeed_accelerator
 
+    cfg = _config(args)
+    if (report := finished_run_report(cfg)) is not None:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(report)
+        return 0
     quiet_deepspeed_accelerator()
     from pretrain.trainer import train
 
-    return train(_config(args))
+    return train(cfg)
 
 
 def run_plan(args: argparse.Namespace) -> int:
