@@ -7,6 +7,7 @@ base and the rest override them; the resolved config (saved in the run directory
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -185,7 +186,18 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def build_config(data: dict[str, Any], overrides: dict[str, Any] | None = None) -> TrainConfig:
     """A validated TrainConfig from a nested dict plus dotted overrides."""
     merged = apply_overrides(data, overrides or {})
-    return from_dict(TrainConfig, _expand_model_preset(merged))
+    return from_dict(TrainConfig, _expand_model_preset(_vocab_from_tokenizer(merged)))
+
+
+def _vocab_from_tokenizer(data: dict[str, Any]) -> dict[str, Any]:
+    """model.vocab_size, when neither the recipe nor its preset sets it, is data.tokenizer's vocabulary."""
+    model, tok = data.get("model"), (data.get("data") or {}).get("tokenizer")
+    if not isinstance(model, dict) or "vocab_size" in model or "vocab_size" in PRESETS.get(model.get("preset"), {}):
+        return data
+    meta = Path(str(tok)) / "polar_tokenizer.json"
+    if not tok or not meta.is_file():
+        return data
+    return {**data, "model": {**model, "vocab_size": json.loads(meta.read_text())["vocab_size"]}}
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:

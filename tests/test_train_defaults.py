@@ -45,3 +45,15 @@ def test_wandb_gets_entity_group_and_tags(tmp_path, monkeypatch):
     (kw,) = calls
     assert (kw["entity"], kw["group"], kw["tags"], kw["project"], kw["mode"]) == ("lab", "sweep-1", ["polar", "130m"],
                                                                                  "proj", "offline")
+
+
+def test_vocab_size_comes_from_the_tokenizer_when_unset(data):
+    from pretrain.config import build_config
+
+    vocab = Tokenizer.load(data["tokenizer"]).vocab_size
+    base = {"data": {"path": data["path"], "tokenizer": data["tokenizer"]}}
+    assert build_config({**base, "model": {"d_model": 32, "n_layer": 1}}).model.vocab_size == vocab
+    assert build_config({**base, "model": {"preset": "mamba-130m"}}).model.vocab_size == vocab
+    assert build_config({**base, "model": {"d_model": 32, "vocab_size": 1000}}).model.vocab_size == 1000
+    assert build_config({**base, "model": {"preset": "mamba-130m"}}, {"model.vocab_size": 640}).model.vocab_size == 640
+    assert build_config({"model": {"d_model": 32}}).model.vocab_size == 50277  # no tokenizer: the default
