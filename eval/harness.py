@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import subprocess
 from pathlib import Path
+from unittest import mock
 
 import lm_eval.models  # noqa: F401  (registers the built-in models first: lm-eval only does so when none is)
 import torch
@@ -183,6 +185,15 @@ def lm_eval_namespace(args: argparse.Namespace) -> argparse.Namespace:
     return ns
 
 
+def git_hash_quietly() -> str | None:
+    """lm-eval's get_git_commit_hash (recorded in the result file), without git's "fatal: not a git repository"
+    on the terminal when the evaluation runs outside a repository."""
+    try:
+        return subprocess.check_output(["git", "describe", "--always"], stderr=subprocess.DEVNULL).strip().decode()
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return None
+
+
 def run_lm_eval(args: argparse.Namespace) -> Path | None:
     """Run lm-eval's own `run` command on the completed arguments; returns the result file it wrote
     (None without an output path)."""
@@ -196,6 +207,7 @@ def run_lm_eval(args: argparse.Namespace) -> Path | None:
         return set() if folder is None else {p for p in folder.rglob("*.json") if not p.name.startswith("samples_")}
 
     before = results()
-    Run._execute(ns)
+    with mock.patch("lm_eval.evaluator.get_git_commit_hash", git_hash_quietly):
+        Run._execute(ns)
     new = sorted(results() - before, key=lambda p: p.stat().st_mtime)
     return new[-1] if new else None

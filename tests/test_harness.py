@@ -189,8 +189,11 @@ LM_ARGS = ["--tasks", "polar_nextline,polar_lastword", "--limit", "3", "--device
 
 
 @pytest.mark.slow
-def test_eval_lm_keeps_every_result_in_its_step_folder(tiny_run, offline_tasks, offline_task_index):
+def test_eval_lm_keeps_every_result_in_its_step_folder(tiny_run, offline_tasks, offline_task_index, tmp_path,
+                                                      monkeypatch, capfd):
     from pretrain.cli import main
+
+    monkeypatch.chdir(tmp_path)  # outside any git repository: git's complaint must not reach the terminal
 
     def results(s):  # the run fixture is shared: count only this test's files
         return set((tiny_run / "eval" / f"step-{s}").glob("lm_*.json"))
@@ -209,6 +212,7 @@ def test_eval_lm_keeps_every_result_in_its_step_folder(tiny_run, offline_tasks, 
     assert data[3][0]["results"] == data[3][1]["results"]
     ppl = {s: data[s][0]["results"]["polar_lastword"]["perplexity,none"] for s in (3, 5)}
     assert ppl[3] != ppl[5]  # different checkpoints were scored
+    assert "not a git repository" not in capfd.readouterr().err
 
 
 @pytest.mark.slow
