@@ -200,10 +200,12 @@ def test_eval_lm_keeps_every_result_in_its_step_folder(tiny_run, offline_tasks, 
 
     before = {s: results(s) for s in (3, 5)}
     args = [*LM_ARGS, "--include_path", str(offline_tasks)]
-    for step in ([], ["--step", "3"], ["--step", "3"]):
+    for step in (["--log_samples"], ["--step", "3"], ["--step", "3"]):
         assert main(["eval", "lm", str(tiny_run), *step, *args]) == 0
     files = {s: sorted(results(s) - before[s]) for s in (3, 5)}
     assert [len(files[3]), len(files[5])] == [2, 1]  # the second call kept the first result
+    (samples,) = {p.name for p in (tiny_run / "eval" / "step-5").glob("samples_polar_lastword_*.jsonl")} & {
+        f"samples_polar_lastword_{files[5][0].stem.removeprefix('lm_')}.jsonl"}  # --log_samples, beside its result
     data = {s: [json.loads(p.read_text()) for p in files[s]] for s in (3, 5)}
     for s, results in data.items():
         for d in results:
