@@ -46,7 +46,8 @@ def run_mqar_eval(args: argparse.Namespace) -> int:
             raise ConfigError(f"{path} is not an MQAR cell folder: pass --config CONFIG for the eval stages")
         model = load_model(path, args.step).to(default_device())
     accs = evaluate(model, cfg.data)
-    out = Path(args.out) if args.out else path / "mqar_eval.json"
+    out = (Path(args.out) if args.out else path) / "mqar_eval.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(accs, indent=2) + "\n")
     for k, v in accs.items():
         print(f"{k:>16}  {100 * v:6.2f}%")
@@ -54,13 +55,23 @@ def run_mqar_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def default_diagnose_out(target: str, step: int | None) -> Path:
+    """Like the eval commands: the first target's eval folder (RUN/eval/step-N/diagnose; a config YAML's
+    runs/diagnose/NAME)."""
+    from pretrain.export import eval_folder
+
+    path = Path(target)
+    return Path("runs") / "diagnose" / path.stem if path.is_file() else eval_folder(path, step) / "diagnose"
+
+
 def run_diagnose(args: argparse.Namespace) -> int:
     from eval.diagnostics import diagnose, load_target
 
     names = [Path(t).stem if Path(t).is_file() else Path(t).name for t in args.targets]
     models = {name: load_target(t, args.step) for name, t in zip(names, args.targets)}
-    diagnose(models, Path(args.out), args.batch, args.seq_len, args.seed)
-    print(f"wrote recency, oversmoothing and a_range .json/.png to {args.out}")
+    out = Path(args.out) if args.out else default_diagnose_out(args.targets[0], args.step)
+    diagnose(models, out, args.batch, args.seq_len, args.seed)
+    print(f"wrote recency, oversmoothing and a_range .json/.png to {out}")
     return 0
 
 
@@ -90,12 +101,12 @@ def register(sub: argparse._SubParsersAction) -> None:
         description="With a sweep CONFIG: re-score every trained cell and rewrite the table. With a cell folder "
         "(OUT/NAME/VARIANT-LN): score it on its own eval stages (or --config's). With a run directory, "
         "checkpoint tag or exported folder: score it on --config's eval stages (its vocabulary must cover "
-        "data.vocab_size). Writes TARGET/mqar_eval.json unless --out.",
+        "data.vocab_size). Writes mqar_eval.json to --out (default: TARGET).",
     )
     e.add_argument("target", help="sweep config YAML, cell folder, run directory or exported folder")
     e.add_argument("--config", default=None, help="MQAR config whose data.eval stages to use")
     e.add_argument("--step", type=int, default=None, help="checkpoint step of a run directory (default: latest)")
-    e.add_argument("--out", default=None, help="JSON output (default: TARGET/mqar_eval.json)")
+    e.add_argument("--out", default=None, help="output folder for mqar_eval.json (default: TARGET)")
     e.set_defaults(func=run_mqar_eval, accepts_overrides=True)
 
     d = sub.add_parser(
@@ -108,7 +119,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "to --out, several targets overlaid.",
     )
     d.add_argument("targets", nargs="+", metavar="TARGET", help="config YAML, MQAR cell, run directory or export")
-    d.add_argument("--out", required=True, help="output folder")
+    d.add_argument("--out", default=None, help="output folder (default: the first TARGET's eval folder, "
+                   "RUN/eval/step-N/diagnose; runs/diagnose/NAME for a config YAML)")
     d.add_argument("--step", type=int, default=None, help="checkpoint step for run directories (default: latest)")
     d.add_argument("--batch", type=int, default=4, help="random sequences averaged over (default 4)")
     d.add_argument("--seq-len", type=int, default=128, help="sequence length (default 128)")

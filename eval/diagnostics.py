@@ -149,19 +149,40 @@ def diagnose(targets: dict[str, nn.Module], out: Path, batch: int = 4, seq_len: 
     return results
 
 
+def _per_layer(plt, per_model: dict[str, list], draw, xlabel: str, ylabel: str, suptitle: str):
+    """One axis per layer (numbered from 1, the first block, as in the over-smoothing plot), every model
+    overlaid in its own colour; ``draw(ax, curve, **style)`` plots one model's curve of that layer."""
+    n = max(len(layers) for layers in per_model.values())
+    cols = min(4, n)
+    fig, axes = plt.subplots(-(-n // cols), cols, figsize=(3.4 * cols, 2.7 * -(-n // cols)), squeeze=False,
+                             sharex=True, sharey=True)
+    colors = {name: f"C{i}" for i, name in enumerate(per_model)}
+    for i, ax in enumerate(axes.flat):
+        if i >= n:
+            ax.axis("off")
+            continue
+        for name, layers in per_model.items():
+            if i < len(layers):
+                draw(ax, layers[i], color=colors[name], label=name)
+        ax.set_title(f"layer {i + 1}", fontsize=9)
+        ax.grid(alpha=0.3)
+    for ax in axes[-1]:
+        ax.set_xlabel(xlabel)
+    for ax in axes[:, 0]:
+        ax.set_ylabel(ylabel)
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle(suptitle)
+    return fig
+
+
 def _plot(results: dict[str, dict[str, Any]], out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    names = list(results["recency"])
-    fig, axes = plt.subplots(1, len(names), figsize=(4 * len(names), 3.2), squeeze=False)
-    for ax, name in zip(axes[0], names):
-        for i, curve in enumerate(results["recency"][name]):
-            ax.semilogy(np.maximum(curve, 1e-30), label=f"layer {i}")
-        ax.set(title=name, xlabel="distance t - s", ylabel="|∂y_t/∂x_s|")
-        ax.legend(fontsize=7)
+    fig = _per_layer(plt, results["recency"], lambda ax, curve, **kw: ax.semilogy(np.maximum(curve, 1e-30), **kw),
+                     "distance t - s", "|∂y_t/∂x_s|", "recency: influence of a token at distance t - s")
     _save(fig, out / "recency.png")
 
     fig, ax = plt.subplots(figsize=(5, 3.5))
@@ -175,14 +196,10 @@ def _plot(results: dict[str, dict[str, Any]], out: Path) -> None:
     _save(fig, out / "oversmoothing.png")
 
     if results["a_range"]:
-        named = results["a_range"]
-        fig, axes = plt.subplots(1, len(named), figsize=(4 * len(named), 3.2), squeeze=False)
         edges = np.linspace(0, 1, 51)[1:]
-        for ax, (name, layers) in zip(axes[0], named.items()):
-            for i, cum in enumerate(layers):
-                ax.plot(edges, np.asarray(cum) / cum[-1], label=f"layer {i}")
-            ax.set(title=name, xlabel="A_max - A_min", ylabel="fraction of channels ≤ x")
-            ax.legend(fontsize=7)
+        fig = _per_layer(plt, results["a_range"],
+                         lambda ax, cum, **kw: ax.plot(edges, np.asarray(cum) / cum[-1], **kw),
+                         "A_max - A_min", "fraction of channels ≤ x", "range of the learned transition A_t")
         _save(fig, out / "a_range.png")
 
 

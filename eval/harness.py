@@ -1,8 +1,9 @@
 """The lm-eval (0.4.x) model ``polar``: any of our checkpoints scored by EleutherAI's harness, and the
-evaluation behind ``polar eval lm`` (simple_evaluate, then a JSON and a markdown table of the results).
+evaluation behind ``polar eval lm`` (lm-eval's own `run` command, with the `polar` model registered).
 
 ``import eval.harness`` registers the model (lm-eval has no plugin discovery), then
 ``lm_eval.simple_evaluate(model="polar", model_args="pretrained=PATH[,step=N,batch_size=B,max_length=L]")``.
+Without CUDA, lm-eval's default device (``cuda:0``) falls back to the CPU with a one-line warning.
 Conventions follow lm-eval's own ``hf`` model so both score an export alike: no BOS is added, an empty
 context is replaced by one prefix token (ours: EOS, the document separator the model was trained with;
 pass ``prefix_token_id=3`` to ``hf`` to match), and log-probabilities are over the whole padded vocabulary.
@@ -10,9 +11,11 @@ pass ``prefix_token_id=3`` to ``hf`` to match), and log-probabilities are over t
 
 from __future__ import annotations
 
-import json
+import argparse
 import logging
+import subprocess
 from pathlib import Path
+from unittest import mock
 
 import lm_eval.models  # noqa: F401  (registers the built-in models first: lm-eval only does so when none is)
 import torch
@@ -23,6 +26,8 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
 from eval.loading import load_for_eval
+from pretrain import checkpoint as ckpt
+from pretrain.export import checkpoint_location, eval_folder
 
 log = logging.getLogger(__name__)
 
@@ -36,12 +41,21 @@ class PolarLM(TemplateLM):
                  batch_size: int | str = 8, max_length: int = 2048, max_gen_toks: int = 256,
                  device: str | None = None, dtype: str = "float32", **_ignored):
         super().__init__()
-        self.model, self.tok = load_for_eval(pretrained, None if step is None else int(step), tokenizer, device,
-                                             getattr(torch, dtype))
+        if device and str(device).startswith("cuda") and not torch.cuda.is_available():
+            log.warning("CUDA is not available: the polar model runs on the CPU (pass --device cpu to silence this)")
+            device = "cpu"
+        self.step = None if step is None else int(step)
+        self.model, self.tok = load_for_eval(pretrained, self.step, tokenizer, device, getattr(torch, dtype))
         self._device = next(self.model.parameters()).device
         # lm-eval passes "auto" when asked to find a batch size; a fixed default is the honest answer here.
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8
         self.max_length, self.max_gen_toks = int(max_length), int(max_gen_toks)
+
+    def get_model_info(self) -> dict:
+        """Recorded in the result file's ``config`` (lm-eval calls this): which checkpoint step was scored."""
+        return {"checkpoint_step": self.step, "model_num_parameters": self.model.num_parameters(),
+                "model_dtype": str(next(self.model.parameters()).dtype),
+                "polar_model_config": self.model.config.to_dict()}
 
     @property
     def eot_token_id(self) -> int:
@@ -137,43 +151,64 @@ class PolarLM(TemplateLM):
 
 
 # `polar eval lm` -------------------------------------------------------------------------------------
-def markdown_table(results: dict) -> str:
-    """One row per (task, metric) with its standard error, from simple_evaluate's ``results``."""
-    lines = ["| task | metric | value | stderr |", "|---|---|---|---|"]
-    for task, metrics in sorted(results.items()):
-        for key, value in sorted(metrics.items()):
-            if "," not in key or "_stderr" in key or not isinstance(value, int | float):
-                continue
-            name, filt = key.split(",", 1)
-            err = metrics.get(f"{name}_stderr,{filt}")
-            err = f"{err:.4f}" if isinstance(err, int | float) else ""
-            lines.append(f"| {task} | {name} | {value:.4f} | {err} |")
-    return "\n".join(lines) + "\n"
+def lm_eval_namespace(args: argparse.Namespace) -> argparse.Namespace:
+    """lm-eval's run arguments with ours folded in: ``--model`` defaults to polar, CHECKPOINT and ``--step``
+    go into ``--model_args`` (the step resolved, so the result file records which checkpoint it scored), and
+    ``--output_path`` defaults to the checkpoint's eval folder (RUN/eval/step-N/lm.json: lm-eval then writes
+    ``lm_<timestamp>.json``, never overwriting an earlier result)."""
+    from eval.options import lm_eval_dests
+
+    if getattr(args, "lm_eval_args", None) is not None:
+        raise ValueError("lm-eval is not installed: pip install -e .[eval]")
+    ns = argparse.Namespace(**{k: v for k, v in vars(args).items() if k in lm_eval_dests()})
+    ns.model = ns.model or "polar"
+    model_args = dict(ns.model_args or {})
+    if args.checkpoint:
+        model_args["pretrained"] = args.checkpoint
+    if args.step is not None:
+        if ns.model != "polar":
+            raise ValueError(f"--step selects a checkpoint of the polar model, not of --model {ns.model}")
+        model_args["step"] = args.step
+    ref = model_args.get("pretrained")
+    if ref is None:
+        raise ValueError("no model to evaluate: pass CHECKPOINT (a run directory, checkpoint tag folder or export) "
+                         "or --model_args pretrained=PATH")
+    if ns.model == "polar":
+        step = model_args.get("step")
+        loc = checkpoint_location(ref, None if step is None else int(step))
+        if loc is not None:
+            model_args["step"] = ckpt.step_of(loc[1])
+        elif step is not None:
+            raise FileNotFoundError(f"{ref} has no checkpoints: --step needs a run directory")
+    ns.model_args = model_args
+    if not ns.output_path and Path(str(ref)).is_dir():
+        ns.output_path = str(eval_folder(ref, model_args.get("step")) / "lm.json")
+    return ns
 
 
-def evaluate(checkpoint: str, tasks: list[str], step: int | None = None, limit: float | None = None,
-             batch_size: int = 8, max_length: int = 2048, include_path: str | None = None,
-             num_fewshot: int | None = None, model_args: str = "") -> dict:
-    """simple_evaluate on ``tasks`` (local YAML tasks from ``include_path``); returns its results dict
-    (JSON-serialisable: samples dropped)."""
-    import lm_eval
-    from lm_eval.tasks import TaskManager
-
-    args = f"pretrained={checkpoint},batch_size={batch_size},max_length={max_length}"
-    if step is not None:
-        args += f",step={step}"
-    if model_args:
-        args += f",{model_args}"
-    res = lm_eval.simple_evaluate(
-        model="polar", model_args=args, tasks=tasks, limit=limit, num_fewshot=num_fewshot,
-        task_manager=TaskManager(include_path=include_path), log_samples=False,
-    )
-    return json.loads(json.dumps({k: res[k] for k in ("results", "versions", "n-shot", "config") if k in res},
-                                 default=str))
+def git_hash_quietly() -> str | None:
+    """lm-eval's get_git_commit_hash (recorded in the result file), without git's "fatal: not a git repository"
+    on the terminal when the evaluation runs outside a repository."""
+    try:
+        return subprocess.check_output(["git", "describe", "--always"], stderr=subprocess.DEVNULL).strip().decode()
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return None
 
 
-def write_results(res: dict, out: Path, name: str = "lm") -> tuple[Path, Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{name}.json").write_text(json.dumps(res, indent=2) + "\n")
-    (out / f"{name}.md").write_text(markdown_table(res["results"]))
-    return out / f"{name}.json", out / f"{name}.md"
+def run_lm_eval(args: argparse.Namespace) -> Path | None:
+    """Run lm-eval's own `run` command on the completed arguments; returns the result file it wrote
+    (None without an output path)."""
+    from lm_eval._cli.run import Run
+
+    ns = lm_eval_namespace(args)
+    out = Path(ns.output_path) if ns.output_path else None
+    folder = None if out is None else (out.parent if out.suffix == ".json" else out)
+
+    def results() -> set[Path]:
+        return set() if folder is None else {p for p in folder.rglob("*.json") if not p.name.startswith("samples_")}
+
+    before = results()
+    with mock.patch("lm_eval.evaluator.get_git_commit_hash", git_hash_quietly):
+        Run._execute(ns)
+    new = sorted(results() - before, key=lambda p: p.stat().st_mtime)
+    return new[-1] if new else None

@@ -251,10 +251,11 @@ def run_niah(model: torch.nn.Module, tok: Tokenizer, cfg: NiahConfig, progress: 
 
 
 # -- outputs ----------------------------------------------------------------------------------------------
-def write_niah(result: dict, out: str | Path, title: str = "") -> dict[str, Path]:
+def write_niah(result: dict, out: str | Path, title: str = "", name: str = "niah") -> dict[str, Path]:
+    """OUT/NAME.json (everything), NAME.csv (one row per cell) and NAME.png (the heatmap)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / "niah.json", "csv": out / "niah.csv", "png": out / "niah.png"}
+    paths = {ext: out / f"{name}.{ext}" for ext in ("json", "csv", "png")}
     paths["json"].write_text(json.dumps(result, indent=2) + "\n")
     with paths["csv"].open("w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(result["cells"][0]))
@@ -264,8 +265,14 @@ def write_niah(result: dict, out: str | Path, title: str = "") -> dict[str, Path
     return paths
 
 
+def length_label(n: int) -> str:
+    """Tokens as --lengths spells them: 1k for 1024 (k = 1024), else the number."""
+    return f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n)
+
+
 def heatmap(result: dict, path: Path, title: str = "") -> None:
-    """Depth rows x length columns, one panel per score."""
+    """Depth rows x length columns, one panel per score; the title says what was measured (checkpoint and step
+    in ``title``, samples per cell, chance level of the rank-1 score)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -279,16 +286,18 @@ def heatmap(result: dict, path: Path, title: str = "") -> None:
         grid = [[next(c[metric] for c in result["cells"] if c["length"] == n and c["depth"] == d) for n in lengths]
                 for d in depths]
         im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
-        ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
+        ax.set_xticks(range(len(lengths)), [length_label(n) for n in lengths])
         ax.set_yticks(range(len(depths)), [f"{d:g}%" for d in depths])
         ax.set_xlabel("context length (tokens)")
-        ax.set_ylabel("needle depth")
         ax.set_title(name)
         for i, row in enumerate(grid):
             for j, v in enumerate(row):
                 ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7)
+    axes[0, 0].set_ylabel("needle depth")
     fig.colorbar(im, ax=axes[0].tolist(), shrink=0.8)
-    if title:
-        fig.suptitle(title)
+    cells = result["cells"]
+    samples = result.get("config", {}).get("samples", "?")
+    facts = f"{samples} samples per cell, rank-1 chance {cells[0]['chance_rank1']:.2f}"
+    fig.suptitle(f"{title}: {facts}" if title else facts, y=1.04)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     plt.close(fig)

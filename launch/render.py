@@ -59,8 +59,8 @@ def run_slurm(args: argparse.Namespace) -> int:
 def run_local(args: argparse.Namespace) -> int:
     _validated(args.config, args.overrides)
     env = {**os.environ}
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc)))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc}",
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc_per_node)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc_per_node}",
            "-m", "pretrain.cli", "train", args.config, *args.overrides]
     return subprocess.call(cmd, env=env)
 
@@ -95,5 +95,5 @@ def register(sub: argparse._SubParsersAction) -> None:
         "CONFIG` (OMP_NUM_THREADS defaults to cores / N). Dotted overrides are passed to polar train.",
     )
     p.add_argument("config", help="training recipe (configs/*.yaml)")
-    p.add_argument("--nproc", type=int, default=1, help="processes (default 1)")
+    p.add_argument("--nproc-per-node", type=int, default=1, help="processes on this node (default 1)")
     p.set_defaults(func=run_local, accepts_overrides=True)

@@ -9,7 +9,8 @@ config rides along in config.json under ``polar_mamba`` so loading back is lossl
 
 mamba_ssm checkpoints (``config.json`` with d_model/n_layer/ssm_cfg and ``pytorch_model.bin``) differ
 only by ``backbone.embedding.weight``; :func:`from_pretrained` reads them too. Mamba-2 (``arch: mamba2``,
-transformers' ``Mamba2ForCausalLM``) converts in :mod:`models.hf_mamba2`.
+transformers' ``Mamba2ForCausalLM``) converts in :mod:`models.hf_mamba2`. The Transformer baseline saves to
+the same folder format (config.json with our config, model.safetensors), loadable by polar only.
 """
 
 from __future__ import annotations
@@ -73,15 +74,14 @@ def from_hf_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[st
 
 def hf_config(cfg: ModelConfig, special_ids: dict[str, int] | None = None) -> dict[str, Any]:
     """config.json content that stock ``transformers.MambaConfig`` reads, plus our own section."""
+    ids = {"pad_token_id": 0, "bos_token_id": 0, "eos_token_id": 0, **(special_ids or {})}
+    if cfg.arch == "transformer":  # no stock transformers class has our Transformer baseline's layout: polar loads it
+        return {"architectures": ["TransformerLM"], "model_type": "polar_transformer", **ids, CONFIG_KEY: cfg.to_dict()}
     if cfg.final_norm != "rmsnorm":
         raise ConfigError("Hugging Face's Mamba ends in an RMSNorm: a model.final_norm: layernorm model (the MQAR "
                           "recipe) cannot be exported; load its cell folder or checkpoint directly instead")
-    ids = {"pad_token_id": 0, "bos_token_id": 0, "eos_token_id": 0, **(special_ids or {})}
     if cfg.arch == "mamba2":
         return hf_mamba2.hf_config(cfg, ids, CONFIG_KEY)
-    if cfg.arch != "mamba":
-        raise ConfigError(f"Hugging Face export is Mamba-only (model.arch is {cfg.arch!r}): load the run directory "
-                          "or checkpoint itself (pretrain.export.load_model) instead")
     return {
         "architectures": ["MambaForCausalLM"],
         "model_type": "mamba",
@@ -230,7 +230,8 @@ def resolve_folder(path_or_repo: str | Path, revision: str | None = None) -> Pat
 
 def from_pretrained(path_or_repo: str | Path, revision: str | None = None,
                     device: str | torch.device = "cpu") -> MambaLM:
-    """Load a MambaLM from a folder written by :func:`save_pretrained`, a transformers or mamba_ssm
+    """Load a MambaLM (or a TransformerLM saved by polar-mamba) from a folder written by
+    :func:`save_pretrained`, a transformers or mamba_ssm
     Mamba checkpoint folder, or a Hub repo id (with optional revision)."""
     folder = resolve_folder(path_or_repo, revision)
     cfg_file = folder / "config.json"

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from kernels import dispatch
 from models.config import ModelConfig
 from models.generation import Generation
+from models.hub import HubMixin
 
 
 class RMSNorm(nn.Module):
@@ -198,7 +199,7 @@ class LMOutput(NamedTuple):
     loss: torch.Tensor | None = None
 
 
-class MambaLM(Generation, nn.Module):
+class MambaLM(Generation, HubMixin, nn.Module):
     """Mamba language model with a head tied to the embedding (vocab padded to a multiple of 8)."""
 
     block = MambaBlock  # builds one layer from the config (Mamba2LM swaps the mixer)

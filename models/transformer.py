@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from kernels import dispatch
 from models.config import ModelConfig
 from models.generation import Generation
+from models.hub import HubMixin
 from models.mamba import Backbone, LMOutput, RMSNorm
 
 
@@ -127,7 +128,7 @@ class TransformerBlock(nn.Module):
         return self.mlp(normed.to(hidden.dtype)), stream
 
 
-class TransformerLM(Generation, nn.Module):
+class TransformerLM(Generation, HubMixin, nn.Module):
     """Llama-style causal LM with a head tied to the embedding; MambaLM's interface, a KV cache as the state."""
 
     def __init__(self, cfg: ModelConfig):

@@ -10,9 +10,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import logging
 import os
 import sys
+
+from pretrain.console import configure_logging
 
 # Order here is the order in `polar --help`.
 SUBCOMMAND_MODULES = [
@@ -35,7 +36,8 @@ def build_parser() -> argparse.ArgumentParser:
         description="polar-mamba: pretrain, evaluate and publish baseline and polarized Mamba language "
         "models (Wang et al., ICLR 2025). Run `polar COMMAND --help` for each command.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at DEBUG level, library chatter included "
+                        "(always in the log file: $POLAR_LOG, default ~/.cache/polar-mamba/polar.log)")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name in SUBCOMMAND_MODULES:
         importlib.import_module(name).register(sub)
@@ -48,9 +50,7 @@ def main(argv: list[str] | None = None) -> int:
     if extra and not getattr(args, "accepts_overrides", False):
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
     args.overrides = extra
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(name)s: %(message)s"
-    )
+    configure_logging(args.verbose)
     try:
         return args.func(args) or 0
     except USER_ERRORS as e:

@@ -4,11 +4,69 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 EXIT_CODES = "Exit codes: 0 done, 75 checkpointed after SIGTERM/SIGUSR1 (run again to resume), 3 stopped " \
              "after repeated non-finite losses, 2 bad input, another trainer holding the run, or a failed save " \
              "(one line on stderr; RUN/status.json says why)."
+
+
+def _field_comments(cls: type) -> dict[str, str]:
+    """``name: type = default  # comment`` -> {name: comment}, read from the dataclass's source."""
+    import inspect
+    import re
+
+    return {m[1]: m[2].strip() for m in re.finditer(r"^\s+(\w+)\s*:[^#\n]*#\s*(.+)$", inspect.getsource(cls), re.M)}
+
+
+def _default_text(value) -> str:
+    import json
+
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def config_reference() -> str:
+    """Every config key of `polar train` with its type, default and comment, generated from the TrainConfig
+    dataclasses (so it cannot drift from the code)."""
+    import dataclasses
+    import typing
+
+    from pretrain.config import TrainConfig
+
+    lines = ["config keys (YAML sections; override any with --SECTION.KEY VALUE; model: {preset: NAME} "
+             "starts from a preset):"]
+
+    def walk(obj, prefix: str) -> None:
+        hints, comments = typing.get_type_hints(type(obj)), _field_comments(type(obj))
+        for f in dataclasses.fields(obj):
+            value, key = getattr(obj, f.name), prefix + f.name
+            if dataclasses.is_dataclass(value):
+                lines.append(f"  [{key}]")
+                walk(value, key + ".")
+                continue
+            choices = typing.get_args(hints[f.name]) if typing.get_origin(hints[f.name]) is typing.Literal else ()
+            hint = hints[f.name]
+            kind = ("|".join(map(str, choices)) if choices
+                    else hint.__name__ if isinstance(hint, type) else str(hint).replace("typing.", ""))
+            note = f"  # {comments[f.name]}" if f.name in comments else ""
+            lines.append(f"  --{key} {_default_text(value)}  ({kind}){note}")
+
+    walk(TrainConfig(), "")
+    return "\n".join(lines)
+
+
+class ConfigHelp(argparse.Action):
+    """-h/--help that also prints the config reference (generated on demand: it imports the model code)."""
+
+    def __init__(self, option_strings, dest=argparse.SUPPRESS, default=argparse.SUPPRESS, help=None):
+        super().__init__(option_strings, dest, default=default, nargs=0, help=help)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.print_help()
+        print()
+        print(config_reference())
+        parser.exit()
 
 
 def _config(args: argparse.Namespace):
@@ -18,25 +76,74 @@ def _config(args: argparse.Namespace):
     return load_config(args.config, parse_override_args(args.overrides))
 
 
+def finished_run_report(cfg) -> str | None:
+    """The report of a run whose latest checkpoint already reached its step budget, read from its files
+    (nothing is built, no wandb run is opened); None when there is training left to do."""
+    import torch
+
+    from models.build import build_model
+    from pretrain import checkpoint as ckpt
+    from pretrain.export import checkpoint_location
+    from pretrain.metrics import loss_summary
+    from pretrain.schedule import make_budget
+
+    loc = checkpoint_location(cfg.run.dir)
+    if loc is None:
+        return None
+    step = ckpt.step_of(loc[1])
+    with torch.device("meta"):
+        params = build_model(cfg.model).num_parameters()
+    steps = make_budget(cfg, params).steps
+    if step < steps:
+        return None
+    return (f"run already finished at step {step} of {steps} ({cfg.run.dir}): nothing to do (raise schedule.steps "
+            f"to train on, or start a new run.name)\nloss: {loss_summary(cfg.run.dir)}")
+
+
 def run_train(args: argparse.Namespace) -> int:
     from pretrain.runlock import exit_with_launcher
 
     exit_with_launcher()  # first: no orphaned worker may write to the run
+    from pretrain.console import quiet_deepspeed_accelerator
+
+    cfg = _config(args)
+    if (report := finished_run_report(cfg)) is not None:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(report)
+        return 0
+    quiet_deepspeed_accelerator()
     from pretrain.trainer import train
 
-    return train(_config(args))
+    return train(cfg)
 
 
 def run_plan(args: argparse.Namespace) -> int:
+    from pretrain.memory import per_gpu_memory
     from pretrain.schedule import plan
 
-    p = plan(_config(args), args.mfu, args.gpu, args.gpus)
+    cfg = _config(args)
+    p = plan(cfg, args.mfu, args.gpu, args.gpus)
     print(f"parameters        {p['params']:,}")
     print(f"tokens            {p['tokens']:,} ({p['tokens_per_param']:.1f} per parameter)")
     print(f"steps             {p['steps']:,} x {p['tokens_per_step']:,} tokens (warmup {p['warmup_steps']:,})")
     print(f"training FLOPs    {p['train_flops']:.3e}")
     print(f"GPU-hours         {p['gpu_hours']:,.1f} on {p['gpu']} at {p['mfu']:.0%} MFU "
           f"({p['wall_hours']:,.1f} h on {p['gpus']} GPUs)")
+    data, per_step = cfg.data, cfg.data.micro_batch_size * args.gpus
+    if data.global_batch_size % per_step:
+        print(f"warning: data.global_batch_size {data.global_batch_size} is not a multiple of micro_batch_size x "
+              f"GPUs = {data.micro_batch_size} x {args.gpus}: polar train will refuse it; use a global batch of "
+              f"{max(per_step, data.global_batch_size // per_step * per_step)} or another --gpus")
+    else:
+        print(f"batch             {data.global_batch_size} = {data.micro_batch_size} per GPU x {args.gpus} GPUs x "
+              f"{data.global_batch_size // per_step} accumulation steps")
+    mem = per_gpu_memory(cfg.model, p["params"], cfg.distributed.zero_stage, args.gpus, data.micro_batch_size,
+                         data.seq_len, "fp32" if cfg.precision.dtype == "fp32" else "bf16")
+    gib = {k: v / 2**30 for k, v in mem.items()}
+    print(f"memory per GPU    ~{gib['total']:.2f} GiB = parameters {gib['params']:.2f} + gradients "
+          f"{gib['grads']:.2f} + AdamW {gib['optimizer']:.2f} (ZeRO-{cfg.distributed.zero_stage} over {args.gpus}) "
+          f"+ activations {gib['activations']:.2f} (micro-batch {data.micro_batch_size} x {data.seq_len}); "
+          "plus ~0.5-1 GiB of CUDA context and workspaces")
     return 0
 
 
@@ -44,8 +151,9 @@ def run_export(args: argparse.Namespace) -> int:
     from pretrain.export import export
 
     out = export(args.run, args.out or Path(args.run) / "export", args.step, args.force)
-    arch = json.loads((out / "config.json").read_text())["architectures"][0]  # a polarized Mamba-2 is not stock
-    loads = "polar-mamba's models.hf" if arch.startswith("Polar") else f"transformers.{arch}"
+    arch = json.loads((out / "config.json").read_text())["architectures"][0]
+    stock = arch in ("MambaForCausalLM", "Mamba2ForCausalLM")  # a polarized Mamba-2 or a Transformer is ours only
+    loads = f"transformers.{arch}" if stock else "polar-mamba's models.hf"
     print(f"exported {args.run} -> {out} (loads with {loads}.from_pretrained)")
     return 0
 
@@ -54,33 +162,38 @@ def run_publish(args: argparse.Namespace) -> int:
     from pretrain.publish import publish
 
     print(publish(args.run, args.repo_id, args.step, args.revision, args.private, args.dry_run, args.license,
-                  force=args.force))
+                  force=args.force, project_url=args.project_url, out=args.out))
     return 0
 
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
-        "train",
+        "train", add_help=False,
         help="train a model from a YAML recipe (DeepSpeed ZeRO; resumes automatically)",
         description="Train from a YAML recipe with DeepSpeed ZeRO. Override any key with dotted flags "
         "(--optim.lr 1e-3 --model.n_layer 12). Run one process directly, or several under torchrun / the "
         "deepspeed launcher / srun (torchrun --nproc_per_node 2 -m pretrain.cli train CONFIG). If "
         "RUN/checkpoints/latest exists the run resumes from it; a finished run reports and exits. " + EXIT_CODES,
     )
+    p.add_argument("-h", "--help", action=ConfigHelp, help="show this help, with every config key and its default")
     p.add_argument("config", help="YAML recipe, e.g. configs/demo-cpu.yaml")
     p.set_defaults(func=run_train, accepts_overrides=True)
 
     p = sub.add_parser(
-        "plan",
+        "plan", add_help=False,
         help="print a recipe's parameters, tokens, steps, FLOPs and GPU-hours",
         description="Budget a recipe without training: counted parameters, token budget (Chinchilla "
         "tokens_per_param x params unless steps/tokens are explicit), optimizer steps, tokens per parameter, "
-        "training FLOPs (counted per op, 3x forward) and GPU-hours at a given MFU. Accepts dotted overrides.",
+        "training FLOPs (counted per op, 3x forward), GPU-hours at a given MFU, the batch split over --gpus (with a "
+        "warning when it does not divide) and the memory per GPU (model state by ZeRO stage, activations at the "
+        "micro-batch). Accepts dotted overrides.",
     )
+    p.add_argument("-h", "--help", action=ConfigHelp, help="show this help, with every config key and its default")
     p.add_argument("config", help="YAML recipe, e.g. configs/chinchilla-130m.yaml")
     p.add_argument("--mfu", type=float, default=0.4, help="assumed model FLOPs utilisation (default 0.4)")
     p.add_argument("--gpu", default="H100", help="GPU model for the peak FLOP/s table (default H100)")
-    p.add_argument("--gpus", type=int, default=8, help="GPUs in the job, for wall-clock hours (default 8)")
+    p.add_argument("--gpus", type=int, default=8, help="GPUs in the job, for wall-clock hours, the batch split and "
+                   "memory per GPU (default 8)")
     p.set_defaults(func=run_plan, accepts_overrides=True)
 
     p = sub.add_parser(
@@ -101,11 +214,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="publish a checkpoint to the Hugging Face Hub (model card, tokenizer, stock-transformers weights)",
         description="Consolidate a checkpoint into a Hub-ready folder — model.safetensors (sharded past 2 GB), "
         "config.json for transformers.MambaForCausalLM (or Mamba2ForCausalLM), generation_config.json, the "
-        "tokenizer (SentencePiece + "
-        "Hugging Face files with identical ids) and a model card with the training facts and the run's "
-        "lm-eval results (RUN/eval/) — check it, and upload it as one commit to branch stepN (like Pythia) "
-        "unless --revision says otherwise. The token comes from HF_TOKEN or `huggingface-cli login`. "
-        "--dry-run DIR writes and checks the folder without uploading.",
+        "tokenizer (SentencePiece + Hugging Face files with identical ids) and a model card with the training "
+        "facts, losses and evaluation results of that step (RUN/eval/step-N/; --limit results marked partial) — "
+        "check it, and upload it as one commit to branch stepN (like Pythia) unless --revision says otherwise. "
+        "The token comes from HF_TOKEN or `huggingface-cli login`. "
+        "--dry-run builds and checks the folder without uploading (into --out, default RUN/hub/step-N).",
     )
     p.add_argument("run", help="run directory (runs/NAME) or a checkpoint tag folder")
     p.add_argument("--repo-id", required=True, help="ORG/NAME on the Hub (created if missing)")
@@ -113,6 +226,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--revision", default=None, help="branch to upload to (default: stepN)")
     p.add_argument("--private", action="store_true", help="create the repo as private")
     p.add_argument("--license", default="apache-2.0", help="license in the card metadata (default apache-2.0)")
-    p.add_argument("--dry-run", metavar="DIR", default=None, help="write the folder to DIR and stop")
-    p.add_argument("--force", action="store_true", help="replace an existing --dry-run folder")
+    p.add_argument("--project-url", default=None, help="project link in the card (default: the installed "
+                   "package's [project.urls], if any)")
+    p.add_argument("--dry-run", action="store_true", help="build and check the folder, do not upload")
+    p.add_argument("--out", metavar="DIR", default=None, help="folder to build (default: a temporary one; "
+                   "RUN/hub/step-N with --dry-run)")
+    p.add_argument("--force", action="store_true", help="replace an existing --out folder")
     p.set_defaults(func=run_publish)

@@ -7,6 +7,7 @@ base and the rest override them; the resolved config (saved in the run directory
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -78,7 +79,17 @@ class DistributedConfig:
 class PrecisionConfig:
     # bf16: fp32 master parameters, bf16 autocast compute (how mamba_ssm's authors train; keeps A_log,
     # D and the Δ bias in fp32 — see docs/training.md). fp32: everything in fp32.
-    dtype: Literal["bf16", "fp32"] = "bf16"
+    dtype: Literal["auto", "bf16", "fp32"] = "auto"  # auto: bf16 on a GPU that has it, else fp32
+
+
+def resolve_precision(dtype: str, device_type: str) -> str:
+    """``auto`` -> bf16 on a CUDA device that supports it, fp32 elsewhere (bf16 autocast on CPU ran ~5x slower
+    than fp32 here); an explicit choice stays."""
+    if dtype != "auto":
+        return dtype
+    import torch
+
+    return "bf16" if device_type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
 
 
 @dataclass
@@ -92,6 +103,10 @@ class LoggingConfig:
     every: int = bounded(10, gt=0)  # steps between console/JSONL lines (JSONL gets every step when 1)
     wandb: Literal["disabled", "offline", "online"] = "disabled"
     wandb_project: str = "polar-mamba"
+    wandb_entity: str | None = None  # team or user (default: wandb's own default)
+    wandb_group: str | None = None  # groups runs in the wandb UI, e.g. one per sweep
+    wandb_tags: list[str] = field(default_factory=list)
+    sample_prompt: str | None = None  # end-of-run sample; default: the first line of the first validation document
     progress_bar: bool = True
     max_nonfinite_steps: int = bounded(5, gt=0)  # this many non-finite steps in a row stop the run
 
@@ -155,7 +170,18 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 def build_config(data: dict[str, Any], overrides: dict[str, Any] | None = None) -> TrainConfig:
     """A validated TrainConfig from a nested dict plus dotted overrides."""
     merged = apply_overrides(data, overrides or {})
-    return from_dict(TrainConfig, _expand_model_preset(merged))
+    return from_dict(TrainConfig, _expand_model_preset(_vocab_from_tokenizer(merged)))
+
+
+def _vocab_from_tokenizer(data: dict[str, Any]) -> dict[str, Any]:
+    """model.vocab_size, when neither the recipe nor its preset sets it, is data.tokenizer's vocabulary."""
+    model, tok = data.get("model"), (data.get("data") or {}).get("tokenizer")
+    if not isinstance(model, dict) or "vocab_size" in model or "vocab_size" in PRESETS.get(model.get("preset"), {}):
+        return data
+    meta = Path(str(tok)) / "polar_tokenizer.json"
+    if not tok or not meta.is_file():
+        return data
+    return {**data, "model": {**model, "vocab_size": json.loads(meta.read_text())["vocab_size"]}}
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -30,6 +31,15 @@ def checkpoint_location(path: str | Path, step: int | None = None) -> tuple[Path
     return None
 
 
+def eval_folder(path: str | Path, step: int | None = None) -> Path:
+    """Where evaluations of a model reference are kept: ``RUN/eval/step-N`` for a checkpoint (N resolved: the
+    latest unless ``step``), ``EXPORT/eval`` for an exported folder. The one step naming scheme of RUN/eval/."""
+    loc = checkpoint_location(path, step)
+    if loc is None:
+        return Path(path) / "eval"
+    return loc[0].parent / "eval" / f"step-{ckpt.step_of(loc[1])}"
+
+
 def load_checkpoint_model(ckpt_dir: Path, tag: str) -> tuple[nn.Module, dict]:
     state = ckpt.read_state(ckpt_dir, tag)
     model = build_model(ModelConfig.from_dict(state["config"]["model"]))
@@ -41,7 +51,7 @@ def load_checkpoint_model(ckpt_dir: Path, tag: str) -> tuple[nn.Module, dict]:
 
 def load_model(path: str | Path, step: int | None = None) -> nn.Module:
     """A MambaLM or TransformerLM from a run directory (latest checkpoint, or ``step``), a tag folder, or
-    an export (Mamba only)."""
+    an export."""
     loc = checkpoint_location(path, step)
     if loc is not None:
         return load_checkpoint_model(*loc)[0]
@@ -69,11 +79,18 @@ def tokenizer_special_ids(tok: str | Path) -> dict[str, int]:
     return {"pad_token_id": t.pad_id, "bos_token_id": t.bos_id, "eos_token_id": t.eos_id}
 
 
+def write_generation_config(folder: Path) -> None:
+    """``generation_config.json`` from the folder's config.json special ids: greedy by default."""
+    cfg = json.loads((folder / "config.json").read_text())
+    gen = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id") if cfg.get(k) is not None}
+    (folder / "generation_config.json").write_text(json.dumps({**gen, "do_sample": False}, indent=2) + "\n")
+
+
 def export(run: str | Path, out: str | Path, step: int | None = None, force: bool = False,
            max_shard_bytes: int | None = None, finish: Callable[[Path, nn.Module, dict], None] | None = None) -> Path:
-    """Write the HF-compatible folder for a checkpoint (plus the tokenizer when the run names one).
-    ``finish(folder, model, state)`` may add files (``polar publish`` adds the card). The folder is built
-    beside ``out`` and renamed into place, so a failure leaves ``out`` untouched."""
+    """Write the HF-compatible folder for a checkpoint (plus the tokenizer when the run names one, and
+    ``generation_config.json``). ``finish(folder, model, state)`` may add files (``polar publish`` adds the
+    card). The folder is built beside ``out`` and renamed into place, so a failure leaves ``out`` untouched."""
     out = Path(out)
     if out.exists() and not force:
         raise FileExistsError(f"{out} exists: pass --force to replace it or choose another --out")
@@ -88,6 +105,7 @@ def export(run: str | Path, out: str | Path, step: int | None = None, force: boo
         save_pretrained(model, tmp, tokenizer_special_ids(tok) if tok else None, max_shard_bytes)
         if tok:
             copy_tokenizer(tok, tmp)
+        write_generation_config(tmp)
         if finish is not None:
             finish(tmp, model, state)
         if out.exists():

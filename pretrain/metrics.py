@@ -106,10 +106,11 @@ def read_jsonl(path: str | Path) -> list[dict[str, Any]]:
 
 
 class MetricsSink:
-    """Rank-0 metric output: JSONL file, optional wandb run (resumed under the same id)."""
+    """Rank-0 metric output: JSONL file, optional wandb run (resumed under the same id; ``wandb_args`` such as
+    entity, group and tags go to wandb.init)."""
 
     def __init__(self, run_dir: Path, config: dict[str, Any], wandb_mode: str, project: str,
-                 resume_step: int, enabled: bool):
+                 resume_step: int, enabled: bool, wandb_args: dict[str, Any] | None = None):
         self.enabled = enabled
         self.path = run_dir / "metrics.jsonl"
         self.wandb = None
@@ -127,7 +128,7 @@ class MetricsSink:
             run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
             id_file.write_text(run_id)
             self.wandb = wandb.init(project=project, name=run_dir.name, id=run_id, resume="allow",
-                                    mode=wandb_mode, dir=str(run_dir), config=config)
+                                    mode=wandb_mode, dir=str(run_dir), config=config, **(wandb_args or {}))
 
     def log(self, record: dict[str, Any]) -> None:
         if not self.enabled:

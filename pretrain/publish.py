@@ -11,7 +11,8 @@ import json
 import time
 from pathlib import Path
 
-from pretrain.export import checkpoint_location, export
+from pretrain import checkpoint as ckpt
+from pretrain.export import checkpoint_location, eval_folder, export
 
 REQUIRED = ("config.json", "generation_config.json", "README.md", "tokenizer.json", "tokenizer_config.json",
             "tokenizer.model")
@@ -22,34 +23,42 @@ class PublishError(RuntimeError):
     """The folder or the upload failed; the message says what to fix."""
 
 
-def eval_result_files(run_dir: Path) -> list[Path]:
-    """lm-eval result JSONs that `polar eval lm` wrote under RUN/eval/."""
-    return sorted(p for p in (run_dir / "eval").rglob("*.json") if "results" in json.loads(p.read_text()))
-
-
 def build_folder(run: str | Path, out: str | Path, repo_id: str, step: int | None = None, license: str = "apache-2.0",
-                 eval_files: list[Path] | None = None, max_shard_bytes: int = DEFAULT_SHARD_BYTES,
-                 force: bool = False) -> Path:
-    """Export the checkpoint and add ``generation_config.json`` and the model card ``README.md``."""
-    from pretrain.model_card import read_eval_results, render_card
+                 max_shard_bytes: int = DEFAULT_SHARD_BYTES, force: bool = False,
+                 project_url: str | None = None, revision: str | None = None) -> Path:
+    """Export the checkpoint (weights, config, generation config, tokenizer) and add the model card
+    ``README.md`` with that step's losses and the results stored under RUN/eval/step-N/."""
+    from pretrain.model_card import read_step_results, render_card
 
     loc = checkpoint_location(run, step)
     if loc is None:
         raise FileNotFoundError(f"no checkpoints under {run}: pass a run directory written by polar train")
-    run_dir = loc[0].parent
-    results = read_eval_results(eval_files if eval_files is not None else eval_result_files(run_dir))
+    run_dir, step_n = loc[0].parent, ckpt.step_of(loc[1])
+    if (arch := ckpt.read_state(*loc)["config"]["model"].get("arch", "mamba")) != "mamba":
+        raise PublishError(f"{run} is a {arch} run: publishing is Mamba-only (the card and checks promise stock "
+                           "transformers' MambaForCausalLM); use polar export for a folder polar loads")
+    results = read_step_results(eval_folder(run, step_n), step_n)
 
     def finish(folder: Path, model, state: dict) -> None:
         if not (folder / "tokenizer.model").is_file():
             raise PublishError(f"{run} names no tokenizer (data.tokenizer): a published model needs one")
-        cfg = json.loads((folder / "config.json").read_text())
-        gen = {k: cfg[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}
-        (folder / "generation_config.json").write_text(json.dumps({**gen, "do_sample": False}, indent=2) + "\n")
         card = render_card(repo_id, state, run_dir, model.num_parameters(), results, license,
-                           state.get("hardware", f"{state.get('world_size', '?')} processes"))
+                           state.get("hardware", f"{state.get('world_size', '?')} processes"),
+                           project_url or default_project_url(), revision)
         (folder / "README.md").write_text(card)
 
-    return export(run, out, step, force=force, max_shard_bytes=max_shard_bytes, finish=finish)
+    return export(run, out, step_n, force=force, max_shard_bytes=max_shard_bytes, finish=finish)
+
+
+def default_project_url() -> str | None:
+    """The project's home page from the installed package metadata ([project.urls]), if it names one."""
+    import importlib.metadata
+
+    try:
+        urls = importlib.metadata.metadata("polar-mamba").get_all("Project-URL") or []
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    return urls[0].split(",", 1)[1].strip() if urls else None
 
 
 def verify_folder(folder: str | Path) -> None:
@@ -108,21 +117,26 @@ def upload(folder: str | Path, repo_id: str, revision: str, private: bool, messa
 
 
 def publish(run: str | Path, repo_id: str, step: int | None = None, revision: str | None = None,
-            private: bool = False, dry_run: str | Path | None = None, license: str = "apache-2.0",
-            max_shard_bytes: int = DEFAULT_SHARD_BYTES, force: bool = False, api=None) -> str:
-    """Build (into ``dry_run`` or a temporary folder), verify, and unless ``dry_run`` upload."""
+            private: bool = False, dry_run: bool = False, license: str = "apache-2.0",
+            max_shard_bytes: int = DEFAULT_SHARD_BYTES, force: bool = False, api=None,
+            project_url: str | None = None, out: str | Path | None = None) -> str:
+    """Build the folder into ``out`` (default: a temporary folder; RUN/hub/step-N with ``dry_run``), verify
+    it, and unless ``dry_run`` upload it."""
     import tempfile
 
     loc = checkpoint_location(run, step)
     if loc is None:
         raise FileNotFoundError(f"no checkpoints under {run}: pass a run directory written by polar train")
     tag = loc[1]
-    step_n = int(tag.split("_")[1])
+    step_n = ckpt.step_of(tag)
+    if out is None and dry_run:
+        out = loc[0].parent / "hub" / f"step-{step_n}"
     with tempfile.TemporaryDirectory() as tmp:
-        out = Path(dry_run) if dry_run else Path(tmp) / "folder"
-        build_folder(run, out, repo_id, step_n, license, max_shard_bytes=max_shard_bytes, force=force)
-        verify_folder(out)
+        folder = Path(out) if out else Path(tmp) / "folder"
+        build_folder(run, folder, repo_id, step_n, license, max_shard_bytes=max_shard_bytes, force=force,
+                     project_url=project_url, revision=revision)
+        verify_folder(folder)
         if dry_run:
-            return f"wrote {out} (checked; not uploaded)"
-        url = upload(out, repo_id, revision or f"step{step_n}", private, f"polar-mamba {tag}", api=api)
+            return f"wrote {folder} (checked; not uploaded)"
+        url = upload(folder, repo_id, revision or f"step{step_n}", private, f"polar-mamba {tag}", api=api)
         return f"uploaded {run} {tag} to {repo_id}@{revision or f'step{step_n}'}: {url}"

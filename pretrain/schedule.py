@@ -69,7 +69,7 @@ def plan(cfg: TrainConfig, mfu: float, gpu: str, gpus: int) -> dict:
         params = build_model(cfg.model).num_parameters()
     b = make_budget(cfg, params)
     flops = train_flops_per_token(cfg.model) * b.tokens
-    peak = peak_flops(gpu, cfg.precision.dtype)
+    peak = peak_flops(gpu, "fp32" if cfg.precision.dtype == "fp32" else "bf16")  # auto: bf16 on these GPUs
     if peak is None:
         raise ValueError(f"unknown GPU '{gpu}': use one of H100, H200, A100, L40S, A10G, V100")
     hours = flops / (peak * mfu) / 3600

@@ -33,7 +33,7 @@ import torch
 
 from models.build import build_model
 from pretrain import checkpoint as ckpt
-from pretrain.config import TrainConfig
+from pretrain.config import TrainConfig, resolve_precision
 from pretrain.data import DistributedSampleLoader, PackedDataset, TokenShards
 from pretrain.engine import build_engine, grad_accumulation_steps, init_distributed, set_lr
 from pretrain.metrics import MetricsSink, loss_summary, peak_flops, plot_loss, train_flops_per_token
@@ -58,6 +58,7 @@ class Trainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
         self.env = init_distributed(cfg)
+        cfg.precision.dtype = resolve_precision(cfg.precision.dtype, self.env.device.type)  # the run records it
         self.is_main = self.env.rank == 0
         self.run_dir = cfg.run.dir
         self.ckpt_dir = self.run_dir / "checkpoints"
@@ -114,8 +115,10 @@ class Trainer:
         # everything is validated and loaded: only now is the run directory written
         if self.is_main:
             self.lock.record()
-        self.metrics = MetricsSink(self.run_dir, cfg.to_dict(), cfg.logging.wandb, cfg.logging.wandb_project,
-                                   self.state.step, enabled=self.is_main)
+        lc = cfg.logging
+        self.metrics = MetricsSink(self.run_dir, cfg.to_dict(), lc.wandb, lc.wandb_project, self.state.step,
+                                   enabled=self.is_main, wandb_args={"entity": lc.wandb_entity,
+                                                                     "group": lc.wandb_group, "tags": lc.wandb_tags})
         if self.is_main:
             ckpt.atomic_write(self.run_dir / "config.yaml", cfg.to_yaml())
         self.flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len)
@@ -356,7 +359,23 @@ class Trainer:
                 self._print(f"loss curve: {plot}")
         # ZeRO-3 partitions the weights, so a rank-0-only generation would hang; export first then.
         if self.is_main and self.cfg.data.tokenizer and self.cfg.distributed.zero_stage < 3:
-            self._print("sample: " + self.sample("ROMEO:", 60))
+            self._print("sample: " + self.sample(self.sample_prompt(), 60))
+
+    def sample_prompt(self) -> str:
+        """``logging.sample_prompt``, else the first non-empty line of the first validation (or training)
+        document, cut at a word to at most 16 tokens: a prompt in the style of the data, whatever the data is."""
+        from tokenizer import Tokenizer
+
+        if self.cfg.logging.sample_prompt:
+            return self.cfg.logging.sample_prompt
+        tok, shards = Tokenizer.load(self.cfg.data.tokenizer), (self.val_data or self.train_data).tokens
+        ids = [int(i) for i in shards.read(0, min(512, shards.num_tokens))]
+        while ids and ids[0] == tok.eos_id:  # documents are joined with EOS
+            ids = ids[1:]
+        text = tok.decode(ids[: ids.index(tok.eos_id)] if tok.eos_id in ids else ids)
+        words = next((line for line in text.splitlines() if line.strip()), text).split(" ")
+        fits = [k for k in range(1, len(words) + 1) if len(tok.encode(" ".join(words[:k]))) <= 16]
+        return " ".join(words[: fits[-1]]) if fits else tok.decode(tok.encode(words[0])[:16])
 
     def sample(self, prompt: str, max_new_tokens: int) -> str:
         """A short sample from the current weights (rank 0, temperature 0.8, top-k 50, fixed seed)."""

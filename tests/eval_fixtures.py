@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -44,3 +45,34 @@ def offline_tasks(tmp_path_factory) -> Path:
     from eval.tasks.generate import write_tasks
 
     return write_tasks(tmp_path_factory.mktemp("eval-tasks"), n=8)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, eval_tokenizer_dir) -> Path:
+    """A run directory as `polar train` leaves it, with ZeRO-0 checkpoints at steps 3 and 5 (different random
+    weights) naming the tokenizer; written directly, so no training is needed."""
+    from pretrain import checkpoint as ckpt
+
+    run = tmp_path_factory.mktemp("eval-run") / "run"
+    for seed, step in ((0, 3), (1, 5)):
+        model = tiny_model(seed)
+        tag = run / "checkpoints" / ckpt.tag_for(step)
+        tag.mkdir(parents=True)
+        torch.save({"module": model.state_dict()}, tag / "mp_rank_00_model_states.pt")
+        config = {"model": model.config.to_dict(), "distributed": {"zero_stage": 0},
+                  "data": {"tokenizer": str(eval_tokenizer_dir)}}
+        (tag / ckpt.STATE_FILE).write_text(json.dumps({"config": config, "step": step}))
+    (run / "checkpoints" / "latest").write_text(ckpt.tag_for(5))
+    return run
+
+
+@pytest.fixture
+def offline_task_index(monkeypatch):
+    """lm-eval indexes its ~14k built-in task YAMLs on every run (tens of seconds on a loaded CPU); the tests
+    use only the offline tasks of --include_path, so the index skips the built-in folder."""
+    import lm_eval.tasks
+    from lm_eval.tasks._index import TaskIndex
+
+    builtin, build = Path(lm_eval.tasks.__file__).parent, TaskIndex.build
+    monkeypatch.setattr(TaskIndex, "build", staticmethod(
+        lambda paths, **kw: build([p for p in paths if Path(p) != builtin], **kw)))

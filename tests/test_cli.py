@@ -67,3 +67,77 @@ def test_torch_backend_forced(monkeypatch):
     assert dispatch.choose_backend("cpu") == "torch"
     monkeypatch.setenv("POLAR_KERNELS", "auto")
     assert dispatch.choose_backend("cpu") == "torch"
+
+
+def _leaves(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        out.update(_leaves(v, f"{prefix}{k}.") if isinstance(v, dict) and k != "deepspeed" else {prefix + k: v})
+    return out
+
+
+@pytest.mark.parametrize("command", ["train", "plan"])
+def test_help_lists_every_config_key_with_its_default(capsys, command):
+    """Checked against the dataclasses: every leaf of TrainConfig() appears as --KEY DEFAULT, nothing else."""
+    import json
+
+    from pretrain.config import TrainConfig
+
+    with pytest.raises(SystemExit) as e:
+        main([command, "--help"])
+    assert e.value.code == 0
+    out = capsys.readouterr().out
+    listed = dict(re.findall(r"^  --((?:\w+\.)+\w+) (.+?)  \(", out, re.M))
+    expected = _leaves(TrainConfig().to_dict())
+    assert set(listed) == set(expected)
+    for key, value in expected.items():
+        assert listed[key] == (value if isinstance(value, str) else json.dumps(value)), key
+
+
+def test_one_flag_grammar_across_subcommands():
+    """--dry-run is a switch, --out a folder, --nproc-per-node the process count, wherever they appear."""
+    from pretrain.cli import build_parser
+
+    def options(parser, path=()):
+        sub = [a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction"]
+        if not sub:
+            yield path, parser
+        for action in sub:
+            for name, child in action.choices.items():
+                yield from options(child, (*path, name))
+
+    seen = set()
+    for path, parser in options(build_parser()):
+        for a in parser._actions:
+            for flag in a.option_strings:
+                seen.add(flag)
+                if flag == "--dry-run":
+                    assert a.nargs == 0, path
+                if flag == "--out":
+                    assert "folder" in a.help or "DIR" in (a.metavar or ""), (path, a.help)
+                assert flag not in ("--nproc", "--output", "--outdir"), path
+    assert {"--dry-run", "--out", "--nproc-per-node"} <= seen
+
+
+def test_bookkeeping_logs_go_to_the_log_file_not_the_terminal(tmp_path, monkeypatch, capfd):
+    import logging
+
+    from pretrain.console import configure_logging
+
+    monkeypatch.setenv("POLAR_LOG", str(tmp_path / "polar.log"))
+    try:
+        configure_logging(verbose=False)
+        logging.getLogger("kernels.dispatch").info("kernel backend for scan: torch")
+        logging.getLogger("DeepSpeed").info("Setting ds_accelerator to cpu")
+        logging.getLogger("pretrain.trainer").info("step 2: val loss 6.2")
+        logging.getLogger("kernels.dispatch").warning("fell back to torch")
+        for h in logging.getLogger().handlers:
+            h.flush()
+        err = capfd.readouterr().err
+        assert "step 2" in err and "fell back" in err and "kernel backend" not in err and "ds_accelerator" not in err
+        log = (tmp_path / "polar.log").read_text()
+        assert all(s in log for s in ("kernel backend", "ds_accelerator", "step 2", "fell back"))
+    finally:
+        for h in logging.getLogger().handlers[:]:
+            h.close()
+            logging.getLogger().removeHandler(h)

@@ -4,7 +4,10 @@ through simple_evaluate, the export's Hugging Face tokenizer has our ids, and st
 
 from __future__ import annotations
 
+import json
 import random
+import shlex
+import sys
 
 import pytest
 import torch
@@ -131,22 +134,125 @@ def test_hf_tokenizer_files_have_our_ids(tiny_export):
     assert (hf.pad_token_id, hf.unk_token_id, hf.bos_token_id, hf.eos_token_id) == (0, 1, 2, 3)
 
 
+def test_cuda_default_falls_back_to_cpu_with_a_warning(tiny_export, caplog, monkeypatch):
+    from eval.harness import PolarLM
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with caplog.at_level("WARNING"):
+        lm = PolarLM(pretrained=str(tiny_export), device="cuda:0")  # lm-eval's CLI default
+    assert lm._device.type == "cpu"
+    assert len([r for r in caplog.records if "CUDA is not available" in r.message]) == 1
+
+
+def documented_command(program: str, export, tasks) -> list[str]:
+    """The `program ...` command of docs/eval.md's stock-`hf` comparison, with this test's export and tasks."""
+    from tests.train_helpers import ROOT
+
+    text = (ROOT / "docs" / "eval.md").read_text().replace("\\\n", " ")
+    line = next(line for line in text.splitlines() if line.startswith(program + " ") and "export" in line)
+    line = line.split("#")[0].replace("runs/demo-cpu/export", str(export)).replace("runs/tasks", str(tasks))
+    return shlex.split(line)[len(program.split()):]
+
+
+def result_of(folder) -> dict:
+    (path,) = [p for p in folder.rglob("*.json") if not p.name.startswith("samples_")]
+    return json.loads(path.read_text())["results"]
+
+
 @pytest.mark.slow
-def test_offline_tasks_run_and_stock_hf_agrees(tiny_export, offline_tasks):
-    """All four request types through simple_evaluate offline; stock `hf` (MambaForCausalLM) gives the
-    same numbers as `polar` on the export (same tokens via the HF tokenizer files, same prefix token)."""
-    from lm_eval.tasks import TaskManager
+def test_documented_polar_and_stock_hf_commands_agree(tiny_export, offline_tasks, offline_task_index, tmp_path,
+                                                     monkeypatch):
+    """docs/eval.md's two commands, run as written (paths swapped for this test's export and tasks; --limit
+    lowered): `polar eval lm` (lm-eval's own flags, the polar model) and stock `lm_eval --model hf` (the
+    export in transformers' MambaForCausalLM) give the same numbers on all four offline request types."""
+    from lm_eval.__main__ import cli_evaluate
 
-    import eval.harness  # noqa: F401  (registers `polar`)
+    from pretrain.cli import main
 
-    def run(model: str, args: str) -> dict:
-        return lm_eval.simple_evaluate(model=model, model_args=args, tasks=["polar_offline"], limit=2,
-                                       task_manager=TaskManager(include_path=str(offline_tasks)))["results"]
+    def limited(argv):
+        return [("2" if prev == "--limit" else a) for prev, a in zip([None, *argv], argv)]
 
-    polar = run("polar", f"pretrained={tiny_export},batch_size=2")
-    stock = run("hf", f"pretrained={tiny_export},prefix_token_id=3,device=cpu,batch_size=2")
+    polar = documented_command("polar eval lm", tiny_export, offline_tasks)
+    assert main(["eval", "lm", *limited(polar), "--output_path", str(tmp_path / "polar")]) == 0
+    stock = documented_command("lm_eval", tiny_export, offline_tasks)
+    monkeypatch.setattr(sys, "argv", ["lm_eval", *limited(stock), "--output_path", str(tmp_path / "hf")])
+    cli_evaluate()
+    polar, stock = result_of(tmp_path / "polar"), result_of(tmp_path / "hf")
     for task in ("polar_nextline", "polar_lastword", "polar_passages", "polar_complete"):
-        assert task in polar, polar.keys()
-        for key, value in polar[task].items():
-            if "," in key and "stderr" not in key and isinstance(value, float):
-                assert stock[task][key] == pytest.approx(value, rel=1e-3, abs=1e-6), (task, key)
+        keys = [k for k, v in polar[task].items() if "," in k and "stderr" not in k and isinstance(v, float)]
+        assert keys, polar[task]
+        for key in keys:
+            assert stock[task][key] == pytest.approx(polar[task][key], rel=1e-3, abs=1e-6), (task, key)
+
+
+LM_ARGS = ["--tasks", "polar_nextline,polar_lastword", "--limit", "3", "--device", "cpu"]
+
+
+@pytest.mark.slow
+def test_eval_lm_keeps_every_result_in_its_step_folder(tiny_run, offline_tasks, offline_task_index, tmp_path,
+                                                      monkeypatch, capfd):
+    from pretrain.cli import main
+
+    monkeypatch.chdir(tmp_path)  # outside any git repository: git's complaint must not reach the terminal
+
+    def results(s):  # the run fixture is shared: count only this test's files
+        return set((tiny_run / "eval" / f"step-{s}").glob("lm_*.json"))
+
+    before = {s: results(s) for s in (3, 5)}
+    args = [*LM_ARGS, "--include_path", str(offline_tasks)]
+    for step in (["--log_samples"], ["--step", "3"], ["--step", "3"]):
+        assert main(["eval", "lm", str(tiny_run), *step, *args]) == 0
+    files = {s: sorted(results(s) - before[s]) for s in (3, 5)}
+    assert [len(files[3]), len(files[5])] == [2, 1]  # the second call kept the first result
+    (samples,) = {p.name for p in (tiny_run / "eval" / "step-5").glob("samples_polar_lastword_*.jsonl")} & {
+        f"samples_polar_lastword_{files[5][0].stem.removeprefix('lm_')}.jsonl"}  # --log_samples, beside its result
+    data = {s: [json.loads(p.read_text()) for p in files[s]] for s in (3, 5)}
+    for s, results in data.items():
+        for d in results:
+            assert d["config"]["checkpoint_step"] == s and d["config"]["limit"] == 3
+            assert d["versions"]["polar_lastword"] is not None and d["date"] > 0
+    assert data[3][0]["results"] == data[3][1]["results"]
+    ppl = {s: data[s][0]["results"]["polar_lastword"]["perplexity,none"] for s in (3, 5)}
+    assert ppl[3] != ppl[5]  # different checkpoints were scored
+    assert "not a git repository" not in capfd.readouterr().err
+
+
+@pytest.mark.slow
+def test_interrupted_eval_resumes_from_the_cache(tiny_export, offline_tasks, offline_task_index, tmp_path,
+                                                monkeypatch):
+    """--use_cache: an evaluation killed after its first batch computes only the other batches when rerun,
+    and its numbers equal an uncached evaluation's."""
+    from eval.harness import PolarLM
+    from pretrain.cli import main
+
+    class Killed(Exception):
+        pass
+
+    seen, real = [], PolarLM._loglikelihood_tokens
+    batches = {"left": None}
+
+    def tracked(self, requests, disable_tqdm=False, **kw):
+        seen.append(len(requests))
+        return real(self, requests, disable_tqdm=disable_tqdm, **kw)
+
+    def log_softmax(*a, **kw):  # one call per batch: the kill switch
+        if batches["left"] is not None:
+            if batches["left"] == 0:
+                raise Killed
+            batches["left"] -= 1
+        return torch.log_softmax(*a, **kw)
+
+    monkeypatch.setattr(PolarLM, "_loglikelihood_tokens", tracked)
+    monkeypatch.setattr("eval.harness.F.log_softmax", log_softmax)
+    args = ["eval", "lm", str(tiny_export), "--tasks", "polar_nextline", "--limit", "4", "--batch_size", "4",
+            "--device", "cpu", "--include_path", str(offline_tasks)]
+    cache = ["--use_cache", str(tmp_path / "cache")]
+    batches["left"] = 1
+    with pytest.raises(Killed):
+        main([*args, *cache, "--output_path", str(tmp_path / "killed")])
+    batches["left"], total = None, seen[0]
+    seen.clear()
+    assert main([*args, *cache, "--output_path", str(tmp_path / "resumed")]) == 0
+    assert seen == [total - 4]  # the first batch of 4 came from the cache
+    assert main([*args, "--output_path", str(tmp_path / "fresh")]) == 0
+    assert result_of(tmp_path / "resumed") == result_of(tmp_path / "fresh")

@@ -43,7 +43,7 @@ def test_config_refuses_more_distractors_than_values():
 
 
 def test_cli_templates():
-    from eval.cli import niah_config, parse_niah_args
+    from eval.options import niah_config, parse_niah_args
 
     cfg = niah_config(parse_niah_args(r"--needle '#{value}.' --question '\n#' --digits 1 --distractors 8"))
     assert (cfg.needle, cfg.question, cfg.digits, cfg.distractors) == ("#{value}.", "\n#", 1, 8)
@@ -152,3 +152,9 @@ def test_briefly_trained_model_finds_the_needle(tok, text):
     assert _rank1(trained) > 0.8 and exact > 0.8, trained["cells"]
     for length in cfg.lengths:  # at every tested length, not just on average
         assert min(c["rank1"] for c in trained["cells"] if c["length"] == length) > 4 * chance
+
+
+def test_length_labels_as_lengths_are_spelled():
+    assert [niah.length_label(n) for n in (64, 1000, 1024, 1536, 2048, 16384)] == ["64", "1000", "1k", "1536", "2k",
+                                                                                    "16k"]
+    assert niah.parse_lengths(",".join(niah.length_label(n) for n in (64, 2048, 16384))) == [64, 2048, 16384]

@@ -13,6 +13,7 @@ from transformers import AutoTokenizer, MambaForCausalLM
 
 from models.hf import from_pretrained, save_pretrained
 from pretrain.export import load_model
+from pretrain.metrics import read_jsonl
 from pretrain.publish import PublishError, build_folder, publish, upload, verify_folder
 from tests.train_helpers import ok, train, write_config
 from tokenizer import Tokenizer
@@ -22,12 +23,14 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory, data):
-    """A briefly trained baseline and polarized run (4 steps each)."""
+    """A briefly trained baseline and polarized run (4 steps each, checkpoints and validation at 2 and 4)."""
     base = tmp_path_factory.mktemp("publish")
     out = {}
     for name, preset in (("base", "mamba-tiny"), ("polar", "mamba-tiny-polar")):
         cfg = write_config(base, data, name=name, schedule={"steps": 4}, distributed={"zero_stage": 0},
-                           model={"preset": preset}, eval={"every": 2})
+                           precision={"dtype": "auto"},  # resolved (fp32 on CPU) and recorded by the run
+                           model={"preset": preset}, eval={"every": 2},
+                           checkpoint={"every": 2})
         ok(train(cfg))
         out[name] = base / "runs" / name
     return out
@@ -36,7 +39,7 @@ def runs(tmp_path_factory, data):
 @pytest.mark.parametrize("variant", ["base", "polar"])
 def test_dry_run_folder_loads_in_stock_transformers(runs, data, tmp_path, variant):
     folder = tmp_path / "hub"
-    publish(runs[variant], "org/tiny", dry_run=folder)
+    publish(runs[variant], "org/tiny", dry_run=True, out=folder)
     ours_tok, hf_tok = Tokenizer.load(data["tokenizer"]), AutoTokenizer.from_pretrained(folder)
     rng = random.Random()
     text = "".join(rng.choice(["ROMEO: ", "thou art", "\n", "  ", "é", "ß", "🙂", "Kiss me.", "x"]) for _ in range(40))
@@ -52,19 +55,69 @@ def test_dry_run_folder_loads_in_stock_transformers(runs, data, tmp_path, varian
         assert json.loads((folder / "config.json").read_text())["polar_mamba"]["polarize"]["ones"] == 1
 
 
-def test_model_card_has_training_facts_and_eval_results(runs, tmp_path):
+def lm_eval_result(step: int, acc: float, limit: int | None = None, task: str = "toy_mc") -> dict:
+    """An lm-eval result file as `polar eval lm` writes it (the polar model records the checkpoint step)."""
+    n = 8 if limit is None else limit
+    return {"results": {task: {"alias": task, "name": task, "sample_len": n, "acc,none": acc,
+                               "acc_stderr,none": acc / 10}},
+            "higher_is_better": {task: {"acc": True}}, "versions": {task: 1.0}, "n-shot": {task: 0},
+            "n-samples": {task: {"original": 8, "effective": n}}, "config": {"checkpoint_step": step, "limit": limit},
+            "date": 1000.0 + step}
+
+
+def card_number(text: str, label: str) -> list[float]:
+    """The numbers in the card's table row that starts with ``label``."""
+    row = next(line for line in text.splitlines() if line.startswith(f"| {label}"))
+    return [float(x) for x in row.split("|")[2].replace("/", " ").split()]
+
+
+@pytest.mark.parametrize("step", [2, 4])
+def test_card_numbers_all_come_from_the_published_step(runs, tmp_path, step):
     run = runs["polar"]
-    (run / "eval").mkdir(exist_ok=True)
-    (run / "eval" / "lm.json").write_text(json.dumps(
-        {"results": {"toy_mc": {"alias": "toy_mc", "acc,none": 0.625, "acc_stderr,none": 0.1}}}))
-    folder = build_folder(run, tmp_path / "hub", "org/polar-tiny")
+    rng = random.Random()
+    accs = {s: rng.uniform(0.2, 0.9) for s in (2, 4)}
+    for s, acc in accs.items():
+        folder = run / "eval" / f"step-{s}"
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "lm_a.json").write_text(json.dumps(lm_eval_result(s, acc)))
+        (folder / "lm_b.json").write_text(json.dumps(lm_eval_result(s, acc / 2, limit=3, task="toy_partial")))
+        (folder / "lm_c.json").write_text(json.dumps(lm_eval_result(6 - s, 0.999)))  # misfiled: records the other step
+    folder = build_folder(run, tmp_path / "hub", "org/polar-tiny", step=step)
     card = ModelCard.load(folder / "README.md")
-    index = card.data.to_dict()["model-index"][0]["results"][0]
-    assert index["dataset"]["name"] == "toy_mc" and index["metrics"][0]["value"] == 0.625
-    assert "polarized-ssm" in card.data.tags and card.data.license == "apache-2.0"
+    records = read_jsonl(run / "metrics.jsonl")
+    train = next(r for r in records if r["kind"] == "train" and r["step"] == step)
+    val = next(r for r in records if r["kind"] == "val" and r["step"] == step)
     text = card.text
-    assert "1 fixed at A=1" in text and "| steps | 4 of 4" in text and "polar train" in text
-    assert "validation loss" in text and "final training loss" in text
+    assert card_number(text, f"training loss at step {step}") == [round(train["loss"], 4)]
+    assert card_number(text, f"validation loss / perplexity at step {step}") == [round(val["val_loss"], 4),
+                                                                               round(val["val_ppl"], 2)]
+    index = card.data.to_dict()["model-index"][0]["results"]
+    assert [(e["dataset"]["name"], e["metrics"][0]["value"]) for e in index] == [("toy_mc", round(accs[step], 4))]
+    rows = {line.split("|")[1].strip(): line.split("|")[1:-1] for line in text.splitlines()
+            if line.startswith("| toy_")}
+    assert float(rows["toy_mc"][4]) == round(accs[step], 4) and float(rows["toy_mc"][5]) == round(accs[step] / 10, 4)
+    assert float(rows["toy_partial"][4]) == round(accs[step] / 2, 4) and "3 of 8 (partial)" in rows["toy_partial"][6]
+    assert "sample_len" not in text and "0.999" not in text
+    assert "polarized-ssm" in card.data.tags and card.data.license == "apache-2.0"
+    assert "1 fixed at A=1" in text and f"| steps | {step} of 4" in text and "| fp32, DeepSpeed ZeRO-0 |" in text
+    assert "## Intended use and limitations" in text
+    for command in ("polar tokenizer train --dataset builtin:shakespeare --vocab-size 512",
+                    "polar prepare --dataset builtin:shakespeare", "torchrun --standalone --nproc-per-node 1",
+                    f"polar eval lm {run} --step {step} --tasks toy_mc\n",
+                    f"polar eval lm {run} --step {step} --tasks toy_partial --limit 3\n"):
+        assert command in text
+
+
+def test_card_shows_niah_results_of_the_step(runs, tmp_path):
+    run = runs["base"]
+    folder = run / "eval" / "step-4"
+    folder.mkdir(parents=True, exist_ok=True)
+    cells = [{"length": n, "depth": d, "exact_match": e, "rank1": r, "chance_rank1": 0.1}
+             for n, d, e, r in ((64, 0, 0.5, 1.0), (64, 100, 0.0, 0.5), (128, 0, 0.25, 0.75), (128, 100, 0.0, 0.25))]
+    (folder / "niah_x.json").write_text(json.dumps({"checkpoint_step": 4, "config": {"samples": 4, "distractors": 9},
+                                                    "cells": cells}))
+    text = ModelCard.load(build_folder(run, tmp_path / "hub", "org/x") / "README.md").text
+    assert "| 64 | 0.250 | 0.750 |" in text and "| 128 | 0.125 | 0.500 |" in text and "chance 0.10" in text
 
 
 class FakeApi:
@@ -134,6 +187,25 @@ def test_sharded_weights_round_trip(runs, tmp_path):
         torch.testing.assert_close(from_pretrained(tmp_path)(ids).logits, expected)
         torch.testing.assert_close(MambaForCausalLM.from_pretrained(tmp_path)(ids).logits, expected,
                                    rtol=1e-4, atol=1e-5)
+
+
+def test_export_writes_the_generation_config_publish_writes(runs, tmp_path):
+    from pretrain.export import export
+
+    exported = export(runs["base"], tmp_path / "export")
+    published = build_folder(runs["base"], tmp_path / "hub", "org/x")
+    gen = json.loads((exported / "generation_config.json").read_text())
+    assert gen == json.loads((published / "generation_config.json").read_text())
+    tok = Tokenizer.load(exported)
+    assert (gen["bos_token_id"], gen["eos_token_id"], gen["pad_token_id"], gen["do_sample"]) == (
+        tok.bos_id, tok.eos_id, tok.pad_id, False)
+
+
+def test_cli_dry_run_is_a_switch_building_into_the_run(runs):
+    from pretrain.cli import main
+
+    assert main(["publish", str(runs["base"]), "--repo-id", "org/x", "--dry-run", "--step", "2"]) == 0
+    verify_folder(runs["base"] / "hub" / "step-2")
 
 
 def test_verify_accepts_a_complete_folder(runs, tmp_path):

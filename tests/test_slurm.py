@@ -112,7 +112,7 @@ def test_dry_run_renders_a_valid_script(tmp_path, data):
 
 def test_launch_validates_before_anything_runs(tmp_path, data):
     cfg = write_config(tmp_path, data)
-    for launcher in (["slurm", str(cfg), "--submit"], ["local", str(cfg), "--nproc", "2"]):
+    for launcher in (["slurm", str(cfg), "--submit"], ["local", str(cfg), "--nproc-per-node", "2"]):
         out = polar("launch", *launcher, "--optim.lrr", "1")
         assert out.returncode == 2 and "did you mean 'lr'" in out.stderr and not out.stdout
     assert not (tmp_path / "runs").exists()
@@ -122,6 +122,6 @@ def test_launch_validates_before_anything_runs(tmp_path, data):
 @pytest.mark.distributed
 def test_launch_local_runs_torchrun(tmp_path, data):
     cfg = write_config(tmp_path, data, schedule={"steps": 2})
-    out = polar("launch", "local", str(cfg), "--nproc", "2")
+    out = polar("launch", "local", str(cfg), "--nproc-per-node", "2")
     assert out.returncode == 0, out.stderr[-3000:]
     assert "world 2" in out.stdout

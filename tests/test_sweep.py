@@ -97,3 +97,21 @@ def test_shards_partition_the_work_and_a_combine_adds_nothing(tmp_path, calls):
     calls.done[:] = []
     assert sw.sweep(runs, 1, lm=LM, niah=NIAH, out=tmp_path / "out", progress=False).is_file()
     assert calls.done == []
+
+
+def test_summaries_carry_standard_errors():
+    """lm-eval's stderr passes through; NIAH accuracies get the binomial stderr over all prompts of the cells."""
+    import random
+
+    lm = sw.summarize("lm", {"results": {"t": {"alias": "t", "sample_len": 9, "acc,none": 0.25,
+                                               "acc_stderr,none": 0.05, "ppl,none": 3.0, "ppl_stderr,none": "N/A"}}})
+    assert lm == {"t/acc": (0.25, 0.05), "t/ppl": (3.0, None)}
+    rng = random.Random()
+    samples = rng.randint(1, 8)
+    cells = [{"length": n, "depth": d, "exact_match": rng.randint(0, samples) / samples,
+              "rank1": rng.randint(0, samples) / samples, "chance_rank1": 0.1} for n in (64, 128) for d in (0, 50, 100)]
+    niah = sw.summarize("niah", {"config": {"samples": samples}, "cells": cells})
+    hits = [c["rank1"] * samples for c in cells if c["length"] == 64]
+    p = sum(hits) / (3 * samples)
+    assert niah["niah/rank1@64"][0] == pytest.approx(p)
+    assert niah["niah/rank1@64"][1] == pytest.approx((p * (1 - p) / (3 * samples)) ** 0.5)

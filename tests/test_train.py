@@ -79,7 +79,8 @@ def test_checkpoints_rotate_and_a_finished_run_reports(tmp_path, data):
     assert saved["model"]["d_model"] == 32 and "preset" not in saved["model"]
     before = losses(tmp_path / "runs" / "run")
     again = ok(train(cfg))
-    assert "run already finished at step 7" in again.stdout
+    assert "run already finished at step 7 of 7" in again.stdout
+    assert "params," not in again.stdout  # reported from the files: no engine built, no wandb run opened
     assert losses(tmp_path / "runs" / "run") == before
 
 

@@ -6,7 +6,6 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from models import ModelConfig, TransformerLM, build_model
-from models.hf import save_pretrained
 from models.typed_config import ConfigError
 from pretrain.metrics import forward_flops_per_token
 from tests.test_train import losses, ok, train, write_config
@@ -92,8 +91,6 @@ def test_config_rules():
         ModelConfig.preset("transformer-tiny", **{"polarize.ones": 1})
     with pytest.raises(ConfigError, match="n_head"):
         ModelConfig.preset("transformer-tiny", n_head=3)
-    with pytest.raises(ConfigError, match="Mamba-only"):
-        save_pretrained(tiny(), "/nonexistent")
 
 
 @pytest.mark.slow

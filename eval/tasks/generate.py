@@ -1,7 +1,7 @@
 """Generate the project's small offline lm-eval tasks from the builtin Shakespeare corpus, one per request type.
 
 ``python -m eval.tasks.generate --out DIR`` writes ``DIR/data/*.jsonl`` and ``DIR/polar_*.yaml``; then
-``polar eval lm CKPT --include-path DIR --tasks polar_offline``. The YAMLs use ``dataset_path: json`` with
+``polar eval lm CKPT --include_path DIR --tasks polar_offline``. The YAMLs use ``dataset_path: json`` with
 *absolute* ``data_files``: lm-eval hands ``dataset_kwargs`` to ``datasets.load_dataset`` unchanged, which
 resolves relative paths against the current directory, so absolute paths are what works from any cwd.
 
@@ -135,7 +135,7 @@ def write_tasks(out: str | Path, n: int = 64, seed: int = 0) -> Path:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m eval.tasks.generate", description=__doc__.split("\n\n")[0])
-    p.add_argument("--out", required=True, help="folder for the YAMLs and data (pass it as --include-path)")
+    p.add_argument("--out", required=True, help="folder for the YAMLs and data (pass it as --include_path)")
     p.add_argument("-n", type=int, default=64, help="documents per task (default 64)")
     p.add_argument("--seed", type=int, default=0, help="selection seed (default 0)")
     args = p.parse_args(argv)
