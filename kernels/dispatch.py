@@ -104,7 +104,7 @@ def choose_backend(device: torch.device | str = "cpu", op: str = "selective_scan
 def _announce(op: str, backend: str) -> None:
     if (op, backend) not in _announced:
         _announced.add((op, backend))
-        log.debug("kernel backend for %s: %s", op, backend)  # console noise otherwise; `polar -v` shows it
+        log.info("kernel backend for %s: %s", op, backend)  # to the log file only (pretrain/console.py)
 
 
 def _backend(op: str, device: torch.device) -> str:

@@ -128,15 +128,14 @@ def test_bookkeeping_logs_go_to_the_log_file_not_the_terminal(tmp_path, monkeypa
     try:
         configure_logging(verbose=False)
         logging.getLogger("kernels.dispatch").info("kernel backend for scan: torch")
-        logging.getLogger("DeepSpeed").info("Setting ds_accelerator to cpu")
         logging.getLogger("pretrain.trainer").info("step 2: val loss 6.2")
         logging.getLogger("kernels.dispatch").warning("fell back to torch")
         for h in logging.getLogger().handlers:
             h.flush()
         err = capfd.readouterr().err
-        assert "step 2" in err and "fell back" in err and "kernel backend" not in err and "ds_accelerator" not in err
+        assert "step 2" in err and "fell back" in err and "kernel backend" not in err
         log = (tmp_path / "polar.log").read_text()
-        assert all(s in log for s in ("kernel backend", "ds_accelerator", "step 2", "fell back"))
+        assert all(s in log for s in ("kernel backend", "step 2", "fell back"))
     finally:
         for h in logging.getLogger().handlers[:]:
             h.close()
