@@ -143,9 +143,11 @@ def register(sub: argparse._SubParsersAction) -> None:
         "true value among distractors. Runs recurrently, --prefill-chunk tokens at a time (constant memory), so "
         "lengths far beyond training fit. Writes niah.json, niah.csv and a niah.png heatmap to --out.",
     )
-    p.add_argument("checkpoint", help="run directory, checkpoint tag folder or exported folder")
+    p.add_argument("checkpoint", help="run directory, checkpoint tag folder, exported folder, or any transformers "
+                   "causal LM folder or Hub id (Mamba, Mamba-2, GPT-NeoX/Pythia, Llama, ...)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step of a run directory (default: latest)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the export's or the run's)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the export's, the run's or the "
+                   "model folder's tokenizer.json)")
     add_niah_options(p)
     p.add_argument("--out", default=None, help="output folder (default: CHECKPOINT/eval[/step-N])")
     p.set_defaults(func=run_niah_cmd)

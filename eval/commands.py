@@ -94,13 +94,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     d = sub.add_parser(
         "diagnose", help="recency, over-smoothing and A-range diagnostics (paper Fig. 1, 5, 6)",
         description="For each TARGET (a YAML config: a fresh model from its model section; an MQAR cell folder; "
-        "a run directory, checkpoint tag or exported folder) measure on random token sequences: the influence "
+        "a run directory, checkpoint tag or exported folder; any transformers causal LM folder or Hub id, e.g. "
+        "state-spaces/mamba-130m-hf or EleutherAI/pythia-160m) measure on random token sequences, through hooks on "
+        "each decoder layer's mixer: the influence "
         "|dy_t/dx_s| of each layer against distance t-s (Fig. 1), the average pairwise difference of token "
         "features after each mixer and block (Fig. 5), and the cumulative histogram of A_max - A_min over "
         "the learned SSM channels (Fig. 6, Mamba only). Writes {recency,oversmoothing,a_range}.{json,png} "
         "to --out, several targets overlaid.",
     )
-    d.add_argument("targets", nargs="+", metavar="TARGET", help="config YAML, MQAR cell, run directory or export")
+    d.add_argument("targets", nargs="+", metavar="TARGET", help="config YAML, MQAR cell, run directory, export, "
+                   "transformers folder or Hub id")
     d.add_argument("--out", required=True, help="output folder")
     d.add_argument("--step", type=int, default=None, help="checkpoint step for run directories (default: latest)")
     d.add_argument("--batch", type=int, default=4, help="random sequences averaged over (default 4)")
