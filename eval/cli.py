@@ -152,6 +152,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", default=None, help="output folder (default: CHECKPOINT/eval[/step-N])")
     p.set_defaults(func=run_niah_cmd)
 
+    from eval.recency_cli import add_recency_parser  # polar eval recency (paper Table 1/3)
+
+    add_recency_parser(evsub)
+
     p = evsub.add_parser(
         "sweep", help="evaluate every (K-th) checkpoint of one or more runs; resumable; tables and plots",
         description="Run `eval lm` and/or `eval niah` on every K-th checkpoint step of each RUN. Each result is "
