@@ -1,0 +1,86 @@
+"""`polar study depth`: the grid holds counted parameters within tolerance (recounted on real models); a
+two-cell study runs end to end on CPU, reports killed cells without stopping, resumes them from their
+checkpoints on the next run, skips finished cells, and writes the combined table and plot; the same study
+runs as a SLURM job array on the local cluster."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+
+from eval.study import expand_grid, load_study_config
+from models import build_model
+from models.typed_config import ConfigError
+from pretrain.cli import main
+from pretrain.config import load_config
+from pretrain.metrics import read_jsonl
+from tests.train_helpers import write_config
+
+
+def study_config(tmp_path, data, **study) -> str:
+    base = write_config(tmp_path, data, checkpoint={"every": 100, "keep_last": 1})
+    cfg = {
+        "study": {"name": "s", "out_dir": str(tmp_path / "studies"), "base": str(base), "depths": [1, 2],
+                  "seq_lens": [32], "variants": {"polarized": {}}, "param_tolerance": 0.05, **study},
+        "eval": {"context_lengths": [16], "windows": 4, "batch_size": 4,
+                 "niah": "--lengths 40 --depths 0,100 --samples 1 --digits 1 --distractors 2 "
+                         "--needle '#{value}.' --question '\\n#'"},
+    }
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return str(path)
+
+
+def test_grid_holds_counted_params_within_tolerance(tmp_path, data):
+    cfg = load_study_config(study_config(tmp_path, data, depths=[1, 4], seq_lens=[16, 32],
+                                         variants={"baseline": {"polarize.ones": 0, "polarize.zeros": 0},
+                                                   "polarized": {}}))
+    cells = expand_grid(cfg)
+    assert len(cells) == 2 * 2 * 2
+    base = load_config(cfg.study.base)
+    target = sum(p.numel() for p in build_model(base.model).parameters())
+    for c in cells:
+        run = load_config(cfg.study.base, c.overrides)
+        counted = sum(p.numel() for p in build_model(run.model).parameters())  # real weights, not meta
+        assert counted == c.params and abs(counted / target - 1) <= 0.05
+        assert run.model.n_layer == c.depth and run.data.seq_len == c.seq_len
+        assert run.data.global_batch_size * run.data.seq_len == base.data.global_batch_size * base.data.seq_len
+    assert len({c.d_model for c in cells if c.variant == "polarized"}) > 1  # depth really trades width
+    with pytest.raises(ConfigError, match="tolerance"):
+        expand_grid(load_study_config(study_config(tmp_path, data, depths=[1, 8], param_tolerance=0.001)))
+
+
+@pytest.mark.slow
+def test_two_cell_study_resumes_killed_cells_and_combines(tmp_path, data, capsys):
+    cfg = study_config(tmp_path, data)
+    study = tmp_path / "studies" / "s"
+    # every cell is killed at step 3 (checkpointed, exit 75); with no retries both are reported, none fatal
+    assert main(["study", "depth", cfg, "--study.retries", "0", "--train.debug.signal_at_step", "3"]) == 1
+    out = capsys.readouterr().out
+    assert "polarized-L1-s32" in out and out.count("FAILED") == 2 and not (study / "study.md").exists()
+
+    assert main(["study", "depth", cfg]) == 0  # the rerun resumes both from step 3
+    for cell in ("polarized-L1-s32", "polarized-L2-s32"):
+        steps = [r["step"] for r in read_jsonl(study / "runs" / cell / "metrics.jsonl") if r["kind"] == "train"]
+        assert steps == list(range(1, 9))  # every step exactly once across the two runs
+        assert "resumed from" in (study / "logs" / f"{cell}.log").read_text()
+    result = json.loads((study / "study.json").read_text())
+    assert [(r["depth"], sorted(r["loss"])) for r in result["cells"]] == [(1, ["16", "32"]), (2, ["16", "32"])]
+    assert all(0 <= r["niah_rank1"] <= 1 for r in result["cells"]) and result["missing"] == []
+    assert len((study / "study.md").read_text().splitlines()) == 4 and (study / "study.png").stat().st_size > 0
+
+    logs = {p.name: p.stat().st_size for p in (study / "logs").iterdir()}
+    capsys.readouterr()
+    assert main(["study", "depth", cfg]) == 0  # finished cells are skipped
+    assert capsys.readouterr().out.count(": done") == 2
+    assert {p.name: p.stat().st_size for p in (study / "logs").iterdir()} == logs
+
+
+def test_plan_prints_the_grid_and_runs_nothing(tmp_path, data, capsys):
+    cfg = study_config(tmp_path, data)
+    assert main(["study", "depth", cfg, "--plan", "--depths", "1,4"]) == 0
+    out = capsys.readouterr().out
+    assert "polarized-L4-s32" in out and "target" in out and not (tmp_path / "studies").exists()
+    assert main(["study", "depth", cfg, "--depths", "1,x"]) == 2
