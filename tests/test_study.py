@@ -16,6 +16,7 @@ from models.typed_config import ConfigError
 from pretrain.cli import main
 from pretrain.config import load_config
 from pretrain.metrics import read_jsonl
+from tests.test_slurm import cluster  # noqa: F401  (the local SLURM cluster fixture)
 from tests.train_helpers import write_config
 
 
@@ -84,3 +85,21 @@ def test_plan_prints_the_grid_and_runs_nothing(tmp_path, data, capsys):
     out = capsys.readouterr().out
     assert "polarized-L4-s32" in out and "target" in out and not (tmp_path / "studies").exists()
     assert main(["study", "depth", cfg, "--depths", "1,x"]) == 2
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_study_runs_as_a_slurm_job_array(cluster, tmp_path, data):
+    from tests.test_slurm import polar, wait_for
+
+    cfg = study_config(tmp_path, data)
+    out = polar("study", "depth", cfg, "--slurm", "--submit", env=cluster.env)
+    assert out.returncode == 0, out.stderr
+    array, combine = out.stdout.split("submitted array job ")[1].split(" (")[0], out.stdout.split()[-1]
+    assert wait_for(cluster, combine, {"COMPLETED", "FAILED", "CANCELLED"}, timeout=600) == "COMPLETED", cluster.logs()
+    study = tmp_path / "studies" / "s"
+    logs = "".join(p.read_text() for p in (study / "logs").glob("slurm-*.out"))
+    assert f"slurm-{array}_0.out" in {p.name for p in (study / "logs").iterdir()} and "study task 1" in logs
+    result = json.loads((study / "study.json").read_text())
+    assert sorted(r["cell"] for r in result["cells"]) == ["polarized-L1-s32", "polarized-L2-s32"]
+    assert (study / "study.png").stat().st_size > 0
