@@ -118,7 +118,8 @@ def oversmoothing(model: nn.Module, input_ids: torch.Tensor) -> dict[str, Any]:
     mixer, block = [], []
     hooks = []
     for layer in decoder_layers(model):
-        hooks.append(mixer_of(layer).register_forward_hook(lambda m, a, out: mixer.append(smoothness(first_tensor(out)))))
+        hooks.append(mixer_of(layer).register_forward_hook(
+            lambda m, a, out: mixer.append(smoothness(first_tensor(out)))))
         hooks.append(layer.register_forward_hook(lambda m, a, out: block.append(smoothness(_block_stream(model, out)))))
     _hooked_forward(model, input_ids, hooks)
     embeddings = model.hf.get_input_embeddings() if hasattr(model, "hf") else model.backbone.embeddings

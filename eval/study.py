@@ -128,14 +128,14 @@ def match_d_model(base: dict[str, Any], overrides: dict[str, Any], target: int) 
     for the Transformer also of 2 x n_head)."""
     cfg = _model_config(base, overrides)
     step = math.lcm(8, 2 * cfg.n_head) if cfg.arch == "transformer" else 8
-    best, prev, d = None, None, step
+    best, d = None, step
     while True:
         p = count_params(_model_config(base, {**overrides, "model.d_model": d}))
         cand = (abs(p - target), d, p)
         best = cand if best is None or cand < best else best
         if p >= target or d > 16384:
             return best[1], best[2]
-        prev, d = p, d + step
+        d += step
 
 
 def expand_grid(cfg: StudyConfig) -> list[Cell]:
@@ -193,7 +193,7 @@ def cell_result_path(cfg: StudyConfig, cell: Cell) -> Path:
 
 
 def train_command(cfg: StudyConfig, cell: Cell) -> list[str]:
-    args = [arg for k, v in cell.overrides.items() for arg in (f"--{k}", json.dumps(v) if not isinstance(v, str) else v)]
+    args = [a for k, v in cell.overrides.items() for a in (f"--{k}", v if isinstance(v, str) else json.dumps(v))]
     launcher = [sys.executable] if cfg.study.nproc == 1 else [
         sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={cfg.study.nproc}"]
     return [*launcher, "-m", "pretrain.cli", "train", cfg.study.base, *args]
@@ -307,7 +307,8 @@ def combine(cfg: StudyConfig, cells: list[Cell]) -> Path | None:
     niah = "niah_rank1" in results[0]
     head = ["variant", "depth", "d_model", "params", "seq_len", *[f"loss@{n}" for n in lengths],
             *(["niah_rank1", "niah_exact"] if niah else [])]
-    rows = [[r["variant"], r["depth"], r["d_model"], r["params"], r["seq_len"], *[f"{r['loss'][n]:.4f}" for n in lengths],
+    rows = [[r["variant"], r["depth"], r["d_model"], r["params"], r["seq_len"],
+             *[f"{r['loss'][n]:.4f}" for n in lengths],
              *([f"{r['niah_rank1']:.3f}", f"{r['niah_exact']:.3f}"] if niah else [])]
             for r in sorted(results, key=lambda r: (r["variant"], r["seq_len"], r["depth"]))]
     with (out / "study.csv").open("w", newline="") as f:

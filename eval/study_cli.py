@@ -110,7 +110,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seq-lens", default=None, help="comma-separated training context lengths (default: the config's)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--plan", action="store_true", help="print the grid with counted parameters and stop")
-    mode.add_argument("--cell", type=int, default=None, metavar="I", help="train and score only cell I (SLURM array tasks)")
+    mode.add_argument("--cell", type=int, default=None, metavar="I",
+                      help="train and score only cell I (what SLURM array tasks run)")
     mode.add_argument("--combine", action="store_true", help="only write the combined table and plot")
     mode.add_argument("--slurm", action="store_true", help="render the SLURM array + combining job (add --submit)")
     p.add_argument("--submit", action="store_true", help="with --slurm: submit them with sbatch")
