@@ -125,17 +125,23 @@ def _model_config(base: dict[str, Any], overrides: dict[str, Any]):
 
 def match_d_model(base: dict[str, Any], overrides: dict[str, Any], target: int) -> tuple[int, int]:
     """(d_model, counted params) closest to ``target`` params, d_model on the model's grid (a multiple of 8;
-    for the Transformer also of 2 x n_head)."""
+    for the Transformer also of 2 x n_head). Walks from the base width towards the target (parameters grow
+    with d_model), so depths near the base's cost a few model builds."""
     cfg = _model_config(base, overrides)
     step = math.lcm(8, 2 * cfg.n_head) if cfg.arch == "transformer" else 8
-    best, d = None, step
-    while True:
-        p = count_params(_model_config(base, {**overrides, "model.d_model": d}))
-        cand = (abs(p - target), d, p)
-        best = cand if best is None or cand < best else best
-        if p >= target or d > 16384:
-            return best[1], best[2]
-        d += step
+
+    def params(d: int) -> int:
+        return count_params(_model_config(base, {**overrides, "model.d_model": d}))
+
+    d = max(step, cfg.d_model // step * step)
+    p = params(d)
+    direction = step if p < target else -step
+    while step <= d + direction <= 65536:
+        q = params(d + direction)
+        if (q >= target) if direction > 0 else (q <= target):  # crossed: the nearer of the two
+            return (d + direction, q) if abs(q - target) < abs(p - target) else (d, p)
+        d, p = d + direction, q
+    return d, p
 
 
 def expand_grid(cfg: StudyConfig) -> list[Cell]:
