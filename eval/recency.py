@@ -151,8 +151,8 @@ def markdown_table(result: dict) -> str:
         for name, r in (("first", rows[0]), ("middle", rows[len(rows) // 2]), ("last", rows[-1])):
             head.append(f"{name} {size_label(size, cfg['context'])} [{r['start']}:{r['end']}]")
             cells.append(f"{r['acc']:.3f} / {r['loss']:.3f} "
-                         f"(−{100 * r['acc_drop_rel']:.1f}%, +{r['loss_increase']:.3f})")
-    return ("top-1 accuracy / loss on the target window (relative accuracy drop, loss increase)\n\n"
+                         f"({-100 * r['acc_drop_rel']:+.1f}%, {r['loss_increase']:+.3f})")
+    return ("top-1 accuracy / loss on the target window (relative accuracy change, loss change)\n\n"
             f"| {' | '.join(head)} |\n|{'---|' * len(head)}\n| {' | '.join(cells)} |\n")
 
 
