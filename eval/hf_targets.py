@@ -101,9 +101,11 @@ class HFCausalLM(Generation, nn.Module):
         return bool(torch.allclose(part, whole, atol=1e-4 * (1 + whole.abs().max().item()), rtol=1e-3))
 
     def _run(self, ids: torch.Tensor, state: HFState) -> torch.Tensor:
+        state.batch = ids.shape[0]
+        if self._cache_arg is None:  # a model without a cache: every call runs the whole sequence
+            return self.base(ids).last_hidden_state
         out = self.base(ids, use_cache=True, **{self._cache_arg: state.cache})
         state.cache = next(v for k in _CACHE_ARGS if (v := out.get(k)) is not None)
-        state.batch = ids.shape[0]
         return out.last_hidden_state
 
     def new_states(self, batch: int, device=None, dtype=None) -> list[HFState]:
@@ -115,7 +117,7 @@ class HFCausalLM(Generation, nn.Module):
             return self.base(input_ids, use_cache=False).last_hidden_state
         (state,) = states
         prefix = state.ids
-        if prefix is not None and input_ids.shape[1] > 1:  # the cache cannot continue a chunk: rerun the prefix
+        if prefix is not None and (input_ids.shape[1] > 1 or self._cache_arg is None):  # rerun the prefix
             state.cache = None
             hidden = self._run(torch.cat([prefix, input_ids], 1), state)[:, prefix.shape[1]:]
         else:
