@@ -41,7 +41,8 @@ def run_recency_cmd(args: argparse.Namespace) -> int:
                         sizes=[parse_fraction(s) for s in args.sizes.split(",")])  # bad options fail before loading
     model, tok = load_for_eval(args.checkpoint, args.step, args.tokenizer)
     data = args.data or default_data(args.checkpoint, args.step)
-    result = run_recency(model, held_out_tokens(data, tok), tok.vocab_size, cfg)
+    vocab = min(tok.vocab_size, model.config.vocab_size)  # random tokens both the tokenizer and the model know
+    result = run_recency(model, held_out_tokens(data, tok), vocab, cfg)
     result["target"], result["data"] = str(args.checkpoint), data
     paths = write_recency(result, Path(args.out) if args.out else eval_dir(args.checkpoint, args.step),
                           title=str(args.checkpoint))
