@@ -76,12 +76,18 @@ def register(sub: argparse._SubParsersAction) -> None:
         "lengths far beyond training fit. Writes niah_<timestamp>.{json,csv,png} (a heatmap) to --out; earlier "
         "results are kept.",
     )
-    p.add_argument("checkpoint", help="run directory, checkpoint tag folder or exported folder")
+    p.add_argument("checkpoint", help="run directory, checkpoint tag folder, exported folder, or any transformers "
+                   "causal LM folder or Hub id (Mamba, Mamba-2, GPT-NeoX/Pythia, Llama, ...)")
     p.add_argument("--step", type=int, default=None, help="checkpoint step of a run directory (default: latest)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the export's or the run's)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the export's, the run's or the "
+                   "model folder's tokenizer.json)")
     add_niah_options(p)
     p.add_argument("--out", default=None, help="output folder (default: RUN/eval/step-N, or EXPORT/eval)")
     p.set_defaults(func=run_niah_cmd)
+
+    from eval.recency_cli import add_recency_parser  # polar eval recency (paper Table 1/3)
+
+    add_recency_parser(evsub)
 
     p = evsub.add_parser(
         "sweep", help="evaluate every (K-th) checkpoint of one or more runs; resumable; tables and plots",

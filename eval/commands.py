@@ -56,8 +56,8 @@ def run_mqar_eval(args: argparse.Namespace) -> int:
 
 
 def default_diagnose_out(target: str, step: int | None) -> Path:
-    """Like the eval commands: the first target's eval folder (RUN/eval/step-N/diagnose; a config YAML's
-    runs/diagnose/NAME)."""
+    """Like the eval commands: the first target's eval folder (RUN/eval/step-N/diagnose); runs/diagnose/NAME
+    for a config YAML or a Hub id."""
     from pretrain.export import eval_folder
 
     path = Path(target)
@@ -112,13 +112,16 @@ def register(sub: argparse._SubParsersAction) -> None:
     d = sub.add_parser(
         "diagnose", help="recency, over-smoothing and A-range diagnostics (paper Fig. 1, 5, 6)",
         description="For each TARGET (a YAML config: a fresh model from its model section; an MQAR cell folder; "
-        "a run directory, checkpoint tag or exported folder) measure on random token sequences: the influence "
+        "a run directory, checkpoint tag or exported folder; any transformers causal LM folder or Hub id, e.g. "
+        "state-spaces/mamba-130m-hf or EleutherAI/pythia-160m) measure on random token sequences, through hooks on "
+        "each decoder layer's mixer: the influence "
         "|dy_t/dx_s| of each layer against distance t-s (Fig. 1), the average pairwise difference of token "
         "features after each mixer and block (Fig. 5), and the cumulative histogram of A_max - A_min over "
         "the learned SSM channels (Fig. 6, Mamba only). Writes {recency,oversmoothing,a_range}.{json,png} "
         "to --out, several targets overlaid.",
     )
-    d.add_argument("targets", nargs="+", metavar="TARGET", help="config YAML, MQAR cell, run directory or export")
+    d.add_argument("targets", nargs="+", metavar="TARGET", help="config YAML, MQAR cell, run directory, export, "
+                   "transformers folder or Hub id")
     d.add_argument("--out", default=None, help="output folder (default: the first TARGET's eval folder, "
                    "RUN/eval/step-N/diagnose; runs/diagnose/NAME for a config YAML)")
     d.add_argument("--step", type=int, default=None, help="checkpoint step for run directories (default: latest)")

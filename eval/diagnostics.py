@@ -28,7 +28,8 @@ import torch.nn as nn
 
 def load_target(target: str, step: int | None = None) -> nn.Module:
     """A fresh model from a YAML config's ``model`` section (any recipe: training, MQAR), an MQAR cell
-    folder, or anything pretrain.export.load_model accepts (run directory, tag, exported folder)."""
+    folder, or anything eval.loading.load_any_model accepts (run directory, tag, export, any transformers
+    causal LM folder or Hub id)."""
     from models.build import build_model
     from models.config import ModelConfig
 
@@ -42,37 +43,55 @@ def load_target(target: str, step: int | None = None) -> nn.Module:
         from eval.mqar import load_cell_model
 
         return load_cell_model(path)[0].cpu().eval()
-    from pretrain.export import load_model
+    from eval.loading import load_any_model
 
-    return load_model(path, step).eval()
+    return load_any_model(target, step).eval()
 
 
-def _mixer_inputs(model: nn.Module, input_ids: torch.Tensor) -> list[torch.Tensor]:
-    """Each layer's mixer input from one forward pass."""
-    captured: list[torch.Tensor] = []
-    hooks = [layer.mixer.register_forward_pre_hook(lambda m, args: captured.append(args[0].detach()))
-             for layer in model.backbone.layers]
+def _hooked_forward(model: nn.Module, input_ids: torch.Tensor, hooks: list) -> None:
+    """One forward pass with ``hooks`` (handles) removed afterwards, whatever happens."""
     try:
-        with torch.no_grad():
-            model(input_ids, return_logits=False)
+        model(input_ids, return_logits=False)
     finally:
         for h in hooks:
             h.remove()
-    return captured
+
+
+def _replace_input(args: tuple, kwargs: dict, fn) -> tuple[tuple, dict]:
+    """Apply ``fn`` to a module call's hidden-state input: the first positional argument, or
+    ``hidden_states=`` (transformers' attention layers take it by keyword)."""
+    if args:
+        return (fn(args[0]), *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": fn(kwargs["hidden_states"])}
 
 
 def recency(model: nn.Module, input_ids: torch.Tensor, seed: int = 0) -> np.ndarray:
-    """influence (n_layer, L): influence[l, d] for distance d from the last position t = L - 1."""
-    L = input_ids.shape[1]
-    out = []
-    for layer, x in zip(model.backbone.layers, _mixer_inputs(model, input_ids)):
-        x = x.clone().requires_grad_(True)
-        y = layer.mixer(x)
-        r = torch.randn(y.shape[0], y.shape[-1], generator=torch.Generator().manual_seed(seed), dtype=y.dtype)
-        (grad,) = torch.autograd.grad((y[:, -1] * r).sum(), x)
-        per_pos = grad.float().norm(dim=-1).mean(0)  # (L,), position s
-        out.append(per_pos.flip(0)[:L].numpy())  # distance d = (L - 1) - s
-    return np.stack(out)
+    """influence (n_layer, L): influence[l, d] for distance d from the last position t = L - 1.
+
+    Forward hooks on each layer's mixer (any family, see eval.hf_targets.mixer_of) make its input a fresh
+    leaf tensor and keep its output, so one forward pass gives every layer's own Jacobian y_t <- x_s."""
+    from eval.hf_targets import decoder_layers, first_tensor, mixer_of
+
+    leaves: list[torch.Tensor] = []
+    outputs: list[torch.Tensor] = []
+
+    def leaf(x: torch.Tensor) -> torch.Tensor:
+        leaves.append(x.detach().requires_grad_(True))
+        return leaves[-1]
+
+    hooks = []
+    for layer in decoder_layers(model):
+        mixer = mixer_of(layer)
+        hooks.append(mixer.register_forward_pre_hook(lambda m, a, k: _replace_input(a, k, leaf), with_kwargs=True))
+        hooks.append(mixer.register_forward_hook(lambda m, a, out: outputs.append(first_tensor(out))))
+    with torch.enable_grad():
+        _hooked_forward(model, input_ids, hooks)
+        curves = []
+        for x, y in zip(leaves, outputs, strict=True):
+            r = torch.randn(y.shape[0], y.shape[-1], generator=torch.Generator().manual_seed(seed), dtype=y.dtype)
+            (grad,) = torch.autograd.grad((y[:, -1] * r.to(y.device)).sum(), x, retain_graph=True)
+            curves.append(grad.float().norm(dim=-1).mean(0).flip(0).cpu().numpy())  # distance d = (L-1) - s
+    return np.stack(curves)
 
 
 def smoothness(h: torch.Tensor) -> float:
@@ -84,47 +103,56 @@ def smoothness(h: torch.Tensor) -> float:
     return float((pairs / h.norm(dim=-1).mean(1).clamp_min(1e-12)).mean())
 
 
+def _block_stream(model: nn.Module, out) -> torch.Tensor:
+    """The residual stream after a block. Our blocks use the fused add-norm form and return (branch,
+    stream so far), whose sum it is; a transformers layer returns the stream itself."""
+    from eval.hf_targets import HFCausalLM, first_tensor
+
+    return first_tensor(out) if isinstance(model, HFCausalLM) else out[0] + out[1]
+
+
 @torch.no_grad()
 def oversmoothing(model: nn.Module, input_ids: torch.Tensor) -> dict[str, Any]:
     """Smoothness of the embeddings, and after each layer's mixer and block (residual stream)."""
+    from eval.hf_targets import decoder_layers, first_tensor, mixer_of
+
     mixer, block = [], []
     hooks = []
-    for layer in model.backbone.layers:
-        hooks.append(layer.mixer.register_forward_hook(lambda m, a, out: mixer.append(smoothness(out))))
-        # Blocks return (branch output, stream so far): their sum is the residual stream after the block.
-        hooks.append(layer.register_forward_hook(lambda m, a, out: block.append(smoothness(out[0] + out[1]))))
-    try:
-        model(input_ids, return_logits=False)
-    finally:
-        for h in hooks:
-            h.remove()
-    return {"embedding": smoothness(model.backbone.embeddings(input_ids)), "mixer": mixer, "block": block}
+    for layer in decoder_layers(model):
+        hooks.append(mixer_of(layer).register_forward_hook(
+            lambda m, a, out: mixer.append(smoothness(first_tensor(out)))))
+        hooks.append(layer.register_forward_hook(lambda m, a, out: block.append(smoothness(_block_stream(model, out)))))
+    _hooked_forward(model, input_ids, hooks)
+    embeddings = model.hf.get_input_embeddings() if hasattr(model, "hf") else model.backbone.embeddings
+    return {"embedding": smoothness(embeddings(input_ids)), "mixer": mixer, "block": block}
 
 
 @torch.no_grad()
 def a_range(model: nn.Module, input_ids: torch.Tensor) -> list[list[float]] | None:
-    """Per Mamba layer, max_t A_t - min_t A_t for every learned channel (d, n) and sequence, flattened;
-    None for models without a selective SSM."""
-    if not hasattr(model.backbone.layers[0].mixer, "A_log"):
+    """Per Mamba-1 layer (ours or transformers'), max_t A_t - min_t A_t for every learned channel (d, n) and
+    sequence, flattened; None for models without a Mamba-1 selective SSM. Fixed channels (A_log = ±inf in
+    an export of a polarized model) are left out."""
+    from eval.hf_targets import decoder_layers, mixer_of
+
+    mixers = [mixer_of(layer) for layer in decoder_layers(model)]
+    if all(hasattr(m, "transitions") for m in mixers):  # our Mamba-2: one A_t per head, computed by the mixer
+        inputs: list[torch.Tensor] = []
+        _hooked_forward(model, input_ids, [m.register_forward_pre_hook(lambda mod, a: inputs.append(a[0]))
+                                           for m in mixers])
+        return [(At.amax(1) - At.amin(1)).flatten().tolist() for At in map(lambda m, x: m.transitions(x), mixers, inputs)]
+    if not all(hasattr(m, "A_log") and hasattr(m, "x_proj") for m in mixers):
         return None
-    if hasattr(model.backbone.layers[0].mixer, "transitions"):  # Mamba-2: one A_t per head, computed by the mixer
-        inputs = _mixer_inputs(model, input_ids)
-        return [(At.amax(1) - At.amin(1)).flatten().tolist()
-                for At in (layer.mixer.transitions(x) for layer, x in zip(model.backbone.layers, inputs))]
     captured: list[torch.Tensor] = []
-    hooks = [layer.mixer.x_proj.register_forward_hook(lambda m, a, out: captured.append(out))
-             for layer in model.backbone.layers]
-    try:
-        model(input_ids, return_logits=False)
-    finally:
-        for h in hooks:
-            h.remove()
+    hooks = [m.x_proj.register_forward_hook(lambda mod, a, out: captured.append(out)) for m in mixers]
+    _hooked_forward(model, input_ids, hooks)
     ranges = []
-    for layer, xp in zip(model.backbone.layers, captured):
-        m = layer.mixer
-        delta = torch.nn.functional.softplus(xp[..., : m.cfg.dt_rank].float() @ m.dt_proj.weight.float().t()
+    for m, xp in zip(mixers, captured, strict=True):
+        rank = m.dt_proj.in_features
+        delta = torch.nn.functional.softplus(xp[..., :rank].float() @ m.dt_proj.weight.float().t()
                                              + m.dt_proj.bias.float())  # (b, L, d_inner)
-        At = torch.exp(delta[..., None] * -torch.exp(m.A_log.float()))  # (b, L, d_inner, N)
+        a_log = m.A_log.float()
+        learned = a_log[:, torch.isfinite(a_log).all(0)]
+        At = torch.exp(delta[..., None] * -torch.exp(learned))  # (b, L, d_inner, N)
         ranges.append((At.amax(1) - At.amin(1)).flatten().tolist())
     return ranges
 
@@ -137,7 +165,9 @@ def diagnose(targets: dict[str, nn.Module], out: Path, batch: int = 4, seq_len: 
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, dict[str, Any]] = {"recency": {}, "oversmoothing": {}, "a_range": {}}
     for name, model in tqdm(targets.items(), desc="diagnose"):
+        device = next(model.parameters()).device
         ids = torch.randint(0, model.config.vocab_size, (batch, seq_len), generator=torch.Generator().manual_seed(seed))
+        ids = ids.to(device)
         results["recency"][name] = recency(model, ids, seed).tolist()
         results["oversmoothing"][name] = oversmoothing(model, ids)
         ranges = a_range(model, ids)

@@ -24,6 +24,7 @@ SUBCOMMAND_MODULES = [
     "launch.render",
     "eval.cli",
     "eval.commands",
+    "eval.study_cli",
 ]
 
 # Bad input (config typos, missing files, corrupt data) surfaces as these; they print as one line.

@@ -33,7 +33,10 @@ def checkpoint_location(path: str | Path, step: int | None = None) -> tuple[Path
 
 def eval_folder(path: str | Path, step: int | None = None) -> Path:
     """Where evaluations of a model reference are kept: ``RUN/eval/step-N`` for a checkpoint (N resolved: the
-    latest unless ``step``), ``EXPORT/eval`` for an exported folder. The one step naming scheme of RUN/eval/."""
+    latest unless ``step``), ``EXPORT/eval`` for an exported or transformers folder, ``runs/hub/ORG--NAME/eval``
+    for a Hub id. The one step naming scheme of RUN/eval/."""
+    if not Path(path).exists():
+        return Path("runs") / "hub" / str(path).replace("/", "--") / "eval"
     loc = checkpoint_location(path, step)
     if loc is None:
         return Path(path) / "eval"
