@@ -139,7 +139,7 @@ def a_range(model: nn.Module, input_ids: torch.Tensor) -> list[list[float]] | No
         inputs: list[torch.Tensor] = []
         _hooked_forward(model, input_ids, [m.register_forward_pre_hook(lambda mod, a: inputs.append(a[0]))
                                            for m in mixers])
-        return [(At.amax(1) - At.amin(1)).flatten().tolist() for At in map(lambda m, x: m.transitions(x), mixers, inputs)]
+        return [(At.amax(1) - At.amin(1)).flatten().tolist() for At in map(type(mixers[0]).transitions, mixers, inputs)]
     if not all(hasattr(m, "A_log") and hasattr(m, "x_proj") for m in mixers):
         return None
     captured: list[torch.Tensor] = []

@@ -128,11 +128,12 @@ def test_mqar_cli_trains_a_mamba2_cell(tmp_path):
 def test_model_card_names_the_class_that_loads_it(tmp_path, preset):
     from models.typed_config import to_dict
     from pretrain.config import build_config
-    from pretrain.model_card import render_card
+    from pretrain.model_card import StepResults, render_card
 
     cfg = build_config({"model": {"preset": preset}, "data": {"path": str(tmp_path / "data")},
                         "schedule": {"steps": 4}})
-    card = render_card("org/m2", {"config": to_dict(cfg), "step": 4}, tmp_path, 89_136, {}, "apache-2.0", "cpu")
+    card = render_card("org/m2", {"config": to_dict(cfg), "step": 4}, tmp_path, 89_136, StepResults(), "apache-2.0",
+                       "cpu")
     if preset == "mamba-tiny-polar":  # Mamba-1 exports stay stock-loadable
         assert "polarized Mamba:" in card and "MambaForCausalLM.from_pretrained" in card and "exactly 1 and 0" in card
     elif preset.endswith("polar"):
