@@ -31,6 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.layout import like
 from kernels.scan_ref import REFERENCE_ZERO_A, _prepare_dt
 from kernels.triton_jit import jit
 
@@ -77,7 +78,9 @@ def _scan_fwd_kernel(
     SAVE: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_b = tl.program_id(0).to(tl.int64)
-    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d0 = tl.program_id(1).to(tl.int64) * BLOCK_D  # tiles: an int64 base offset plus small int32 offsets
+    dd = tl.arange(0, BLOCK_D)
+    offs_d = tl.program_id(1) * BLOCK_D + dd
     mask_d = offs_d < d
     tt = tl.arange(0, CHUNK)
     S = N_ONES + N_SCAN  # carried state channels: [ones, scan channels]
@@ -97,16 +100,16 @@ def _scan_fwd_kernel(
         tl.store(carry + n * d, h, mask=mask_d)
     tl.debug_barrier()
     for c in range(0, n_chunks):
-        t0 = c * CHUNK
+        t0 = tl.cast(c, tl.int64) * CHUNK  # int64: t0 times the time stride may pass 2^31
         mask = mask_d[:, None] & (t0 + tt < L)[None, :]
-        dt = tl.load(dt_ptr + (pid_b * s_tb + t0 * s_tl) + offs_d[:, None] * s_td + tt[None, :] * s_tl,
+        dt = tl.load(dt_ptr + (pid_b * s_tb + d0 * s_td + t0 * s_tl) + dd[:, None] * s_td + tt[None, :] * s_tl,
                      mask=mask, other=0.0).to(tl.float32)
         if HAS_BIAS:
             dt += bias[:, None]
         if SOFTPLUS:
             dt = _softplus(dt)
         dt = tl.where(mask, dt, 0.0)  # past L: a = 1, input 0, so the state passes through unchanged
-        x = tl.load(u_ptr + (pid_b * s_ub + t0 * s_ul) + offs_d[:, None] * s_ud + tt[None, :] * s_ul,
+        x = tl.load(u_ptr + (pid_b * s_ub + d0 * s_ud + t0 * s_ul) + dd[:, None] * s_ud + tt[None, :] * s_ul,
                     mask=mask, other=0.0).to(tl.float32)
         w = dt * x
         h_in = carry + (c % n_slots) * S * d
@@ -135,11 +138,11 @@ def _scan_fwd_kernel(
             Bn = tl.load(B_row + (S + n) * s_Bn, mask=mask_t, other=0.0).to(tl.float32)
             Cn = tl.load(C_row + (S + n) * s_Cn, mask=mask_t, other=0.0).to(tl.float32)
             y += w * (Bn * Cn)[None, :]
-        out = (pid_b * s_yb + t0 * s_yl) + offs_d[:, None] * s_yd + tt[None, :] * s_yl
+        out = (pid_b * s_yb + d0 * s_yd + t0 * s_yl) + dd[:, None] * s_yd + tt[None, :] * s_yl
         if HAS_Z:
             if SAVE:
                 tl.store(ypre_ptr + out, y.to(ypre_ptr.dtype.element_ty), mask=mask)
-            zz = tl.load(z_ptr + (pid_b * s_zb + t0 * s_zl) + offs_d[:, None] * s_zd + tt[None, :] * s_zl,
+            zz = tl.load(z_ptr + (pid_b * s_zb + d0 * s_zd + t0 * s_zl) + dd[:, None] * s_zd + tt[None, :] * s_zl,
                          mask=mask, other=0.0).to(tl.float32)
             y = y * zz * tl.sigmoid(zz)
         tl.store(y_ptr + out, y.to(y_ptr.dtype.element_ty), mask=mask)
@@ -158,7 +161,9 @@ def _scan_bwd_kernel(
     CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_b = tl.program_id(0).to(tl.int64)
-    offs_d = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    d0 = tl.program_id(1).to(tl.int64) * BLOCK_D  # tiles: an int64 base offset plus small int32 offsets
+    dd = tl.arange(0, BLOCK_D)
+    offs_d = tl.program_id(1) * BLOCK_D + dd
     mask_d = offs_d < d
     tt = tl.arange(0, CHUNK)
     S = N_ONES + N_SCAN
@@ -182,10 +187,10 @@ def _scan_bwd_kernel(
     gbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     for ci in range(0, n_chunks):
         c = n_chunks - 1 - ci
-        t0 = c * CHUNK
+        t0 = tl.cast(c, tl.int64) * CHUNK  # int64: t0 times the time stride may pass 2^31
         mask_t = t0 + tt < L
         mask = mask_d[:, None] & mask_t[None, :]
-        dt_tile = dt_ptr + (pid_b * s_tb + t0 * s_tl) + offs_d[:, None] * s_td + tt[None, :] * s_tl
+        dt_tile = dt_ptr + (pid_b * s_tb + d0 * s_td + t0 * s_tl) + dd[:, None] * s_td + tt[None, :] * s_tl
         dt_raw = tl.load(dt_tile, mask=mask, other=0.0).to(tl.float32)
         # Δ one step ahead, for a_{t+1} of the adjoint; the chunk's last column takes a = 1 because the
         # carried K already includes a_{t+1}
@@ -200,14 +205,14 @@ def _scan_bwd_kernel(
             dt_next = _softplus(dt_next)
         dt = tl.where(mask, dt, 0.0)
         dt_next = tl.where(nxt, dt_next, 0.0)
-        x = tl.load(u_ptr + (pid_b * s_ub + t0 * s_ul) + offs_d[:, None] * s_ud + tt[None, :] * s_ul,
+        x = tl.load(u_ptr + (pid_b * s_ub + d0 * s_ud + t0 * s_ul) + dd[:, None] * s_ud + tt[None, :] * s_ul,
                     mask=mask, other=0.0).to(tl.float32)
         w = dt * x
-        io = (pid_b * s_gb + t0 * s_gl) + offs_d[:, None] * s_gd + tt[None, :] * s_gl  # gradient tiles
-        g = tl.load(gy_ptr + (pid_b * s_yb + t0 * s_yl) + offs_d[:, None] * s_yd + tt[None, :] * s_yl,
+        io = (pid_b * s_gb + d0 * s_gd + t0 * s_gl) + dd[:, None] * s_gd + tt[None, :] * s_gl  # gradient tiles
+        g = tl.load(gy_ptr + (pid_b * s_yb + d0 * s_yd + t0 * s_yl) + dd[:, None] * s_yd + tt[None, :] * s_yl,
                     mask=mask, other=0.0).to(tl.float32)
         if HAS_Z:
-            zz = tl.load(z_ptr + (pid_b * s_zb + t0 * s_zl) + offs_d[:, None] * s_zd + tt[None, :] * s_zl,
+            zz = tl.load(z_ptr + (pid_b * s_zb + d0 * s_zd + t0 * s_zl) + dd[:, None] * s_zd + tt[None, :] * s_zl,
                          mask=mask, other=0.0).to(tl.float32)
             yp = tl.load(ypre_ptr + io, mask=mask, other=0.0).to(tl.float32)
             sig = tl.sigmoid(zz)
@@ -267,14 +272,6 @@ def _scan_bwd_kernel(
         tl.debug_barrier()
     tl.store(gD_ptr + pid_b * d + offs_d, gD_acc, mask=mask_d)
     tl.store(gbias_ptr + pid_b * d + offs_d, gbias_acc, mask=mask_d)
-
-
-def like(t: torch.Tensor, dtype=None) -> torch.Tensor:
-    """An empty (b, d, L) tensor in ``t``'s layout: channel-contiguous stays channel-contiguous."""
-    b, d, L = t.shape
-    if t.stride(1) <= t.stride(2) and d > 1:
-        return torch.empty(b, L, d, device=t.device, dtype=dtype or t.dtype).transpose(1, 2)
-    return torch.empty(b, d, L, device=t.device, dtype=dtype or t.dtype)
 
 
 def config(kind: str, dtype: torch.dtype, d: int, block_d: int | None) -> tuple[int, int, int]:

@@ -1,0 +1,51 @@
+"""`make gpu-check` rehearsed on CPU: the same script end to end at tiny shapes (Triton interpreter for the
+scan parts, PyTorch for the model), so the one prepared device run cannot fail for a reason a CPU catches."""
+
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+
+SCRIPT = Path(__file__).resolve().parents[1] / "benchmarks" / "gpu_check.py"
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("gpu_check", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.slow
+def test_gpu_check_rehearsal_writes_a_complete_report(tmp_path, monkeypatch):
+    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the script sets it too; monkeypatch restores it afterwards
+    monkeypatch.setenv("POLAR_KERNELS", "auto")
+    assert load_script().main(["--cpu-rehearsal", "--out-dir", str(tmp_path)]) == 0
+    report = json.loads((tmp_path / "gpu_check.json").read_text())
+    parts = report["parts"]
+    assert report["rehearsal"] and set(parts) == {"tests", "scan", "train", "niah", "probe", "mqar"}
+    assert all(parts[p]["status"] == "ok" for p in ("tests", "scan", "train", "niah", "probe")), parts
+    scan = parts["scan"]["rows"]
+    assert {(r["variant"], r["pass_"]) for r in scan} >= {(v, p) for v in ("baseline", "polar") for p in ("fwd", "bwd")}
+    assert all(r["ms"] > 0 and r["gbps"] > 0 for r in scan)
+    assert parts["train"]["tokens_per_s"] > 0 and parts["train"]["top_kernels"]
+    assert [r["tokens"] for r in parts["niah"]["rows"]] == [64, 96]
+    assert parts["probe"]["max_abs_diff_last_channels"] == 0.0
+    assert parts["mqar"]["status"] == "skipped" and parts["mqar"]["note"]
+    assert "## scan: ok" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_gpu_check_refuses_unknown_parts_and_a_missing_gpu(capsys):
+    gpu_check = load_script()
+    with pytest.raises(SystemExit):
+        gpu_check.main(["--cpu-rehearsal", "--skip", "scna"])
+    assert "unknown part(s) scna" in capsys.readouterr().err
+    if not __import__("torch").cuda.is_available():
+        with pytest.raises(SystemExit):
+            gpu_check.main([])
+        assert "no CUDA device here" in capsys.readouterr().err
