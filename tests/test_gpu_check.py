@@ -1,8 +1,11 @@
 """`make gpu-check` rehearsed on CPU: the same script end to end at tiny shapes (Triton interpreter for the
-scan parts, PyTorch for the model), so the one prepared device run cannot fail for a reason a CPU catches."""
+scan parts, PyTorch for the model), with the packages the GPU machine lacks made unimportable, so the one
+prepared device run cannot fail for a reason a CPU catches."""
 
 import importlib.util
 import json
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -21,11 +24,28 @@ def load_script():
     return module
 
 
+ABSENT_ON_DEVICE = ("deepspeed", "lm_eval", "datasets", "wandb", "mamba_ssm", "causal_conv1d")
+BLOCKER = f"""import sys
+class _Absent:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in {ABSENT_ON_DEVICE!r}:
+            raise ModuleNotFoundError(f"No module named {{name!r}} (absent on the GPU machine)")
+sys.meta_path.insert(0, _Absent())
+"""
+
+
 @pytest.mark.slow
-def test_gpu_check_rehearsal_writes_a_complete_report(tmp_path, monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "1")  # the script sets it too; monkeypatch restores it afterwards
-    monkeypatch.setenv("POLAR_KERNELS", "auto")
-    assert load_script().main(["--cpu-rehearsal", "--out-dir", str(tmp_path)]) == 0
+def test_gpu_check_rehearsal_writes_a_complete_report(tmp_path):
+    (tmp_path / "site").mkdir()
+    (tmp_path / "site" / "sitecustomize.py").write_text(BLOCKER)  # also reaches the script's pytest subprocess
+    root = SCRIPT.parents[1]
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "POLAR_KERNELS")}
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path / "site"), str(root)])
+    out = tmp_path / "report"
+    proc = subprocess.run([sys.executable, str(SCRIPT), "--cpu-rehearsal", "--out-dir", str(out)], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    tmp_path = out
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     parts = report["parts"]
     assert report["rehearsal"] and set(parts) == {"tests", "scan", "train", "niah", "probe", "mqar"}
@@ -38,6 +58,14 @@ def test_gpu_check_rehearsal_writes_a_complete_report(tmp_path, monkeypatch):
     assert parts["probe"]["max_abs_diff_last_channels"] == 0.0
     assert parts["mqar"]["status"] == "skipped" and parts["mqar"]["note"]
     assert "## scan: ok" in (tmp_path / "gpu_check.md").read_text()
+
+
+def test_rehearsal_blocker_hides_device_absent_packages(tmp_path):
+    """The blocker works (else the rehearsal would not show a missing-package failure)."""
+    (tmp_path / "sitecustomize.py").write_text(BLOCKER)
+    env = dict(os.environ, PYTHONPATH=str(tmp_path))
+    proc = subprocess.run([sys.executable, "-c", "import deepspeed"], env=env, capture_output=True, text=True)
+    assert proc.returncode != 0 and "absent on the GPU machine" in proc.stderr
 
 
 def test_gpu_check_refuses_unknown_parts_and_a_missing_gpu(capsys):
