@@ -36,7 +36,8 @@ PRESETS = ("mamba-130m", "mamba-370m", "mamba-550m")
 
 
 def captured_launches(preset: str, dtype: torch.dtype, polar: bool, batch: int, seq: int, layers: int = 1):
-    """The Triton launches of one training step (forward + loss + backward) of ``preset`` on meta tensors."""
+    """The Triton launches of one training step (forward + loss + backward) and of one inference forward
+    (no saved states, e.g. a NIAH prefill) of ``preset`` on meta tensors."""
     from models import MambaLM, ModelConfig
 
     name = f"{preset}-polar" if polar else preset
@@ -49,6 +50,8 @@ def captured_launches(preset: str, dtype: torch.dtype, polar: bool, batch: int, 
             ids = torch.zeros(batch, seq, dtype=torch.long)
         with capture() as launches:
             model(ids, labels=ids, return_logits=False).loss.backward()
+            with torch.no_grad():
+                model(ids)
     finally:
         if previous is None:
             os.environ.pop("POLAR_KERNELS", None)
@@ -133,7 +136,8 @@ def check(presets=PRESETS, dtypes=("bf16", "fp32"), batch: int = 8, seq: int = 2
 
 
 def markdown(rows: list[dict], arch: int) -> str:
-    lines = [f"Triton kernels compiled offline for sm_{arch} (training step at batch 8 x 2048; registers per thread, "
+    lines = [f"Triton kernels compiled offline for sm_{arch} (a training step and an inference forward at batch 8 x "
+             "2048; registers per thread, "
              "spill = stack + local memory bytes, smem = shared memory bytes)", "",
              "| preset | dtype | polar | kernel | settings | grid | regs | spill | smem | ld.global.v* | cp.async |",
              "|---|---|---|---|---|---|---:|---:|---:|---|---|"]

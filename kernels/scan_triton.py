@@ -36,13 +36,15 @@ from kernels.scan_ref import REFERENCE_ZERO_A, _prepare_dt
 from kernels.triton_jit import jit
 
 # (BLOCK_D, CHUNK, num_warps) per pass and input element size, from benchmarks/compile_kernels.py for sm_90:
-# the largest tiles with zero spills (fwd 16x64 / 4 warps: ~225 registers; bwd 16x64 / 8 warps: ~250; wider
-# tiles spill). 16 bf16 channels fill one 32-byte sector per time step; batch 8 x d_inner 1536 gives 768
-# programs. Forward and backward share CHUNK (the backward restarts from the forward's chunk states).
-# Device timings for other settings: `make gpu-check` (benchmarks/gpu_check.py) sweeps a few.
+# zero spills with room to spare (~150 registers: the device's Triton may allocate differently), 8 warps.
+# 16 bf16 channels fill one 32-byte sector per time step; batch 8 x d_inner 1536 gives 768 programs.
+# "train" is the forward that saves chunk states for a backward: it must share the backward's CHUNK.
+# 16 x 64 tiles at 4 warps compile at ~255 registers and 16 x 64 backward tiles spill; `make gpu-check`
+# (benchmarks/gpu_check.py) times alternatives on the device so this table can follow device figures.
 CONFIGS = {
-    ("fwd", 2): (16, 64, 4), ("fwd", 4): (16, 64, 4),
-    ("bwd", 2): (16, 64, 8), ("bwd", 4): (16, 64, 8),
+    ("fwd", 2): (16, 64, 8), ("fwd", 4): (16, 64, 8),
+    ("train", 2): (16, 32, 4), ("train", 4): (16, 32, 4),
+    ("bwd", 2): (16, 32, 8), ("bwd", 4): (16, 32, 8),
 }
 _NOT_SPECIALIZED = ("L", "n_chunks", "s_ub", "s_tb", "s_zb", "s_yb", "s_gb", "s_h0b")
 
@@ -288,14 +290,13 @@ class SelectiveScanTriton(torch.autograd.Function):
     """Autograd wrapper: returns (y in u's dtype, last state (b, d, n_ones + N_scan) fp32)."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, h0, softplus, n_ones, n_zeros, chunk, block_d):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, h0, softplus, n_ones, n_zeros, chunk, block_d, save):
         b, d, L = u.shape
         n_scan = A.shape[1]
         S = n_ones + n_scan
-        save = any(ctx.needs_input_grad)  # False under no_grad: nothing is saved for inference
-        fwd_block_d, fwd_chunk, warps = config("fwd", u.dtype, d, block_d)
-        # with a gradient to come, chunk starts are saved at the backward's chunk size
-        chunk = chunk or (config("bwd", u.dtype, d, None)[1] if save else fwd_chunk)
+        fwd_block_d, fwd_chunk, warps = config("train" if save else "fwd", u.dtype, d, block_d)
+        assert not save or fwd_chunk == config("bwd", u.dtype, d, None)[1], "CONFIGS: train and bwd CHUNK differ"
+        chunk = chunk or fwd_chunk
         n_chunks = triton.cdiv(L, chunk)
         y = like(u)
         ypre = like(u) if save and z is not None else None
@@ -346,7 +347,7 @@ class SelectiveScanTriton(torch.autograd.Function):
         n1 = flags["N_ONES"]
         return (gu, gdelta, grad(2, gA.sum(0)[n1:S].t(), A), grad(3, gB, B), grad(4, gC, C),
                 grad(5, gD.sum(0), D), gz, grad(7, gbias.sum(0), delta_bias),
-                grad(8, gstate[:, n_chunks % 2].transpose(1, 2), gA), None, None, None, None, None)
+                grad(8, gstate[:, n_chunks % 2].transpose(1, 2), gA), None, None, None, None, None, None)
 
 
 def selective_scan(
@@ -364,8 +365,11 @@ def selective_scan(
     exact_zeros = n_zeros if zero_mode == "exact" else 0
     S = n_ones + A_scan.shape[1]
     h0 = None if initial_state is None else initial_state[..., :S]
+    # states are saved only when a backward can follow (grad mode on and some input needs a gradient)
+    save = torch.is_grad_enabled() and any(t is not None and t.requires_grad
+                                           for t in (u, delta, A_scan, B, C, D, z, delta_bias, h0))
     y, h = SelectiveScanTriton.apply(u, delta, A_scan, B, C, D, z, delta_bias, h0, delta_softplus, n_ones,
-                                     exact_zeros, chunk_size, block_d)
+                                     exact_zeros, chunk_size, block_d, save)
     if not return_last_state:
         return y
     if exact_zeros:  # a = 0: the last state is the last step's input Δ_L B_L u_L (a zero initial state decays)
