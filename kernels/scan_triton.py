@@ -5,7 +5,9 @@ One program per (batch, block of BLOCK_D channels) walks the sequence in chunks 
 a chunk runs **parallel over time**: per state channel n it forms the (BLOCK_D, CHUNK) tiles of decays
 a_t = exp(Δ_t A_n) and inputs Δ_t u_t B_t,n and combines them with ``tl.associative_scan`` over the pairs
 (a, b) ∘ (a', b') = (a·a', a'·b + b') (Blelloch 1990; mamba_ssm's block scan, Gu & Dao 2023 §3.3.2). The only
-state kept between chunks is one (BLOCK_D, channels) tile in registers. Tiles are (channel, time) with the
+state kept between chunks is one (BLOCK_D,) vector per channel, in the program's own L1/L2-resident slice of a
+small buffer (a register tile indexed by the channel loop would cost a layout conversion per channel); the
+per-step states live only in registers. Tiles are (channel, time) with the
 channel axis contiguous in memory, which is how the model lays its activations out ((b, L, d) buffers seen
 as (b, d, L)), so every load and store is coalesced; outputs are allocated in the inputs' layout.
 
@@ -17,11 +19,12 @@ zero channels the elementwise product C_t·Δ_t B_t u_t. Δ-bias + softplus, D·
 Backward: chunks last to first. The forward stored the carried state at each chunk start (one tile per
 chunk, only when a gradient is needed) and the pre-gate output when z is given (mamba_ssm saves it too);
 the backward recomputes the chunk's states with the same pair scan and runs the adjoint
-G_t = C_t·g_t + a_{t+1}·G_{t+1} as a reverse pair scan, carrying one tile dL/dh between chunks. No per-step
+G_t = C_t·g_t + a_{t+1}·G_{t+1} as a reverse pair scan, carrying one dL/dh per channel between chunks. No per-step
 state ever reaches global memory. dB and dC (sums over all channels d) are reduced over the program's
 BLOCK_D channels in registers and added with fp32 atomics into one (b, N_total, L) buffer (as mamba_ssm
 does per channel; not a partial per program); dA, dD and dΔ-bias are per-batch partials (b × parameter
-size, small) summed in PyTorch. All offsets from a batch or chunk start are int64 (b·d·L may pass 2^31).
+size, small) summed in PyTorch; the atomics make dB/dC nondeterministic in the last bits. Batch, channel-block
+and chunk starts are int64 base offsets, tile offsets small int32 (b·d·L may pass 2^31).
 L is a runtime argument (never specialized): one compile serves every sequence length.
 """
 
@@ -347,7 +350,7 @@ class SelectiveScanTriton(torch.autograd.Function):
         n1 = flags["N_ONES"]
         return (gu, gdelta, grad(2, gA.sum(0)[n1:S].t(), A), grad(3, gB, B), grad(4, gC, C),
                 grad(5, gD.sum(0), D), gz, grad(7, gbias.sum(0), delta_bias),
-                grad(8, gstate[:, n_chunks % 2].transpose(1, 2), gA), None, None, None, None, None, None)
+                gstate[:, n_chunks % 2].transpose(1, 2) if need[8] else None, None, None, None, None, None, None)
 
 
 def selective_scan(
