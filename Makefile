@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 DATA   := data
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test lint bench gpu-check clean
 
 setup: $(STAMP)
 
@@ -42,10 +42,16 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_model.py
+	$(PY) benchmarks/compile_kernels.py
 	$(PY) benchmarks/bench_kernels.py
 	$(PY) benchmarks/bench_data.py
 	$(PY) benchmarks/bench_niah.py
 	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_train.py
+
+# The one prepared device run: on a GPU machine with only PyTorch + Triton (no venv, no installs), < 8 min.
+# Writes benchmarks/results/gpu_check.{json,md}. `python3 benchmarks/gpu_check.py --cpu-rehearsal` rehearses it.
+gpu-check:
+	PYTHONPATH=. PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

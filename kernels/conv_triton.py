@@ -3,7 +3,9 @@
 y[b, c, t] = act(bias[c] + Σ_j w[c, j] · x[b, c, t - (K-1) + j]), zero left padding (the Mamba mixer's
 short convolution, Gu & Dao 2023 §3.4). One program per (batch, channel block, time block). The backward
 recomputes the pre-activation instead of storing it; weight/bias grads are per-program partials summed in
-PyTorch (deterministic). Same results as :func:`kernels.conv_ref.causal_conv1d`.
+PyTorch (deterministic). Outputs and gradients keep their input's layout (:mod:`kernels.layout`): the
+mixer's channel-contiguous x gives a channel-contiguous y, which x_proj then reads without a copy. Same
+results as :func:`kernels.conv_ref.causal_conv1d`.
 """
 
 from __future__ import annotations
@@ -12,17 +14,22 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels.layout import like
 from kernels.triton_jit import jit
+
+# the backward recomputes K shifted pre-activations per tile: smaller tiles than the forward's keep it free
+# of register spills on sm_90 (benchmarks/compile_kernels.py)
+_BWD_BLOCKS = (32, 32)
 
 
 @jit
 def _conv_fwd_kernel(
-    x_ptr, w_ptr, b_ptr, y_ptr, d, L, s_xb, s_xd, s_xl, s_wd, s_wk,
+    x_ptr, w_ptr, b_ptr, y_ptr, d, L, s_xb, s_xd, s_xl, s_wd, s_wk, s_yb, s_yd, s_yl,
     K: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     pid_b, pid_d, pid_l = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    offs_l = pid_l.to(tl.int64) * BLOCK_L + tl.arange(0, BLOCK_L)  # int64: times the time stride
     mask_d = offs_d < d
     acc = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
     if HAS_BIAS:
@@ -35,20 +42,21 @@ def _conv_fwd_kernel(
         acc += w[:, None] * xv.to(tl.float32)
     if SILU:
         acc = acc * tl.sigmoid(acc)
-    tl.store(y_ptr + (pid_b * d + offs_d[:, None]) * L + offs_l[None, :], acc.to(y_ptr.dtype.element_ty),
-             mask=mask_d[:, None] & (offs_l < L)[None, :])
+    tl.store(y_ptr + pid_b.to(tl.int64) * s_yb + offs_d[:, None] * s_yd + offs_l[None, :] * s_yl,
+             acc.to(y_ptr.dtype.element_ty), mask=mask_d[:, None] & (offs_l < L)[None, :])
 
 
 @jit
 def _conv_bwd_kernel(
     x_ptr, w_ptr, b_ptr, gy_ptr, gx_ptr, gw_ptr, gb_ptr, batch, d, L, s_xb, s_xd, s_xl, s_wd, s_wk,
+    s_gb, s_gd, s_gl, s_ob, s_od, s_ol,
     K: tl.constexpr, HAS_BIAS: tl.constexpr, SILU: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_L: tl.constexpr,
 ):
     pid_b, pid_d, pid_l = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_d = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
-    offs_l = pid_l * BLOCK_L + tl.arange(0, BLOCK_L)
+    offs_l = pid_l.to(tl.int64) * BLOCK_L + tl.arange(0, BLOCK_L)  # int64: times the time stride
     mask_d = offs_d < d
-    x_rows = x_ptr + pid_b * s_xb + offs_d[:, None] * s_xd
+    x_rows = x_ptr + pid_b.to(tl.int64) * s_xb + offs_d[:, None] * s_xd
     gx = tl.zeros((BLOCK_D, BLOCK_L), dtype=tl.float32)
     # gx[t] = Σ_s w[K-1-s] · gpre[t+s]: recompute the pre-activation at the K shifted positions t+s
     for s in tl.static_range(K):
@@ -63,7 +71,8 @@ def _conv_bwd_kernel(
                          mask=mask_d[:, None] & (src >= 0)[None, :] & (src < L)[None, :], other=0.0)
             pre += w[:, None] * xv.to(tl.float32)
         valid = mask_d[:, None] & (pos < L)[None, :]
-        gpre = tl.load(gy_ptr + (pid_b * d + offs_d[:, None]) * L + pos[None, :], mask=valid, other=0.0)
+        gpre = tl.load(gy_ptr + pid_b.to(tl.int64) * s_gb + offs_d[:, None] * s_gd + pos[None, :] * s_gl, mask=valid,
+                       other=0.0)
         gpre = gpre.to(tl.float32)
         if SILU:
             sig = tl.sigmoid(pre)
@@ -79,8 +88,8 @@ def _conv_bwd_kernel(
                 xv = tl.load(x_rows + src[None, :] * s_xl,
                              mask=mask_d[:, None] & (src >= 0)[None, :] & (src < L)[None, :], other=0.0)
                 tl.store(gw_ptr + part * K + j, tl.sum(gpre * xv.to(tl.float32), axis=1), mask=mask_d)
-    tl.store(gx_ptr + (pid_b * d + offs_d[:, None]) * L + offs_l[None, :], gx.to(gx_ptr.dtype.element_ty),
-             mask=mask_d[:, None] & (offs_l < L)[None, :])
+    tl.store(gx_ptr + pid_b.to(tl.int64) * s_ob + offs_d[:, None] * s_od + offs_l[None, :] * s_ol,
+             gx.to(gx_ptr.dtype.element_ty), mask=mask_d[:, None] & (offs_l < L)[None, :])
 
 
 def _launch_args(x, weight, block_d, block_l):
@@ -97,21 +106,24 @@ class CausalConv1dTriton(torch.autograd.Function):
         b, d, L = x.shape
         grid, strides, blocks = _launch_args(x, weight, block_d, block_l)
         flags = dict(K=weight.shape[1], HAS_BIAS=bias is not None, SILU=silu, **blocks)
-        y = torch.empty(b, d, L, device=x.device, dtype=x.dtype)
-        _conv_fwd_kernel[grid](x, weight, bias, y, d, L, *strides, **flags)
+        y = like(x)
+        _conv_fwd_kernel[grid](x, weight, bias, y, d, L, *strides, *y.stride(), **flags)
         ctx.save_for_backward(x, weight, bias)
-        ctx.grid, ctx.strides, ctx.flags = grid, strides, flags
+        ctx.flags, ctx.blocks = flags, (block_d, block_l)
         return y
 
     @staticmethod
     def backward(ctx, gy):
         x, weight, bias = ctx.saved_tensors
         b, d, L = x.shape
-        n_parts = b * ctx.grid[2]
-        gx = torch.empty(b, d, L, device=x.device, dtype=x.dtype)
+        gx = like(x)
+        block_d, block_l = ctx.blocks
+        grid, strides, blocks = _launch_args(x, weight, block_d or _BWD_BLOCKS[0], block_l or _BWD_BLOCKS[1])
+        flags = dict(ctx.flags, **blocks)
+        n_parts = b * grid[2]
         gw = torch.empty(n_parts, d, weight.shape[1], device=x.device, dtype=torch.float32)
         gb = torch.empty(n_parts, d, device=x.device, dtype=torch.float32) if bias is not None else None
-        _conv_bwd_kernel[ctx.grid](x, weight, bias, gy.contiguous(), gx, gw, gb, b, d, L, *ctx.strides, **ctx.flags)
+        _conv_bwd_kernel[grid](x, weight, bias, gy, gx, gw, gb, b, d, L, *strides, *gy.stride(), *gx.stride(), **flags)
         return gx, gw.sum(0).to(weight.dtype), None if bias is None else gb.sum(0).to(bias.dtype), None, None, None
 
 

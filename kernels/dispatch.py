@@ -19,7 +19,7 @@ import os
 import torch
 
 from kernels import conv_ref, loss_ref, norm_ref, scan_ref, ssd_ref
-from kernels.triton_jit import interpreting
+from kernels.triton_jit import capturing, interpreting
 
 ENV_VAR = "POLAR_KERNELS"
 CHOICES = ("auto", "torch", "triton", "cuda")
@@ -72,6 +72,8 @@ def unavailable_reason(backend: str, device: torch.device, op: str | None = None
     if backend == "torch":
         return None
     if backend == "triton":
+        if device.type == "meta" and capturing():  # launches recorded for the offline compile check
+            return _probe("triton")[1]
         if device.type != "cuda" and not (device.type == "cpu" and interpreting()):
             return f"the triton backend needs CUDA tensors, got {device.type} (or TRITON_INTERPRET=1 for CPU tensors)"
         return _probe("triton")[1]
@@ -141,10 +143,10 @@ def selective_scan(
 
         stock = _probe(CUDA_PACKAGES["selective_scan"])[0].selective_scan_fn
         out = scan_cuda.selective_scan(stock, *args, return_last_state)
-    elif backend == "triton":
+    elif backend == "triton":  # the kernel starts from the state itself
         from kernels import scan_triton
 
-        out = scan_triton.selective_scan(*args, return_last_state)
+        return scan_triton.selective_scan(*args, return_last_state, initial_state)
     else:
         out = scan_ref.selective_scan_chunked(*args, return_last_state)
     if initial_state is None:
@@ -215,7 +217,7 @@ def linear_cross_entropy(hidden, weight, labels, ignore_index=loss_ref.IGNORE_IN
     Under autocast the matmuls run in the autocast dtype, as an ``nn.Linear`` head would.
     """
     device_type = hidden.device.type
-    if torch.is_autocast_enabled(device_type):
+    if device_type != "meta" and torch.is_autocast_enabled(device_type):  # meta: the offline compile check
         dtype = torch.get_autocast_dtype(device_type)
         hidden, weight = hidden.to(dtype), weight.to(dtype)
     elif hidden.dtype != weight.dtype:

@@ -19,6 +19,10 @@ IGNORE_INDEX = -100
 class ChunkCE:
     """Row-wise cross-entropy on one chunk of fp32 logits (plain PyTorch)."""
 
+    # False: logits are upcast to fp32 (fp64 stays fp64) before the maths; True: the row kernels read
+    # bf16/fp16 logits as they come from the matmul and write dlogits back in that dtype (no fp32 copy)
+    reads_low_precision = False
+
     @staticmethod
     def forward(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (per-row loss, 0 where ignored; per-row logsumexp)."""
@@ -53,7 +57,8 @@ class LinearCrossEntropy(torch.autograd.Function):
         lse = torch.empty(T, device=hidden.device, dtype=cdt)
         total = torch.zeros((), device=hidden.device, dtype=cdt)
         for s in range(0, T, chunk_size):
-            rows, lse[s : s + chunk_size] = ce.forward((hidden[s : s + chunk_size] @ weight.T).to(cdt),
+            logits = hidden[s : s + chunk_size] @ weight.T
+            rows, lse[s : s + chunk_size] = ce.forward(logits if ce.reads_low_precision else logits.to(cdt),
                                                        labels[s : s + chunk_size], ignore_index)
             total += rows.sum()
         ctx.save_for_backward(hidden, weight, labels, lse, n_valid)
@@ -68,7 +73,9 @@ class LinearCrossEntropy(torch.autograd.Function):
         gw = torch.zeros(weight.shape, device=weight.device, dtype=lse.dtype) if ctx.needs_input_grad[1] else None
         for s in range(0, hidden.shape[0], ctx.chunk_size):
             h = hidden[s : s + ctx.chunk_size]
-            dlogits = ctx.ce.backward_((h @ weight.T).to(lse.dtype), lse[s : s + ctx.chunk_size],
+            logits = h @ weight.T
+            dlogits = ctx.ce.backward_(logits if ctx.ce.reads_low_precision else logits.to(lse.dtype),
+                                       lse[s : s + ctx.chunk_size],
                                        labels[s : s + ctx.chunk_size], ctx.ignore_index, scale)
             dlogits = dlogits.to(hidden.dtype)
             if gh is not None:

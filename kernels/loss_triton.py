@@ -3,7 +3,9 @@
 Same autograd Function as :mod:`kernels.loss_ref`; only the per-chunk softmax maths is swapped: one
 program per row streams the vocabulary in blocks with an online log-sum-exp (max and rescaled sum), and the
 backward kernel overwrites the recomputed logits in place with (softmax - onehot) · scale, so a chunk's
-logits are the only (tokens x vocab) buffer ever allocated.
+logits are the only (tokens x vocab) buffer ever allocated. The kernels read the logits in the matmul's
+dtype (bf16 under autocast), accumulate in fp32 and write bf16 dlogits: no fp32 copy of the logits, and the
+same numbers as upcasting first (the reference's fp32 maths on the same bf16 logits, rounded the same way).
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ def _ce_fwd_kernel(logits_ptr, labels_ptr, loss_ptr, lse_ptr, V, ignore_index, B
     acc = tl.zeros((BLOCK_V,), tl.float32)
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
-        x = tl.load(base + cols, mask=cols < V, other=-3.0e38)
+        x = tl.load(base + cols, mask=cols < V, other=-3.0e38).to(tl.float32)
         m_new = tl.maximum(m, x)
         acc = acc * tl.exp(m - m_new) + tl.where(cols < V, tl.exp(x - m_new), 0.0)
         m = m_new
@@ -33,7 +35,7 @@ def _ce_fwd_kernel(logits_ptr, labels_ptr, loss_ptr, lse_ptr, V, ignore_index, B
     lse = m_row + tl.log(tl.sum(acc * tl.exp(m - m_row), axis=0))
     label = tl.load(labels_ptr + row)
     valid = label != ignore_index
-    target = tl.load(base + tl.where(valid, label, 0))
+    target = tl.load(base + tl.where(valid, label, 0)).to(tl.float32)
     tl.store(lse_ptr + row, lse)
     tl.store(loss_ptr + row, tl.where(valid, lse - target, 0.0))
 
@@ -47,15 +49,16 @@ def _ce_bwd_kernel(logits_ptr, labels_ptr, lse_ptr, scale_ptr, V, ignore_index, 
     scale = tl.where(label != ignore_index, tl.load(scale_ptr), 0.0)
     for v0 in range(0, V, BLOCK_V):
         cols = v0 + tl.arange(0, BLOCK_V)
-        x = tl.load(base + cols, mask=cols < V, other=0.0)
+        x = tl.load(base + cols, mask=cols < V, other=0.0).to(tl.float32)
         g = (tl.exp(x - lse) - tl.where(cols == label, 1.0, 0.0)) * scale
-        tl.store(base + cols, g, mask=cols < V)
+        tl.store(base + cols, g.to(logits_ptr.dtype.element_ty), mask=cols < V)
 
 
 class TritonChunkCE:
     """:class:`kernels.loss_ref.ChunkCE` with Triton row kernels."""
 
     block_v = 1024
+    reads_low_precision = True
 
     @classmethod
     def forward(cls, logits, labels, ignore_index):

@@ -23,7 +23,7 @@ def _add_rmsnorm_fwd_kernel(
     x_ptr, r_ptr, w_ptr, out_ptr, res_ptr, rstd_ptr, T, d, eps,
     HAS_RES: tl.constexpr, STREAM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)  # int64: rows * d may pass 2^31
     cols = tl.arange(0, BLOCK_D)
     mask = (rows < T)[:, None] & (cols < d)[None, :]
     offs = rows[:, None] * d + cols[None, :]
@@ -44,7 +44,7 @@ def _add_rmsnorm_bwd_kernel(
     HAS_GRES: tl.constexpr, HAS_RES: tl.constexpr, STREAM: tl.constexpr,
     BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
-    rows = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)  # int64: rows * d may pass 2^31
     cols = tl.arange(0, BLOCK_D)
     mask = (rows < T)[:, None] & (cols < d)[None, :]
     offs = rows[:, None] * d + cols[None, :]

@@ -4,8 +4,12 @@
 launch instead lets one process run compiled kernels on CUDA tensors and the Triton interpreter on CPU
 tensors (tests set ``TRITON_INTERPRET=1`` per test), whatever was imported first. The catch: triton's
 own @jit helpers (``tl.sum``, ``tl.max``, ``tl.zeros``, ``tl.sigmoid``...) were built for one mode at import,
-so while an interpreted kernel runs, compiled-mode helpers are routed to the interpreter too. Our kernels
-call no jit functions of their own (those would be bound to one mode): they are written self-contained.
+so while an interpreted kernel runs, compiled-mode helpers are routed to the interpreter too. The same holds
+for our own helpers and scan combine functions: decorate them with plain ``triton.jit`` (compiled mode).
+
+:func:`capture` records launches instead of running them (tensors may be on the ``meta`` device), so the
+shipped wrappers, with their real block sizes and flags, can be compiled offline for a GPU this machine
+does not have (benchmarks/compile_kernels.py).
 """
 
 from __future__ import annotations
@@ -40,20 +44,47 @@ def _helpers_interpreted():
         JITFunction.__call__ = original
 
 
+_captured: list | None = None
+
+
+@contextlib.contextmanager
+def capture():
+    """Inside, launches are recorded as (kernel, grid, args, kwargs) in the yielded list, not run."""
+    global _captured
+    previous, _captured = _captured, []
+    try:
+        yield _captured
+    finally:
+        _captured = previous
+
+
+def capturing() -> bool:
+    """True inside :func:`capture` (launches are recorded, not run)."""
+    return _captured is not None
+
+
 class LazyKernel:
     """Launch with ``kernel[grid](*args)`` as a ``triton.jit`` kernel; one build per mode, cached."""
 
-    def __init__(self, fn):
+    def __init__(self, fn, do_not_specialize=()):
         self.fn = fn
+        self.do_not_specialize = tuple(do_not_specialize)
         self._built: dict[str, object] = {}
 
-    def __getitem__(self, grid):
-        if not interpreting():
-            if "compiled" not in self._built:
-                from triton.runtime.jit import JITFunction
+    @property
+    def compiled(self):
+        """The compiled-mode ``JITFunction`` (what a CUDA launch runs)."""
+        if "compiled" not in self._built:
+            from triton.runtime.jit import JITFunction
 
-                self._built["compiled"] = JITFunction(self.fn)
-            return self._built["compiled"][grid]
+            self._built["compiled"] = JITFunction(self.fn, do_not_specialize=self.do_not_specialize)
+        return self._built["compiled"]
+
+    def __getitem__(self, grid):
+        if _captured is not None:
+            return lambda *args, **kwargs: _captured.append((self, grid, args, kwargs))
+        if not interpreting():
+            return self.compiled[grid]
         launch = _interpreted(self.fn)[grid]
 
         def run(*args, **kwargs):
@@ -63,5 +94,9 @@ class LazyKernel:
         return run
 
 
-def jit(fn) -> LazyKernel:
-    return LazyKernel(fn)
+def jit(fn=None, *, do_not_specialize=()):
+    """``@jit`` or ``@jit(do_not_specialize=("L",))``: arguments never specialized on their value (so a new
+    sequence length reuses the compiled kernel)."""
+    if fn is None:
+        return lambda f: LazyKernel(f, do_not_specialize)
+    return LazyKernel(fn, do_not_specialize)

@@ -110,7 +110,9 @@ class MambaMixer(nn.Module):
         longer input is a parallel prefill that continues from ``state`` and leaves its final state there
         (so a long prompt can be prefilled chunk by chunk in constant memory)."""
         L = hidden.shape[1]
-        x, z = self.in_proj(hidden).transpose(1, 2).chunk(2, dim=1)  # (b, d_inner, L) each
+        # (b, d_inner, L) views of in_proj's (b, L, 2 d_inner) output; split on the last dim so the backward
+        # joins the two gradients into one contiguous (b, L, 2 d_inner) tensor for in_proj (no transpose copy)
+        x, z = (t.transpose(1, 2) for t in self.in_proj(hidden).chunk(2, dim=-1))
         if state is not None and L == 1:
             return self.out_proj(self._step(x[..., 0], z[..., 0], state)[:, None])
         h0 = None

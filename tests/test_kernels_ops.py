@@ -155,3 +155,18 @@ def test_triton_ops_model_sized():
     hidden, weight, labels = ce_inputs(8192, 768, 50280, torch.bfloat16, "cuda")
     torch.testing.assert_close(loss_triton.linear_cross_entropy(hidden, weight, labels),
                                F.cross_entropy((hidden @ weight.T).float(), labels), rtol=1e-3, atol=1e-3)
+
+
+def test_triton_linear_ce_keeps_bf16_logits(device, monkeypatch):
+    """The row kernels get the matmul's bf16 logits (no fp32 copy) and the gradients come back in bf16."""
+    seen = []
+    forward, backward_ = loss_triton.TritonChunkCE.forward, loss_triton.TritonChunkCE.backward_
+    monkeypatch.setattr(loss_triton.TritonChunkCE, "forward",
+                        classmethod(lambda cls, logits, *a: seen.append(logits.dtype) or forward(logits, *a)))
+    monkeypatch.setattr(loss_triton.TritonChunkCE, "backward_",
+                        classmethod(lambda cls, logits, *a: seen.append(logits.dtype) or backward_(logits, *a)))
+    hidden, weight, labels = ce_inputs(20, 8, 40, torch.bfloat16, device)
+    loss = loss_triton.linear_cross_entropy(hidden, weight, labels, chunk_size=8)
+    gh, gw = torch.autograd.grad(loss, [hidden, weight])
+    assert loss.dtype == torch.float32 and gh.dtype == gw.dtype == torch.bfloat16
+    assert seen == [torch.bfloat16] * 6  # 3 chunks forward, 3 backward

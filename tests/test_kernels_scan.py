@@ -12,20 +12,35 @@ pytest.importorskip("triton")
 from kernels import scan_cuda, scan_ref, scan_triton  # noqa: E402
 
 
-def make_inputs(b, d, L, N, n_ones, n_zeros, dtype, device, extras=True):
-    """Fresh random leaves: u, Δ, A_log, B, C, D, z, Δ-bias (A = -exp(A_log), so A_log's grad is checked)."""
-    act = lambda *s: torch.randn(*s, device=device).to(dtype).requires_grad_()
-    par = lambda t: t.to(device, torch.promote_types(dtype, torch.float32)).requires_grad_()
+def make_inputs(b, d, L, N, n_ones, n_zeros, dtype, device, extras=True, layout="model"):
+    """Fresh random leaves: u, Δ, A_log, B, C, D, z, Δ-bias (A = -exp(A_log), so A_log's grad is checked).
+
+    ``layout="model"``: the strides the Mamba mixer hands the scan: u, Δ channel-contiguous (b, L, d) buffers
+    seen as (b, d, L); z the second half of in_proj's (b, L, 2d) output; B and C two slices of x_proj's
+    (b, L, dt_rank + 2 N_total) output. ``"contiguous"``: plain (b, d, L) / (b, N, L) tensors.
+    """
     nt = n_ones + N + n_zeros
-    u, delta, B, C = act(b, d, L), act(b, d, L), act(b, nt, L), act(b, nt, L)
+    cdt = torch.promote_types(dtype, torch.float32)
+    par = lambda t: t.to(device, cdt).requires_grad_()
+    if layout == "model":
+        act = lambda *s: torch.randn(s[0], s[2], s[1], device=device).to(dtype).transpose(1, 2).requires_grad_()
+        u, delta = act(b, d, L), act(b, d, L)
+        xz = torch.randn(b, L, 2 * d, device=device).to(dtype).requires_grad_()
+        z = xz[..., d:].transpose(1, 2)
+        proj = torch.randn(b, L, 3 + 2 * nt, device=device).to(dtype).requires_grad_()
+        B, C = proj[..., 3 : 3 + nt].transpose(1, 2), proj[..., 3 + nt :].transpose(1, 2)
+    else:
+        act = lambda *s: torch.randn(*s, device=device).to(dtype).requires_grad_()
+        u, delta, z, B, C = act(b, d, L), act(b, d, L), act(b, d, L), act(b, nt, L), act(b, nt, L)
     A_log = par(torch.randn(d, N) * 0.5)
     if not extras:
         return [u, delta, A_log, B, C, None, None, None]
-    return [u, delta, A_log, B, C, par(torch.randn(d)), act(b, d, L), par(torch.randn(d) * 0.3)]
+    return [u, delta, A_log, B, C, par(torch.randn(d)), z, par(torch.randn(d) * 0.3)]
 
 
 def scan_outputs_and_grads(fn, inputs, gy, gh, **kw):
-    u, delta, A_log, B, C, D, z, bias = inputs
+    """Outputs and the grads of every input (inputs past the eighth, e.g. an initial state, ride in ``kw``)."""
+    u, delta, A_log, B, C, D, z, bias = inputs[:8]
     y, h = fn(u, delta, -torch.exp(A_log), B, C, D, z, bias, bias is not None, return_last_state=True, **kw)
     loss = (y.float() * gy).sum() + ((h * gh).sum() if gh is not None else 0)
     leaves = [t for t in inputs if t is not None]
@@ -42,26 +57,56 @@ def assert_all_close(got, want, dtype, names=NAMES):
         torch.testing.assert_close(a.float(), b.float(), **TOL[dtype], msg=lambda m, name=name: f"{name}: {m}")
 
 
-CASES = {  # (n_ones, n_zeros, zero_mode, dtype, L, chunk): lengths not multiples of the chunk, d=5 vs BLOCK_D=4
-    "baseline": (0, 0, "exact", torch.float32, 13, 4),
-    "polar-exact": (1, 1, "exact", torch.float32, 13, 4),
-    "polar-reference": (1, 2, "reference", torch.float32, 11, 8),
-    "two-ones": (2, 0, "exact", torch.float32, 9, 16),
-    "polar-exact-bf16": (1, 1, "exact", torch.bfloat16, 10, 4),
-    "polar-reference-bf16": (1, 1, "reference", torch.bfloat16, 7, 4),
+CASES = {  # (n_ones, n_zeros, zero_mode, dtype, L, chunk, layout): L not a multiple of the chunk, d=5 vs block 4
+    "baseline": (0, 0, "exact", torch.float32, 13, 4, "model"),
+    "polar-exact": (1, 1, "exact", torch.float32, 13, 4, "model"),
+    "polar-reference": (1, 2, "reference", torch.float32, 11, 8, "model"),
+    "two-ones-contiguous": (2, 0, "exact", torch.float32, 9, 16, "contiguous"),
+    "polar-exact-bf16": (1, 1, "exact", torch.bfloat16, 10, 4, "model"),
+    "polar-reference-bf16": (1, 1, "reference", torch.bfloat16, 7, 4, "contiguous"),
 }
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_triton_scan_matches_reference(device, case):
-    n_ones, n_zeros, zero_mode, dtype, L, chunk = CASES[case]
-    inputs = make_inputs(2, 5, L, 3, n_ones, n_zeros, dtype, device)
+    n_ones, n_zeros, zero_mode, dtype, L, chunk, layout = CASES[case]
+    inputs = make_inputs(2, 5, L, 3, n_ones, n_zeros, dtype, device, layout=layout)
     kw = dict(n_ones=n_ones, n_zeros=n_zeros, zero_mode=zero_mode)
     gy = torch.randn(2, 5, L, device=device)
     gh = torch.randn(2, 5, n_ones + 3 + n_zeros, device=device)
     want = scan_outputs_and_grads(scan_ref.selective_scan_chunked, inputs, gy, gh, **kw)
     got = scan_outputs_and_grads(scan_triton.selective_scan, inputs, gy, gh, chunk_size=chunk, block_d=4, **kw)
     assert_all_close(got, want, dtype)
+    if layout == "model":  # y keeps the model's channel-contiguous layout (out_proj reads it without a copy)
+        assert got[0].stride(1) == 1
+
+
+@pytest.mark.parametrize("zero_mode,n_ones,n_zeros", [("exact", 1, 1), ("reference", 0, 1)])
+def test_triton_scan_continues_from_initial_state(device, zero_mode, n_ones, n_zeros):
+    """dispatch.selective_scan(initial_state=h0) on the Triton backend (h0 enters the kernel) vs the torch
+    backend (closed-form correction), gradients of h0 included; and continuing equals one long scan."""
+    from kernels import dispatch
+
+    L, nt = 11, n_ones + 3 + n_zeros
+    inputs = make_inputs(2, 5, L, 3, n_ones, n_zeros, torch.float32, device)
+    h0 = torch.randn(2, 5, nt, device=device, requires_grad=True)
+    gy, gh = torch.randn(2, 5, L, device=device), torch.randn(2, 5, nt, device=device)
+    kw = dict(n_ones=n_ones, n_zeros=n_zeros, zero_mode=zero_mode, initial_state=h0)
+
+    def run(backend):
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setenv("POLAR_KERNELS", backend)
+            return scan_outputs_and_grads(dispatch.selective_scan, [*inputs, h0], gy, gh, **kw)
+
+    assert_all_close(run("triton"), run("torch"), torch.float32, names=[*NAMES, "initial_state"])
+    u, delta, A_log, B, C, D, z, bias = (t.detach() if t is not None else None for t in inputs)
+    args = lambda s: (u[..., s], delta[..., s], -torch.exp(A_log), B[..., s], C[..., s], D, z[..., s], bias, True)
+    kw = dict(n_ones=n_ones, n_zeros=n_zeros, zero_mode=zero_mode, return_last_state=True, chunk_size=4, block_d=4)
+    y_all, h_all = scan_triton.selective_scan(*args(slice(None)), **kw)
+    y1, h1 = scan_triton.selective_scan(*args(slice(0, 6)), **kw)
+    y2, h2 = scan_triton.selective_scan(*args(slice(6, None)), initial_state=h1, **kw)
+    torch.testing.assert_close(torch.cat([y1, y2], -1), y_all, **TOL[torch.float32])
+    torch.testing.assert_close(h2, h_all, **TOL[torch.float32])
 
 
 def test_triton_scan_without_optional_inputs(device):
@@ -73,12 +118,22 @@ def test_triton_scan_without_optional_inputs(device):
     assert_all_close(got, want, torch.float32, names=NAMES[:7])
 
 
+def test_triton_scan_inference_saves_nothing(device):
+    """Under no_grad the forward keeps no chunk states: same y, and the compiled kernel is reused."""
+    inputs = [t.detach() if t is not None else None for t in make_inputs(1, 3, 7, 2, 1, 1, torch.float32, device)]
+    u, delta, A_log, B, C, D, z, bias = inputs
+    with torch.no_grad():
+        got = scan_triton.selective_scan(u, delta, -torch.exp(A_log), B, C, D, z, bias, True, 1, 1, chunk_size=4)
+    want = scan_ref.selective_scan_chunked(u, delta, -torch.exp(A_log), B, C, D, z, bias, True, 1, 1)
+    torch.testing.assert_close(got, want, **TOL[torch.float32])
+
+
 @pytest.mark.gpu
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_triton_scan_model_sized(dtype):
     """Compiled kernel at a training-like size (several chunks and channel blocks) against the reference."""
-    inputs = make_inputs(2, 256, 300, 16, 1, 1, dtype, "cuda")
+    inputs = make_inputs(2, 256, 300, 16, 1, 1, dtype, "cuda", layout="contiguous")
     with torch.no_grad():
         inputs[1].mul_(0.3).sub_(2.0)  # Δ ≈ softplus(-2): mamba's range
     gy, gh = torch.randn(2, 256, 300, device="cuda"), torch.randn(2, 256, 18, device="cuda")
@@ -93,7 +148,7 @@ def test_triton_scan_model_sized(dtype):
 @pytest.mark.parametrize("zero_mode,n_ones,n_zeros", [("exact", 1, 1), ("reference", 2, 1), ("exact", 0, 0)])
 def test_stock_scan_plus_closed_forms_matches_reference(zero_mode, n_ones, n_zeros):
     """The cuda backend's composition, with the sequential oracle standing in for mamba_ssm's selective_scan_fn."""
-    inputs = make_inputs(2, 4, 9, 3, n_ones, n_zeros, torch.float64, "cpu")
+    inputs = make_inputs(2, 4, 9, 3, n_ones, n_zeros, torch.float64, "cpu", layout="contiguous")
     gy, gh = torch.randn(2, 4, 9, dtype=torch.float64), torch.randn(2, 4, n_ones + 3 + n_zeros, dtype=torch.float64)
     kw = dict(n_ones=n_ones, n_zeros=n_zeros, zero_mode=zero_mode)
     stock = scan_ref.selective_scan_sequential

@@ -1,0 +1,186 @@
+"""Offline GPU build check: every Triton kernel the model launches, compiled for sm_90 on a machine without a GPU.
+
+The real model (a preset, on PyTorch's ``meta`` device, kernels forced to Triton) runs one training step
+(forward with the chunked loss, then backward) while :func:`kernels.triton_jit.capture` records each kernel
+launch with its real arguments: the model's strides, the shipped block sizes, flags and ``num_warps``.
+Each distinct launch is then compiled by Triton's own compiler for ``GPUTarget("cuda", 90, 32)`` (Triton
+picks its bundled ``ptxas-blackwell`` for sm_90), and the cubin's resource usage is read with the bundled
+``cuobjdump``: registers per thread, local memory (spills; 0 means none), shared memory; the PTX is searched
+for vectorized global loads (``ld.global.v2/v4``) and asynchronous copies (``cp.async``).
+
+Writes benchmarks/results/compile_kernels.{json,md}; exits 1 when a kernel fails to compile or spills.
+Run: PYTHONPATH=. .venv/bin/python benchmarks/compile_kernels.py [--presets mamba-130m ...] [--dtypes bf16 fp32]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # so `kernels` and `models` import without PYTHONPATH
+RESULTS = ROOT / "benchmarks" / "results"
+
+from kernels.triton_jit import capture  # noqa: E402
+
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+PRESETS = ("mamba-130m", "mamba-370m", "mamba-550m")
+
+
+def captured_launches(preset: str, dtype: torch.dtype, polar: bool, batch: int, seq: int, layers: int = 1):
+    """The Triton launches of one training step (forward + loss + backward) and of one inference forward
+    (no saved states, e.g. a NIAH prefill) of ``preset`` on meta tensors."""
+    from models import MambaLM, ModelConfig
+
+    name = f"{preset}-polar" if polar else preset
+    cfg = ModelConfig.preset(name, n_layer=layers)  # every layer launches the same kernels
+    previous = os.environ.get("POLAR_KERNELS")
+    os.environ["POLAR_KERNELS"] = "triton"
+    try:
+        with torch.device("meta"):
+            model = MambaLM(cfg).to(dtype)
+            ids = torch.zeros(batch, seq, dtype=torch.long)
+        with capture() as launches:
+            model(ids, labels=ids, return_logits=False).loss.backward()
+            with torch.no_grad():
+                model(ids)
+    finally:
+        if previous is None:
+            os.environ.pop("POLAR_KERNELS", None)
+        else:
+            os.environ["POLAR_KERNELS"] = previous
+    return launches
+
+
+def compile_launch(kernel, args, kwargs, arch: int = 90):
+    """Compile one recorded launch for ``sm_<arch>`` exactly as ``JITFunction.run`` would on that GPU."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource, make_backend
+    from triton.runtime.jit import create_function_from_signature
+
+    jf = kernel.compiled
+    target = GPUTarget("cuda", arch, 32)
+    backend = make_backend(target)
+    binder = create_function_from_signature(jf.signature, jf.params, backend)
+    kwargs = dict(kwargs, debug=False)
+    bound, specialization, options = binder(*args, **kwargs)
+    options, signature, constexprs, attrs = jf._pack_args(backend, kwargs, bound, specialization, options)
+    return triton.compile(ASTSource(jf, signature, constexprs, attrs), target=target, options=options.__dict__)
+
+
+def _tool(name: str) -> str:
+    import triton
+
+    return str(Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / name)
+
+
+def resource_usage(compiled) -> dict:
+    """Registers, local (spill) and stack bytes from the cubin; shared memory; load kinds from the PTX."""
+    import tempfile
+
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(compiled.asm["cubin"])
+        f.flush()
+        usage = subprocess.run([_tool("cuobjdump"), "--dump-resource-usage", f.name], capture_output=True,
+                               text=True, check=True).stdout
+    fields = dict(re.findall(r"(REG|STACK|SHARED|LOCAL):(\d+)", usage))
+    ptx = compiled.asm["ptx"]
+    # Triton kernels keep no arrays in local memory: any stack frame or local bytes are register spills
+    return dict(registers=int(fields["REG"]), spill_bytes=int(fields["LOCAL"]) + int(fields["STACK"]),
+                shared_bytes=max(int(fields["SHARED"]), compiled.metadata.shared),
+                vector_loads=bool(re.search(r"ld\.global(\.\w+)*\.v[248]", ptx)),
+                async_loads="cp.async" in ptx, num_warps=compiled.metadata.num_warps)
+
+
+def _settings(kernel, args, kwargs) -> str:
+    """The launch's constexpr block sizes / flags, for the table."""
+    names = [p.name for p in kernel.compiled.params]
+    shown = {k: v for k, v in kwargs.items() if k.startswith("BLOCK") or k in ("CHUNK", "K", "N_ONES", "N_SCAN",
+                                                                              "N_ZEROS", "num_warps")}
+    shown.update({n: a for n, a in zip(names, args, strict=False) if n.startswith("BLOCK")})
+    return " ".join(f"{k}={v}" for k, v in sorted(shown.items()))
+
+
+def check(presets=PRESETS, dtypes=("bf16", "fp32"), batch: int = 8, seq: int = 2048, arch: int = 90) -> list[dict]:
+    """One row per distinct (preset, dtype, polar, kernel, specialization); compile errors become rows too."""
+    rows, seen, shown = [], {}, set()
+    for preset in presets:
+        for dname in dtypes:
+            for polar in (False, True):
+                for kernel, grid, args, kwargs in captured_launches(preset, DTYPES[dname], polar, batch, seq):
+                    row = dict(preset=preset, dtype=dname, polar=polar, kernel=kernel.fn.__name__.strip("_"),
+                               grid=list(grid), settings=_settings(kernel, args, kwargs))
+                    t0 = time.perf_counter()
+                    try:
+                        compiled = compile_launch(kernel, args, kwargs, arch)
+                        key = compiled.hash
+                        if key not in seen:
+                            seen[key] = resource_usage(compiled)
+                        row.update(seen[key], ok=True, compile_s=round(time.perf_counter() - t0, 2))
+                    except Exception as e:  # report every failure, keep checking the rest
+                        key = str(e)
+                        row.update(ok=False, error=f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}")
+                    if (preset, dname, polar, key) not in shown:  # e.g. the loss launches once per chunk
+                        shown.add((preset, dname, polar, key))
+                        rows.append(row)
+    return rows
+
+
+def markdown(rows: list[dict], arch: int) -> str:
+    lines = [f"Triton kernels compiled offline for sm_{arch} (a training step and an inference forward at batch 8 x "
+             "2048; registers per thread, "
+             "spill = stack + local memory bytes, smem = shared memory bytes)", "",
+             "| preset | dtype | polar | kernel | settings | grid | regs | spill | smem | ld.global.v* | cp.async |",
+             "|---|---|---|---|---|---|---:|---:|---:|---|---|"]
+    for r in rows:
+        if not r["ok"]:
+            lines.append(f"| {r['preset']} | {r['dtype']} | {r['polar']} | {r['kernel']} | {r['settings']} | | "
+                         f"FAILED: {r['error']} | | | | |")
+            continue
+        yes = lambda v: "yes" if v else "no"
+        lines.append(f"| {r['preset']} | {r['dtype']} | {'polar' if r['polar'] else 'base'} | {r['kernel']} | "
+                     f"{r['settings']} | {'x'.join(map(str, r['grid']))} | {r['registers']} | {r['spill_bytes']} | "
+                     f"{r['shared_bytes']} | {yes(r['vector_loads'])} | {yes(r['async_loads'])} |")
+    return "\n".join(lines)
+
+
+def failures(rows: list[dict]) -> list[str]:
+    """One line per kernel that did not compile or spills."""
+    return [f"{r['preset']} {r['dtype']} {'polar' if r['polar'] else 'base'} {r['kernel']}: "
+            + (r["error"] if not r["ok"] else f"{r['spill_bytes']} bytes of spills at {r['settings']}")
+            for r in rows if not r["ok"] or r["spill_bytes"]]
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
+    p.add_argument("--presets", nargs="+", default=list(PRESETS))
+    p.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    p.add_argument("--batch", type=int, default=8)
+    p.add_argument("--seq", type=int, default=2048)
+    p.add_argument("--arch", type=int, default=90, help="compute capability to compile for (90 = H100/H200)")
+    p.add_argument("--out-dir", type=Path, default=RESULTS)
+    args = p.parse_args(argv)
+    rows = check(args.presets, args.dtypes, args.batch, args.seq, args.arch)
+    table = markdown(rows, args.arch)
+    print(table)
+    args.out_dir.mkdir(parents=True, exist_ok=True)
+    (args.out_dir / "compile_kernels.json").write_text(json.dumps(dict(arch=args.arch, rows=rows), indent=2) + "\n")
+    (args.out_dir / "compile_kernels.md").write_text(table + "\n")
+    bad = failures(rows)
+    for line in bad:
+        print(f"FAIL {line}", file=sys.stderr)
+    return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,76 @@
+"""Offline GPU build check: every Triton kernel a mamba-130m training step and inference forward launch
+(baseline and polarized, bf16 and fp32, the model's real strides and the shipped block sizes) compiles for
+sm_90 without spilling.
+
+No GPU needed: Triton compiles for GPUTarget("cuda", 90, 32) here and its bundled cuobjdump reads the cubin
+(benchmarks/compile_kernels.py, which `make bench` runs for every preset). Each check runs in a fresh process:
+the Triton interpreter, which other tests run in this one, leaves triton.language patched for compilation.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("triton")
+pytest.importorskip("triton.backends.nvidia")
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "benchmarks" / "compile_kernels.py"
+
+
+def run(args, tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(ROOT)
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.mark.slow
+def test_every_kernel_compiles_for_sm90_without_spills(tmp_path):
+    proc = run([str(SCRIPT), "--presets", "mamba-130m", "--batch", "2", "--out-dir", str(tmp_path)], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = json.loads((tmp_path / "compile_kernels.json").read_text())["rows"]
+    assert {"scan_fwd_kernel", "scan_bwd_kernel", "conv_fwd_kernel", "conv_bwd_kernel", "add_rmsnorm_fwd_kernel",
+            "add_rmsnorm_bwd_kernel", "ce_fwd_kernel", "ce_bwd_kernel"} <= {r["kernel"] for r in rows}
+    assert {(r["dtype"], r["polar"]) for r in rows} == {(d, p) for d in ("bf16", "fp32") for p in (False, True)}
+    assert all(r["ok"] and r["spill_bytes"] == 0 and 0 < r["registers"] <= 255 for r in rows)
+    scan_chunks = {r["settings"].split("CHUNK=")[1].split()[0] for r in rows if r["kernel"] == "scan_fwd_kernel"}
+    assert len(scan_chunks) == 2  # the training forward (saves chunk states) and the inference forward
+
+
+def test_a_spilling_kernel_is_reported(tmp_path):
+    """The check can fail: a kernel whose tile cannot fit in registers shows spill bytes and a failure line."""
+    probe = tmp_path / "spill.py"
+    probe.write_text(textwrap.dedent(f"""
+        import json, sys
+        import torch
+        import triton.language as tl
+        sys.path.insert(0, {str(SCRIPT.parent)!r})
+        import compile_kernels
+        from kernels.triton_jit import capture, jit
+
+        @jit
+        def _huge_tile_kernel(x_ptr, y_ptr, BLOCK: tl.constexpr):  # 512 elements per thread, all live
+            offs = tl.arange(0, BLOCK)
+            x = tl.load(x_ptr + offs[:, None] * BLOCK + offs[None, :])
+            e = tl.exp(x)
+            y = x * tl.sum(e, axis=0)[None, :] + tl.sum(e, axis=1)[:, None]
+            tl.store(y_ptr + offs[:, None] * BLOCK + offs[None, :], y)
+
+        x = torch.empty(128, 128, device="meta")
+        with capture() as launches:
+            _huge_tile_kernel[(1,)](x, x, BLOCK=128, num_warps=1)
+        (kernel, _, args, kwargs), = launches
+        usage = compile_kernels.resource_usage(compile_kernels.compile_launch(kernel, args, kwargs))
+        row = dict(preset="p", dtype="fp32", polar=False, kernel="huge", ok=True, settings="BLOCK=128", **usage)
+        print(json.dumps(dict(usage=usage, failures=compile_kernels.failures([row]))))
+    """))
+    proc = run([str(probe)], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["usage"]["spill_bytes"] > 0
+    assert out["failures"] == [f"p fp32 base huge: {out['usage']['spill_bytes']} bytes of spills at BLOCK=128"]
