@@ -177,11 +177,6 @@ class Trainer:
     def _on_signal(self, signum, frame) -> None:
         self._signal = signum
 
-    def _all_max(self, *values: float) -> list[float]:
-        t = torch.tensor(values, dtype=torch.float64, device=self.env.device)
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-        return t.tolist()
-
     def _all_sum(self, *values: float) -> list[float]:
         t = torch.tensor(values, dtype=torch.float64, device=self.env.device)
         torch.distributed.all_reduce(t)
@@ -193,33 +188,39 @@ class Trainer:
 
         A non-finite loss on any rank makes the step a no-op for the parameters: that micro-batch
         back-propagates a zero loss (keeping DeepSpeed's accumulation in step on every rank) and the
-        step runs at learning rate 0 (so weight decay does nothing either)."""
+        step runs at learning rate 0 (so weight decay does nothing either). The host waits for the device
+        once per step: losses and flags stay on the device until one all-reduce before the optimizer step."""
         s = self.state
         lr = lr_at(s.step, self.cfg, self.budget)
         inject = (s.step + 1) in self.cfg.debug.inject_nonfinite_steps
-        loss_sum, finite = 0.0, True
-        for _ in range(self.grad_accum):
-            x, y = (t.to(self.env.device) for t in next(self.loader))
+        totals = torch.zeros(3, dtype=torch.float64, device=self.env.device)  # loss sum, non-finite count, signal
+        for micro in range(self.grad_accum):
+            x, y = (t.to(self.env.device, non_blocking=True) for t in next(self.loader))
             with self._autocast():
                 loss = self.engine(x, labels=y, return_logits=False).loss
             if inject:
                 loss = loss + math.nan  # a non-finite value with a clean graph, like an overflow in the reduction
-            bad, stop = self._all_max(float(not torch.isfinite(loss)), float(self._signal is not None))
-            self._stop |= bool(stop)  # agreed by all ranks: a signal anywhere stops everyone after this step
-            finite &= not bad
-            self.engine.backward(loss if finite else loss.nan_to_num(0.0, 0.0, 0.0) * 0.0)
-            if not finite and self.engine.is_gradient_accumulation_boundary() and self.cfg.distributed.zero_stage == 0:
-                # ZeRO-1..3 skip a step whose gradient norm is not finite by themselves; without ZeRO, zero
-                # the gradients (which may hold NaN) so the lr-0 AdamW step leaves the parameters alone.
-                self.engine.module.zero_grad(set_to_none=False)
-            set_lr(self.engine, lr if finite else 0.0)
-            self.engine.step()
-            loss_sum += loss.item() if finite else 0.0
+            ok = torch.isfinite(loss)
+            self.engine.backward(torch.where(ok, loss, loss.nan_to_num(0.0, 0.0, 0.0) * 0.0))
+            totals[0] += torch.where(ok, loss.detach().double(), 0.0)
+            totals[1] += (~ok).double()
+            if micro < self.grad_accum - 1:
+                self.engine.step()  # accumulation only: DeepSpeed steps the optimizer at the boundary
+        totals[2] = float(self._signal is not None)
+        torch.distributed.all_reduce(totals)
+        loss_sum, bad, stop = totals.tolist()  # the step's one host sync
+        self._stop |= bool(stop)  # agreed by all ranks: a signal anywhere stops everyone after this step
+        finite = bad == 0
+        if not finite and self.cfg.distributed.zero_stage == 0:
+            # ZeRO-1..3 skip a step whose gradient norm is not finite by themselves; without ZeRO, zero the
+            # gradients (which may hold NaN) so the lr-0 AdamW step leaves the parameters alone.
+            self.engine.module.zero_grad(set_to_none=False)
+        set_lr(self.engine, lr if finite else 0.0)
+        self.engine.step()
         s.step += 1
         s.consumed_samples = self.loader.consumed_samples
         s.tokens_seen += self.budget.tokens_per_step
-        mean = self._all_sum(loss_sum)[0] / (self.grad_accum * self.env.world_size) if finite else math.nan
-        return mean, finite
+        return (loss_sum / (self.grad_accum * self.env.world_size) if finite else math.nan), finite
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float] | None:
