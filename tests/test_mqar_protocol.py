@@ -234,3 +234,23 @@ def test_plan_prints_each_cells_cost_without_training(tmp_path, capsys):
     tokens = 20_000 * 64 + 4_000 * (128 + 3 * 256 + 3 * 512)
     assert f"| both-reference-L4 | 1,519,360 | {157 + 7 * 32} | {tokens:,} |" in out
     assert not any(tmp_path.iterdir())  # nothing trained or written
+
+
+@pytest.mark.slow
+def test_paper_protocol_trains_and_results_md_sits_beside_the_paper(tmp_path):
+    """paper.yaml's options end to end (tiny: one short stage, 2 epochs, 2 examples per eval stage)."""
+    import json
+
+    from pretrain.cli import main
+
+    evals = "[" + ", ".join(f"{{seq_len: 1024, num_kv_pairs: {k}, num_examples: 2}}" for k in (64, 128, 256)) + "]"
+    assert main(["mqar", "train", "configs/mqar/paper.yaml", "--variant", "both", "--layers", "2",
+                 "--run.out_dir", str(tmp_path), "--model.d_model", "16", "--optim.epochs", "2",
+                 "--data.train", "[{seq_len: 16, num_kv_pairs: 2, num_examples: 200}]", "--data.eval", evals,
+                 "--progress_bar", "false"]) == 0
+    (row,) = json.loads((tmp_path / "mqar-paper" / "results.json").read_text())
+    assert (row["steps"], row["epochs"], len(row["val_average"]), row["train_tokens"]) == (4, 2, 2, 2 * 200 * 16)
+    assert row["tokens_per_second"] > 0
+    md = (tmp_path / "mqar-paper" / "results.md").read_text()
+    ours = 100 * row["accuracy"]["L1024-kv64"]
+    assert f"| both | 2 | {ours:.2f} | 99.23 | {ours - 99.23:+.2f} |" in md
