@@ -354,7 +354,8 @@ def paper_comparison(results: list[dict[str, Any]]) -> str:
 def results_markdown(results: list[dict[str, Any]]) -> str:
     """results.md: our table, then the paper comparison when the eval stages are the paper's."""
     comparison = paper_comparison(results)
-    return markdown_table(results) + (f"\nBeside the paper's Table 2 (accuracy %):\n\n{comparison}" if comparison else "")
+    beside = f"\nBeside the paper's Table 2 (accuracy %):\n\n{comparison}" if comparison else ""
+    return markdown_table(results) + beside
 
 
 def write_table(cfg: MQARConfig) -> list[dict[str, Any]]:
@@ -400,7 +401,8 @@ def plan_markdown(rows: list[dict[str, Any]]) -> str:
         lines.append(f"| {r['cell']} | {r['params']:,} | {r['steps_per_epoch']:,} | {r['train_tokens_per_epoch']:,} "
                      f"| {r['flops_per_epoch']:.3g} | {r['max_epochs']} | {r['max_tokens']:,} | {r['max_flops']:.3g} |")
     total = sum(r["max_flops"] for r in rows)
-    return "\n".join(lines) + f"\n\nall cells: at most {sum(r['max_tokens'] for r in rows):,} training tokens, {total:.3g} FLOPs\n"
+    tokens = sum(r["max_tokens"] for r in rows)
+    return "\n".join(lines) + f"\n\nall cells: at most {tokens:,} training tokens, {total:.3g} FLOPs\n"
 
 
 def train_sweep(cfg: MQARConfig, variants: list[str] | None = None, layers: list[int] | None = None,

@@ -9,8 +9,18 @@ import torch
 import torch.nn.functional as F
 
 from eval.diagnostics import recency
-from eval.mqar import (MQARConfig, MQARDataConfig, MQAROptimConfig, Stage, batches, load_mqar_config,
-                       optimizer_groups, paper_comparison, plan, train_model)
+from eval.mqar import (
+    MQARConfig,
+    MQARDataConfig,
+    MQAROptimConfig,
+    Stage,
+    batches,
+    load_mqar_config,
+    optimizer_groups,
+    paper_comparison,
+    plan,
+    train_model,
+)
 from eval.mqar_data import IGNORE, multiquery_ar
 from models.build import build_model
 from models.config import ModelConfig
@@ -23,12 +33,14 @@ PAPER_SEGMENTS = [(64, 4, 100_000), (128, 8, 20_000), (256, 16, 20_000), (256, 3
 
 
 def _tiny(n_layer=2, **model):
-    return build_model(ModelConfig.from_dict(apply_overrides({"d_model": 64, "n_layer": n_layer, "vocab_size": 512}, model)))
+    base = {"d_model": 64, "n_layer": n_layer, "vocab_size": 512}
+    return build_model(ModelConfig.from_dict(apply_overrides(base, model)))
 
 
 def _close_std(w: torch.Tensor, std: float) -> bool:
     """Sample std within 5 standard errors of ``std`` (se of a normal sample std: std / sqrt(2n))."""
-    return abs(w.std().item() - std) < 5 * std / math.sqrt(2 * w.numel()) and abs(w.mean().item()) < 5 * std / math.sqrt(w.numel())
+    n = w.numel()
+    return abs(w.std().item() - std) < 5 * std / math.sqrt(2 * n) and abs(w.mean().item()) < 5 * std / math.sqrt(n)
 
 
 # Initialization and final norm ---------------------------------------------------------------------------
@@ -158,7 +170,8 @@ def test_paper_yaml_is_the_papers_run():
     assert [(s.seq_len, s.num_kv_pairs, s.num_examples) for s in d.train] == PAPER_SEGMENTS
     assert [(s.seq_len, s.num_kv_pairs, s.num_examples) for s in d.eval] == [(1024, 64, 1000), (1024, 128, 1000),
                                                                             (1024, 256, 1000)]
-    assert (d.vocab_size, d.filler, d.shuffle, d.power_a, d.batch_size, d.eval_batch_size) == (8192, "zeros", False, 0.01, 128, 16)
+    assert (d.vocab_size, d.filler, d.shuffle, d.power_a, d.batch_size, d.eval_batch_size) == \
+        (8192, "zeros", False, 0.01, 128, 16)
     assert (o.lr, o.weight_decay, o.weight_decay_params, o.betas, o.grad_clip, o.schedule, o.epochs,
             o.early_stop_accuracy, o.warmup_fraction, o.min_lr_ratio) == (1e-3, 0.1, "all", [0.9, 0.999], 0, "epoch",
                                                                            64, 0.99, 0.0, 0.0)
@@ -202,9 +215,9 @@ def test_zoology_init_forgets_within_tokens_unless_polarized():
     of distance (closed form: slope -ln 2 in log influence); the ones channel (A_t = 1) carries every token
     undamped, so the polarized mixer's influence stays flat. Under mamba_ssm's init (Δ <= 0.1) it decays slowly."""
     ids = torch.randint(0, 512, (2, 64))
-    infl = {name: recency(_tiny(1, init=init, **pol), ids)[0]
-            for name, init, pol in [("default", "zoology", {}), ("both", "zoology", {"polarize.ones": 1, "polarize.zeros": 1}),
-                                    ("mamba_ssm", "mamba_ssm", {})]}
+    polar = {"polarize.ones": 1, "polarize.zeros": 1}
+    cells = [("default", "zoology", {}), ("both", "zoology", polar), ("mamba_ssm", "mamba_ssm", {})]
+    infl = {name: recency(_tiny(1, init=init, **pol), ids)[0] for name, init, pol in cells}
     d = np.arange(8, 41)
     slope = np.polyfit(d, np.log(infl["default"][d]), 1)[0]
     assert abs(slope + math.log(2)) < 0.05 * math.log(2), slope
@@ -222,3 +235,23 @@ def test_plan_prints_each_cells_cost_without_training(tmp_path, capsys):
     tokens = 20_000 * 64 + 4_000 * (128 + 3 * 256 + 3 * 512)
     assert f"| both-reference-L4 | 1,519,360 | {157 + 7 * 32} | {tokens:,} |" in out
     assert not any(tmp_path.iterdir())  # nothing trained or written
+
+
+@pytest.mark.slow
+def test_paper_protocol_trains_and_results_md_sits_beside_the_paper(tmp_path):
+    """paper.yaml's options end to end (tiny: one short stage, 2 epochs, 2 examples per eval stage)."""
+    import json
+
+    from pretrain.cli import main
+
+    evals = "[" + ", ".join(f"{{seq_len: 1024, num_kv_pairs: {k}, num_examples: 2}}" for k in (64, 128, 256)) + "]"
+    assert main(["mqar", "train", "configs/mqar/paper.yaml", "--variant", "both", "--layers", "2",
+                 "--run.out_dir", str(tmp_path), "--model.d_model", "16", "--optim.epochs", "2",
+                 "--data.train", "[{seq_len: 16, num_kv_pairs: 2, num_examples: 200}]", "--data.eval", evals,
+                 "--progress_bar", "false"]) == 0
+    (row,) = json.loads((tmp_path / "mqar-paper" / "results.json").read_text())
+    assert (row["steps"], row["epochs"], len(row["val_average"]), row["train_tokens"]) == (4, 2, 2, 2 * 200 * 16)
+    assert row["tokens_per_second"] > 0
+    md = (tmp_path / "mqar-paper" / "results.md").read_text()
+    ours = 100 * row["accuracy"]["L1024-kv64"]
+    assert f"| both | 2 | {ours:.2f} | 99.23 | {ours - 99.23:+.2f} |" in md
