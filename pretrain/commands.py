@@ -90,6 +90,8 @@ def finished_run_report(cfg) -> str | None:
     loc = checkpoint_location(cfg.run.dir)
     if loc is None:
         return None
+    if ckpt.read_state(*loc)["config"]["model"] != cfg.to_dict()["model"]:
+        return None  # not this run's model: the trainer refuses it with the difference named
     step = ckpt.step_of(loc[1])
     with torch.device("meta"):
         params = build_model(cfg.model).num_parameters()

@@ -127,11 +127,12 @@ def test_niah_ranks_as_one_pass_likelihoods(stock_folders, family):
 @pytest.mark.slow
 def test_eval_niah_and_diagnose_cli_on_every_family(stock_folders, tmp_path):
     targets = [str(stock_folders[f]) for f in FAMILIES]
-    for t in targets:
+    for i, t in enumerate(targets):
+        out = tmp_path / f"niah{i}"
         assert main(["eval", "niah", t, "--lengths", "40", "--depths", "0,100", "--samples", "1", "--digits", "1",
-                     "--distractors", "2", "--needle", "#{value}.", "--question", "\\n#",
-                     "--out", str(tmp_path / "niah")]) == 0
-        assert json.loads((tmp_path / "niah" / "niah.json").read_text())["cells"][0]["n"] == 1
+                     "--distractors", "2", "--needle", "#{value}.", "--question", "\\n#", "--out", str(out)]) == 0
+        (result,) = out.glob("niah_*.json")  # kept, timestamped like lm-eval's results
+        assert json.loads(result.read_text())["cells"][0]["n"] == 1
     out = tmp_path / "diag"
     assert main(["diagnose", *targets, "--out", str(out), "--batch", "2", "--seq-len", "16"]) == 0
     rec = json.loads((out / "recency.json").read_text())
