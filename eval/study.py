@@ -265,8 +265,8 @@ def evaluate_cell(cfg: StudyConfig, cell: Cell) -> dict[str, Any]:
                  for n in sorted({*e.context_lengths, *cfg.study.seq_lens})},
     }
     if e.niah:
-        from eval.options import niah_config, parse_niah_args
         from eval.niah import run_niah
+        from eval.options import niah_config, parse_niah_args
 
         cells = run_niah(model, tok, niah_config(parse_niah_args(e.niah)), progress=False)["cells"]
         result["niah_rank1"] = sum(c["rank1"] for c in cells) / len(cells)
