@@ -4,6 +4,7 @@ the run's lineage), torn metrics lines, and the RNG contract."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -25,12 +26,22 @@ from tests.train_helpers import ROOT, losses, ok, preempted, train, tree_hash, w
 pytestmark = pytest.mark.slow
 
 
-def _popen_train(config: Path, nproc: int, *overrides: str) -> subprocess.Popen:
+@contextlib.contextmanager
+def _endless_training(tmp_path: Path, data: dict, nproc: int):
+    """An endless run (`polar train` under its launcher, in a session of its own) that holds its lock and has a
+    checkpoint; SIGKILLed with its launcher's process group on exit. Yields (config, run dir, launcher)."""
+    cfg = write_config(tmp_path, data, schedule={"steps": 100_000}, checkpoint={"every": 2})
+    run_dir = tmp_path / "runs" / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     launcher = [] if nproc == 1 else ["-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
-    cmd = [sys.executable, *launcher, "-m", "pretrain.cli", "train", str(config), *overrides]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            start_new_session=True)
+    proc = subprocess.Popen([sys.executable, *launcher, "-m", "pretrain.cli", "train", str(cfg)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        _wait_for(lambda: _holder(run_dir) and _checkpointed(run_dir), "training to start")
+        yield cfg, run_dir, proc
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the launcher's group: torchrun's workers are in sessions of their own
+        proc.wait()
 
 
 def _wait_for(predicate, what: str, timeout: float = 240.0) -> None:
@@ -82,33 +93,19 @@ def _finish_from_latest(cfg: Path, run_dir: Path, extra_steps: int = 2) -> subpr
 
 
 def test_second_trainer_is_refused_and_a_dead_holder_blocks_nobody(tmp_path, data):
-    cfg = write_config(tmp_path, data, schedule={"steps": 100_000}, checkpoint={"every": 2})
-    run_dir = tmp_path / "runs" / "run"
-    first = _popen_train(cfg, 1)
-    try:
-        _wait_for(lambda: _holder(run_dir) and _checkpointed(run_dir), "the first trainer to start")
+    with _endless_training(tmp_path, data, 1) as (cfg, run_dir, first):
         second = train(cfg)
         assert second.returncode == 2
         err = second.stderr.strip().splitlines()
         assert len(err) == 1 and f"pid {first.pid} on " in err[0] and "is being trained by" in err[0], err
-    finally:
-        os.killpg(first.pid, signal.SIGKILL)
-        first.wait()
     _finish_from_latest(cfg, run_dir)  # the kernel dropped the dead holder's lock: a requeue just works
 
 
 @pytest.mark.distributed
 def test_killing_the_launcher_leaves_no_worker(tmp_path, data):
-    cfg = write_config(tmp_path, data, schedule={"steps": 100_000}, checkpoint={"every": 2})
-    run_dir = tmp_path / "runs" / "run"
-    launcher = _popen_train(cfg, 2)
-    try:
-        _wait_for(lambda: _holder(run_dir) and _checkpointed(run_dir), "training to start")
+    with _endless_training(tmp_path, data, 2) as (cfg, run_dir, launcher):
         workers = _children(launcher.pid)
         assert len(workers) == 2, workers
-    finally:
-        os.killpg(launcher.pid, signal.SIGKILL)  # the launcher's group: the workers are in sessions of their own
-        launcher.wait()
     _wait_for(lambda: not any(_running(p) for p in workers), "the orphaned workers to exit", timeout=30)
     _finish_from_latest(cfg, run_dir)
 
