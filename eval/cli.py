@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from eval.options import add_lm_options, add_niah_options, niah_config
+from eval.options import add_lm_options, add_niah_options, add_target_arguments, niah_config
 
 
 def run_lm(args: argparse.Namespace) -> int:
@@ -76,11 +76,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         "lengths far beyond training fit. Writes niah_<timestamp>.{json,csv,png} (a heatmap) to --out; earlier "
         "results are kept.",
     )
-    p.add_argument("checkpoint", help="run directory, checkpoint tag folder, exported folder, or any transformers "
-                   "causal LM folder or Hub id (Mamba, Mamba-2, GPT-NeoX/Pythia, Llama, ...)")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step of a run directory (default: latest)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the export's, the run's or the "
-                   "model folder's tokenizer.json)")
+    add_target_arguments(p)
     add_niah_options(p)
     p.add_argument("--out", default=None, help="output folder (default: RUN/eval/step-N, or EXPORT/eval)")
     p.set_defaults(func=run_niah_cmd)

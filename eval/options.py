@@ -27,6 +27,15 @@ class _Into:
         return self.parser
 
 
+def add_target_arguments(p: argparse.ArgumentParser) -> None:
+    """CHECKPOINT, --step and --tokenizer: the model reference every evaluation of one model takes."""
+    p.add_argument("checkpoint", help="run directory, checkpoint tag folder, exported folder, or any transformers "
+                   "causal LM folder or Hub id (Mamba, Mamba-2, GPT-NeoX/Pythia, Llama, ...)")
+    p.add_argument("--step", type=int, default=None, help="checkpoint step of a run directory (default: latest)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the export's, the run's or the "
+                   "model folder's tokenizer.json)")
+
+
 def add_lm_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("checkpoint", nargs="?", default=None, help="run directory, checkpoint tag folder or exported "
                    "folder (sets --model_args pretrained=...; give it first, before --tasks)")

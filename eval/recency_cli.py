@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from eval.options import add_target_arguments
+
 
 def default_data(checkpoint: str, step: int | None) -> str:
     """The run's own prepared data (its val split) when the checkpoint is a run of ours, else 'builtin'."""
@@ -46,10 +48,7 @@ def add_recency_parser(evsub: argparse._SubParsersAction) -> None:
         "Table-1-like recency.md and recency.png (drop vs span position) to --out. Example: polar eval recency "
         "runs/demo-cpu --context 96 --target 32",
     )
-    p.add_argument("checkpoint", help="run directory, checkpoint tag folder, exported folder, or any transformers "
-                   "causal LM folder or Hub id")
-    p.add_argument("--step", type=int, default=None, help="checkpoint step of a run directory (default: latest)")
-    p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the checkpoint's)")
+    add_target_arguments(p)
     p.add_argument("--data", default=None, help="held-out tokens: a prepared data folder (its val split), 'builtin' "
                    "(the builtin corpus's held-out documents) or a text file (default: the run's data, else builtin)")
     p.add_argument("--context", type=int, default=1024, help="context tokens L before the target (default 1024)")
