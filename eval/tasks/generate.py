@@ -3,8 +3,9 @@
 ``polar eval lm CKPT --tasks polar_offline`` finds them without an include path (:func:`builtin_tasks_dir`
 generates them once into the user cache); ``python -m eval.tasks.generate --out DIR`` writes
 ``DIR/data/*.jsonl`` and ``DIR/polar_*.yaml`` for ``--include_path DIR`` (other sizes or seeds). The YAMLs
-use ``dataset_path: json`` with *absolute* ``data_files``: lm-eval hands ``dataset_kwargs`` to ``datasets.load_dataset`` unchanged, which
-resolves relative paths against the current directory, so absolute paths are what works from any cwd.
+use ``dataset_path: json`` with *absolute* ``data_files``: lm-eval hands ``dataset_kwargs`` to
+``datasets.load_dataset`` unchanged, which resolves relative paths against the current directory, so
+absolute paths are what works from any cwd.
 
 Tasks (deterministic for a given seed; lines of verse with at least six words):
 - ``polar_nextline`` (multiple_choice): two lines of a speech, pick the true next line among four.
