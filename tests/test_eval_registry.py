@@ -48,7 +48,7 @@ register(TokenCount())
 
 NIAH_SHORT = ["--lengths", "48", "--depths", "0,100", "--samples", "1", "--digits", "1", "--distractors", "3",
               "--needle", "#{value}.", "--question", "\\n#"]
-NIAH_RULER = ["--lengths", "96", "--depths", "50", "--samples", "1", "--distractors", "2"]
+NIAH_RULER = ["--lengths", "160", "--depths", "50", "--samples", "1", "--distractors", "2"]
 RECENCY = ["--context", "24", "--target", "8", "--sizes", "4/24", "--positions", "3", "--windows", "4",
            "--data", "builtin"]
 LM = ["--tasks", "polar_lastword", "--limit", "2", "--device", "cpu"]
@@ -201,7 +201,7 @@ def test_every_reproduce_command_of_a_card_runs_as_written(run, tmp_path, offlin
     assert main(["eval", "niah", str(run), *NIAH_SHORT, "--step", "3"]) == 0  # another step: not in step 5's card
     card = card_of(run, 5)
     assert "needle `'#{value}.'` with a 1-digit value" in card and "RULER's needle with a 7-digit value" in card
-    assert "| 48 |" in card and "| 96 |" in card and "polar_lastword" in card and "first 4 tok" in card
+    assert "| 48 |" in card and "| 160 |" in card and "polar_lastword" in card and "first 4 tok" in card
     commands = eval_commands(card)
     assert len(commands) == 4 and sum(c.startswith("polar eval niah") for c in commands) == 2
     assert all("--include_path" not in c for c in commands)

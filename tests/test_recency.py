@@ -88,7 +88,7 @@ def test_cli_writes_table_json_and_plot(tiny_export, tmp_path):
     (first,) = out.glob("recency_*.json")  # kept under a timestamped name, as every evaluation result
     result = json.loads(first.read_text())
     assert [(r["start"], r["end"]) for r in result["spans"]] == [(0, 4), (10, 14), (20, 24)]
-    assert result["evaluation"] == "recency" and result["options"] == argv[4:-2]  # settings only, as typed
+    assert result["evaluation"] == "recency" and result["options"] == argv[3:-2]  # settings only, as typed
     assert "first 4 tok" in first.with_suffix(".md").read_text() and first.with_suffix(".png").stat().st_size > 0
     assert main(argv) == 0  # deterministic; the first result is kept beside the second
     (second,) = set(out.glob("recency_*.json")) - {first}

@@ -101,8 +101,10 @@ class LmEvaluation(Evaluation):
         path = run_lm_eval(args)
         if path is None:
             return {}, []
-        data = json.loads(path.read_text())
-        return write_json(path, stamp(data, self.name, options, args.checkpoint, recorded_step(data))), [path]
+        data = stamp(json.loads(path.read_text()), self.name, options, args.checkpoint, None)
+        data["checkpoint_step"] = recorded_step(data)
+        write_json(path, data)
+        return data, [path]
 
     def report(self, result: dict) -> str:
         return ""  # lm-eval printed its own table
