@@ -123,7 +123,7 @@ class Evaluation:
         """Markdown lines for the shown results, each with the settings it was computed with."""
         lines = []
         for r in results:
-            lines += ["", f"`polar eval {self.name}` on step {step} with `{shlex.join(r.get('options', []))}`:", "",
+            lines += ["", f"`polar eval {self.name}` on step {step} with `{shlex.join(r.get('options', ['?']))}`:", "",
                       "| score | value | ± stderr |", "|---|---|---|"]
             lines += [f"| {m} | {s.value:.4f} | {'' if s.stderr is None else f'{s.stderr:.4f}'} |"
                       for m, s in self.summarize(r).items()]
@@ -133,13 +133,15 @@ class Evaluation:
         """Entries for the card's YAML ``model-index`` (scores the Hub shows as the model's); none by default."""
         return []
 
-    def reproduce(self, result: dict, checkpoint: str | Path, step: int) -> str:
-        """A shell command that recomputes ``result`` on ``step`` and keeps it beside the original; a kind
-        registered by a plugin carries its POLAR_PLUGINS so the command runs as written."""
+    def reproduce(self, result: dict, checkpoint: str | Path, step: int) -> str | None:
+        """A shell command that recomputes ``result`` on ``step`` and keeps it beside the original (None for a
+        result kept before results recorded their options); a kind registered by a plugin carries its
+        POLAR_PLUGINS so the command runs as written."""
+        if "options" not in result:
+            return None
         module = type(self).__module__
         env = "" if module in BUILTIN else f"POLAR_PLUGINS={shlex.quote(module)} "
-        return env + shlex.join(["polar", "eval", self.name, str(checkpoint), "--step", str(step),
-                                 *result.get("options", [])])
+        return env + shlex.join(["polar", "eval", self.name, str(checkpoint), "--step", str(step), *result["options"]])
 
 
 def register(evaluation: Evaluation) -> Evaluation:

@@ -62,7 +62,8 @@ def _eval_commands(results: StepResults, run_dir: Path, step: int) -> list[str]:
     """One command per shown result (identical ones once), each keeping a new result beside the one shown."""
     from eval.registry import get
 
-    commands = [get(kind).reproduce(r, run_dir, step) for kind, kept in results.items() for r in get(kind).shown(kept)]
+    commands = [c for kind, kept in results.items() for r in get(kind).shown(kept)
+                if (c := get(kind).reproduce(r, run_dir, step)) is not None]
     if not commands:
         return []
     return ["", f"The evaluations shown above, each with the settings it was computed with (run as written, each "

@@ -76,8 +76,8 @@ def card_of(run: Path, step: int) -> str:
     from pretrain.model_card import render_card
 
     state = ckpt.read_state(run / "checkpoints", ckpt.tag_for(step))
-    cfg = build_config({"model": state["config"]["model"], "data": {"path": str(run / "data"), **state["config"]["data"]},
-                        "schedule": {"steps": step}})
+    data = {"path": str(run / "data"), **state["config"]["data"]}
+    cfg = build_config({"model": state["config"]["model"], "data": data, "schedule": {"steps": step}})
     results = read_step_results(run / "eval" / f"step-{step}", step)
     return render_card("org/tiny", {"config": to_dict(cfg), "step": step}, run, 1000, results, "apache-2.0", "cpu")
 
@@ -141,7 +141,8 @@ def test_a_plugin_evaluation_runs_through_sweep_slurm_script_and_card(run, tmp_p
     out = subprocess.run(["polar", "eval", "sweep", str(run), "--token_count", "--text 'Kiss me, Kate'",
                           "--out", str(tmp_path / "sweep")], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
-    assert "token_count/mean_logit" in out.stdout and "token_count/tokens" in (tmp_path / "sweep" / "sweep.md").read_text()
+    assert "token_count/mean_logit" in out.stdout
+    assert "token_count/tokens" in (tmp_path / "sweep" / "sweep.md").read_text()
     for step in (3, 5):
         (path,) = (run / "eval" / f"step-{step}").glob("token_count_*.json")
         data = json.loads(path.read_text())
@@ -171,7 +172,7 @@ def assert_commands_reproduce(run: Path, step: int, commands: list[str], cwd: Pa
     shown = {}
     for kind, results in read_step_results(run / "eval" / f"step-{step}", step).items():
         for r in get(kind).shown(results):
-            shown[get(kind).reproduce(r, run, step)] = (kind, r)
+            shown[get(kind).reproduce(r, run, step)] = (kind, r)  # every result made here records its options
     assert set(commands) == set(shown)
     for command in commands:
         kind, original = shown[command]
@@ -182,8 +183,7 @@ def assert_commands_reproduce(run: Path, step: int, commands: list[str], cwd: Pa
         (new,) = kept(run, step) - before
         data = json.loads(new.read_text())
         assert data["evaluation"] == kind and data["checkpoint_step"] == step, command
-        if "options" in original:
-            assert data["options"] == original["options"], command
+        assert data["options"] == original["options"], command
         assert get(kind).summarize(data) == get(kind).summarize(original), command
 
 

@@ -67,7 +67,8 @@ def test_interrupted_sweep_resumes_with_only_the_missing_results(tmp_path, calls
     calls.done[:] = []
     sw.sweep(runs, 1, {"lm": LM, "niah": NIAH}, out=tmp_path / "out", progress=False)  # all there: nothing to do
     assert calls.done == []
-    sw.sweep(runs, 1, {"lm": LM, "niah": NIAH + " --seed 1"}, out=tmp_path / "out", progress=False)  # new args: recompute
+    new_args = {"lm": LM, "niah": NIAH + " --seed 1"}
+    sw.sweep(runs, 1, new_args, out=tmp_path / "out", progress=False)  # new args: recompute
     assert len(calls.done) == 6 and {n for *_, n in calls.done} == {"niah"}
     stored = json.loads(sw.result_path(runs[0], 20, "lm").read_text())
     assert stored["args"] == LM and stored["result"] == fake_result("lm", 20)

@@ -140,7 +140,7 @@ class LmEvaluation(Evaluation):
                  "metrics": [{"type": m, "value": round(v, 4), "name": m} for m, v, _ in r.metrics]}
                 for task, (r, _) in sorted(best_tasks(results).items()) if r.metrics and not r.partial]
 
-    def reproduce(self, result: dict, checkpoint: str | Path, step: int) -> str:
+    def reproduce(self, result: dict, checkpoint: str | Path, step: int) -> str | None:
         """The recorded options; a file kept before results recorded them: its tasks and --limit."""
         if "options" not in result:
             limit = (result.get("config") or {}).get("limit")
