@@ -106,7 +106,7 @@ def test_summaries_carry_standard_errors(rng):
     """lm-eval's stderr passes through; NIAH accuracies get the binomial stderr over all prompts of the cells."""
 
     lm = get("lm").summarize({"results": {"t": {"alias": "t", "sample_len": 9, "acc,none": 0.25,
-                                               "acc_stderr,none": 0.05, "ppl,none": 3.0, "ppl_stderr,none": "N/A"}}})
+                                                "acc_stderr,none": 0.05, "ppl,none": 3.0, "ppl_stderr,none": "N/A"}}})
     assert lm == {"t/acc": (0.25, 0.05), "t/ppl": (3.0, None)}
     samples = rng.randint(1, 8)
     cells = [{"length": n, "depth": d, "exact_match": rng.randint(0, samples) / samples,
