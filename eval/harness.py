@@ -152,8 +152,9 @@ class PolarLM(TemplateLM):
 
 # `polar eval lm` -------------------------------------------------------------------------------------
 def lm_eval_namespace(args: argparse.Namespace) -> argparse.Namespace:
-    """lm-eval's run arguments with ours folded in: ``--model`` defaults to polar, CHECKPOINT and ``--step``
-    go into ``--model_args`` (the step resolved, so the result file records which checkpoint it scored), and
+    """lm-eval's run arguments with ours folded in: ``--model`` defaults to polar, our offline tasks are
+    always on the include path (before ``--include_path``'s), CHECKPOINT and ``--step`` go into
+    ``--model_args`` (the step resolved, so the result file records which checkpoint it scored), and
     ``--output_path`` defaults to the checkpoint's eval folder (RUN/eval/step-N/lm.json: lm-eval then writes
     ``lm_<timestamp>.json``, never overwriting an earlier result)."""
     from eval.options import lm_eval_dests
@@ -181,6 +182,9 @@ def lm_eval_namespace(args: argparse.Namespace) -> argparse.Namespace:
         elif step is not None:
             raise FileNotFoundError(f"{ref} has no checkpoints: --step needs a run directory")
     ns.model_args = model_args
+    from eval.tasks.generate import builtin_tasks_dir  # our offline tasks without --include_path (its own win)
+
+    ns.include_path = [str(builtin_tasks_dir()), *([ns.include_path] if ns.include_path else [])]
     if not ns.output_path and Path(str(ref)).is_dir():
         ns.output_path = str(eval_folder(ref, model_args.get("step")) / "lm.json")
     return ns

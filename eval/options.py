@@ -1,20 +1,27 @@
-"""The option sets of `polar eval lm` and `polar eval niah`, defined once: the subcommands add them to their
-parsers, and `polar eval sweep --lm "..." --niah "..."` parses its argument strings with them.
+"""Command-line pieces the evaluations share: the model reference every `polar eval KIND` takes, the option
+sets of the built-in kinds (eval/kinds/), and the settings part of a command line that a result records.
 
 `polar eval lm` takes lm-eval's own flags, unchanged: its ``run`` command adds them (lm-eval 0.4.x,
 ``lm_eval._cli.run.Run``), so ``--model_args``, ``--tasks``, ``--include_path``, ``--output_path``,
 ``--batch_size``, ``--device``, ``--limit``, ``--log_samples``, ``--use_cache``, ``--gen_kwargs`` ... mean
 what they mean in ``lm_eval``. Ours on top: an optional CHECKPOINT and ``--step``, which fill
-``--model_args pretrained=...,step=...`` and the default ``--output_path``.
+``--model_args pretrained=...,step=...`` and the default ``--output_path``; ``--model`` defaults to polar.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
-import shlex
 
 LM_EXTRAS = ("checkpoint", "step")
+TARGET_FLAGS = ("--step", "--out")
+OUR_DEFAULTS = {
+    "--model": "model name (default: polar, any checkpoint of ours; hf and lm-eval's others work too)",
+    "--include_path": "additional directory of task YAMLs (our offline tasks, polar_offline, are always found; "
+                      "this directory's tasks win over them)",
+    "--batch_size": "batch size (default: 1); 'auto' means 8 for the polar model",
+    "--device": "device (default: cuda:0; the polar model runs on the CPU, with a warning, without CUDA)",
+}
 
 
 class _Into:
@@ -47,6 +54,8 @@ def add_lm_options(p: argparse.ArgumentParser) -> None:
                        "pip install -e .[eval]")
         return
     Run(_Into(p))
+    for flag, text in OUR_DEFAULTS.items():  # lm-eval's help states its own defaults; these are ours
+        p._option_string_actions[flag].help = text
 
 
 @functools.cache
@@ -74,18 +83,22 @@ def add_niah_options(p: argparse.ArgumentParser) -> None:
                    "follows; \\n is a newline (default: RULER's, ending 'The special magic number for {key} is:')")
 
 
-def _parse(add_options, argv: str, prog: str) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog=prog)
-    add_options(p)
-    return p.parse_args(shlex.split(argv))
-
-
-def parse_lm_args(argv: str) -> argparse.Namespace:
-    return _parse(add_lm_options, argv, "polar eval sweep --lm")
-
-
-def parse_niah_args(argv: str) -> argparse.Namespace:
-    return _parse(add_niah_options, argv, "polar eval sweep --niah")
+def option_tokens(tokens: list[str], checkpoint: str | None) -> list[str]:
+    """The settings part of a `polar eval KIND` command line as typed: without CHECKPOINT, ``--step`` and
+    ``--out``, which say what to evaluate and where to keep it, so the card can rerun it on its step.
+    (The eval subcommands take no abbreviated options, so these are the only spellings.)"""
+    rest = list(tokens)
+    if checkpoint is not None and checkpoint in rest:
+        rest.remove(checkpoint)
+    out, skip = [], False
+    for t in rest:
+        if skip:
+            skip = False
+        elif t in TARGET_FLAGS:
+            skip = True
+        elif not t.startswith(tuple(f"{f}=" for f in TARGET_FLAGS)):
+            out.append(t)
+    return out
 
 
 def niah_config(args: argparse.Namespace):

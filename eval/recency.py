@@ -9,8 +9,9 @@ the loss and top-1 accuracy of next-token prediction on the target window are co
 windows. A model that reads only the recent past loses most to trailing spans.
 
 Everything is deterministic given the seed: which windows, and the random tokens of each (size, start).
-Outputs: recency.json (config, clean and per-span scores), recency.md (a Table-1-like table: leading,
-middle and trailing span per size) and recency.png (relative drop vs span position, one line per size).
+Outputs (`polar eval recency`: recency_<time>.*, eval/kinds/recency.py): .json (config, clean and per-span
+scores), .md (a Table-1-like table: leading, middle and trailing span per size) and .png (relative drop vs
+span position, one line per size).
 """
 
 from __future__ import annotations
@@ -156,10 +157,11 @@ def markdown_table(result: dict) -> str:
             f"| {' | '.join(head)} |\n|{'---|' * len(head)}\n| {' | '.join(cells)} |\n")
 
 
-def write_recency(result: dict, out: str | Path, title: str = "") -> dict[str, Path]:
+def write_recency(result: dict, out: str | Path, title: str = "", name: str = "recency") -> dict[str, Path]:
+    """OUT/NAME.json (everything), NAME.md (the table) and NAME.png (the plot)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / "recency.json", "md": out / "recency.md", "png": out / "recency.png"}
+    paths = {ext: out / f"{name}.{ext}" for ext in ("json", "md", "png")}
     paths["json"].write_text(json.dumps(result, indent=2) + "\n")
     paths["md"].write_text((f"## {title}\n\n" if title else "") + markdown_table(result))
     plot_drop(result, paths["png"], title)

@@ -10,8 +10,9 @@ lengths (the global batch in sequences scales inversely). The grid is printed be
 A cell is trained by ``polar train`` in its own process (so a crash is that cell's alone) into
 ``STUDY/runs/CELL``; a failed or interrupted cell is reported and retried (``study.retries``), resuming
 from its latest checkpoint as ``polar train`` always does. Then its final checkpoint is scored: held-out
-loss (the data's val split) at each ``eval.context_lengths`` and, when ``eval.niah`` holds NIAH options,
-needle-in-a-haystack accuracy; the scores go to ``STUDY/cells/CELL.json``. Re-running skips cells whose
+loss (the data's val split) at each ``eval.context_lengths`` and every evaluation of ``eval.evals`` (kind ->
+options, as `polar eval KIND` takes them, e.g. ``niah: "--lengths 1k,4k"``; eval/registry.py), whose headline
+scores become columns; the scores go to ``STUDY/cells/CELL.json``. Re-running skips cells whose
 scores exist. Locally the cells run one after another; ``--slurm`` runs them as one SLURM job array
 (launch/slurm/study.sbatch, one task per cell) plus a dependent job that combines. The combined
 ``study.json``/``study.csv``/``study.md`` and ``study.png`` (metric vs depth, one line per training
@@ -24,6 +25,7 @@ import csv
 import json
 import math
 import os
+import shlex
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -69,8 +71,14 @@ class StudyEvalConfig:
     context_lengths: list[int] = field(default_factory=lambda: [2048])  # held-out loss at each (and every seq_len)
     windows: int = 16  # held-out windows per length
     batch_size: int = 8
-    niah: str = ""  # options of `polar eval niah` as one string; empty: no NIAH
+    evals: dict[str, str] = field(default_factory=dict)  # evaluation kind -> its options as one string
     seed: int = 0
+
+    def __post_init__(self):  # a typo should fail before hours of training, not after
+        from eval.registry import get
+
+        for kind, options in self.evals.items():
+            get(kind).check(shlex.split(options))
 
 
 @dataclass
@@ -248,7 +256,8 @@ def heldout_loss(model: torch.nn.Module, tokens: np.ndarray, length: int, window
 
 
 def evaluate_cell(cfg: StudyConfig, cell: Cell) -> dict[str, Any]:
-    """Held-out loss at every eval context length and (optionally) NIAH accuracy of the final checkpoint."""
+    """Held-out loss at every eval context length and the scores of ``eval.evals`` ("scores": name ->
+    [value, stderr]) of the final checkpoint."""
     from eval.loading import load_for_eval
     from eval.recency import held_out_tokens
     from pretrain.config import build_config
@@ -264,13 +273,11 @@ def evaluate_cell(cfg: StudyConfig, cell: Cell) -> dict[str, Any]:
         "loss": {str(n): heldout_loss(model, tokens, n, e.windows, e.batch_size, e.seed)
                  for n in sorted({*e.context_lengths, *cfg.study.seq_lens})},
     }
-    if e.niah:
-        from eval.niah import run_niah
-        from eval.options import niah_config, parse_niah_args
+    for kind, options in e.evals.items():  # kept in the cell run's eval folder, as `polar eval KIND` keeps them
+        from eval.registry import evaluate, get
 
-        cells = run_niah(model, tok, niah_config(parse_niah_args(e.niah)), progress=False)["cells"]
-        result["niah_rank1"] = sum(c["rank1"] for c in cells) / len(cells)
-        result["niah_exact"] = sum(c["exact_match"] for c in cells) / len(cells)
+        scores = get(kind).summarize(evaluate(kind, run_dir, None, options))
+        result.setdefault("scores", {}).update({m: list(v) for m, v in scores.items()})
     return result
 
 
@@ -310,12 +317,11 @@ def combine(cfg: StudyConfig, cells: list[Cell]) -> Path | None:
     missing = [c.name for c in cells if not cell_result_path(cfg, c).is_file()]
     (out / "study.json").write_text(json.dumps({"cells": results, "missing": missing}, indent=2) + "\n")
     lengths = list(results[0]["loss"])
-    niah = "niah_rank1" in results[0]
-    head = ["variant", "depth", "d_model", "params", "seq_len", *[f"loss@{n}" for n in lengths],
-            *(["niah_rank1", "niah_exact"] if niah else [])]
+    scores = headline_scores(results)
+    head = ["variant", "depth", "d_model", "params", "seq_len", *[f"loss@{n}" for n in lengths], *scores]
     rows = [[r["variant"], r["depth"], r["d_model"], r["params"], r["seq_len"],
              *[f"{r['loss'][n]:.4f}" for n in lengths],
-             *([f"{r['niah_rank1']:.3f}", f"{r['niah_exact']:.3f}"] if niah else [])]
+             *[f"{r['scores'][m][0]:.4g}" if m in r.get("scores", {}) else "" for m in scores]]
             for r in sorted(results, key=lambda r: (r["variant"], r["seq_len"], r["depth"]))]
     with (out / "study.csv").open("w", newline="") as f:
         csv.writer(f).writerows([head, *rows])
@@ -327,25 +333,29 @@ def combine(cfg: StudyConfig, cells: list[Cell]) -> Path | None:
     return out / "study.md"
 
 
+def headline_scores(results: list[dict]) -> list[str]:
+    """The evaluations' headline scores (names without "@") that any cell has, in a stable order."""
+    return sorted({m for r in results for m in r.get("scores", {}) if "@" not in m})
+
+
 def plot_study(results: list[dict], path: Path, title: str) -> None:
     """Fig. 4's view: metric vs depth, one line per training context length; one column per variant.
-    Rows: held-out loss at the cell's own training length, and NIAH rank-1 accuracy when scored."""
+    Rows: held-out loss at the cell's own training length, then each evaluation's headline scores."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     variants = list(dict.fromkeys(r["variant"] for r in results))
-    metrics = [("loss", "held-out loss at the training length")]
-    if "niah_rank1" in results[0]:
-        metrics.append(("niah_rank1", "NIAH rank-1 accuracy"))
+    metrics = [("loss", "held-out loss at the training length"), *((m, m) for m in headline_scores(results))]
     fig, axes = plt.subplots(len(metrics), len(variants), figsize=(4.2 * len(variants), 3.2 * len(metrics)),
                              squeeze=False, sharey="row")
     for col, variant in enumerate(variants):
         for row, (key, label) in enumerate(metrics):
             ax = axes[row][col]
             for seq_len in sorted({r["seq_len"] for r in results}):
-                pts = sorted((r["depth"], r["loss"].get(str(seq_len), math.nan) if key == "loss" else r[key])
+                pts = sorted((r["depth"], r["loss"].get(str(seq_len), math.nan) if key == "loss"
+                              else r.get("scores", {}).get(key, [math.nan])[0])
                              for r in results if r["variant"] == variant and r["seq_len"] == seq_len)
                 ax.plot([p[0] for p in pts], [p[1] for p in pts], "o-", label=f"context {seq_len}")
             ax.set(xlabel="depth (layers)", ylabel=label, title=variant if row == 0 else None)

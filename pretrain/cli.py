@@ -14,6 +14,7 @@ import os
 import sys
 
 from pretrain.console import configure_logging
+from pretrain.plugins import load_plugins
 
 # Order here is the order in `polar --help`.
 SUBCOMMAND_MODULES = [
@@ -46,6 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        load_plugins()  # before the parser: plugins add subcommands and options (an evaluation, ...)
+    except ImportError as e:
+        print(f"polar: error: {e}", file=sys.stderr)
+        return 2
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and not getattr(args, "accepts_overrides", False):

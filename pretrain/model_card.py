@@ -2,16 +2,15 @@
 model-index) and the facts a reader needs to trust and reproduce it.
 
 Every number in the card belongs to the published step N: the training and validation loss logged at step N
-(``metrics.jsonl``) and the evaluation results stored under ``RUN/eval/step-N/`` (``polar eval lm|niah`` and
-``polar eval sweep`` write there). Results computed on a subset (``--limit``) are shown as partial and kept
-out of ``model-index``, which the Hub reads as the model's scores.
+(``metrics.jsonl``) and the evaluation results kept under ``RUN/eval/step-N/`` (``polar eval KIND`` and
+``polar eval sweep`` write there). Each registered evaluation (eval/registry.py) renders its own section,
+with the settings of every result it shows, its ``model-index`` entries (lm: complete results only, never
+``--limit`` subsets) and the commands that reproduce them.
 """
 
 from __future__ import annotations
 
 import json
-import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -19,99 +18,8 @@ import yaml
 
 from pretrain.metrics import read_jsonl
 
-log = logging.getLogger(__name__)
+StepResults = dict[str, list[dict]]  # evaluation name -> its results kept for the step (eval.results)
 PAPER_URL = "https://arxiv.org/abs/2501.00658"
-
-
-@dataclass
-class TaskResult:
-    """One lm-eval task's scores at one step: (metric, value, stderr or None) triples and how they were made."""
-
-    metrics: list[tuple[str, float, float | None]]
-    version: Any = None
-    num_fewshot: Any = None
-    samples: tuple[int, int] | None = None  # (evaluated, in the task); evaluated < in the task = partial
-    date: float = 0.0
-    file: str = ""
-
-    @property
-    def partial(self) -> bool:
-        return self.samples is not None and self.samples[0] < self.samples[1]
-
-
-@dataclass
-class StepResults:
-    """Everything measured on one checkpoint step: lm-eval tasks and the newest NIAH grid."""
-
-    tasks: dict[str, TaskResult] = field(default_factory=dict)
-    niah: dict | None = None
-
-
-def recorded_step(data: dict) -> int | None:
-    """The checkpoint step an lm-eval result file says it scored (the `polar` model records it)."""
-    cfg = data.get("config") or {}
-    if cfg.get("checkpoint_step") is not None:
-        return int(cfg["checkpoint_step"])
-    args = cfg.get("model_args")
-    if isinstance(args, str):
-        args = dict(kv.split("=", 1) for kv in args.split(",") if "=" in kv)
-    step = (args or {}).get("step")
-    return None if step is None else int(step)
-
-
-def task_results(data: dict, file: str = "") -> dict[str, TaskResult]:
-    """task -> TaskResult of one lm-eval result JSON. Only the task's metrics count (``higher_is_better``
-    names them; bookkeeping such as ``alias`` or ``sample_len`` is left out); groups are skipped."""
-    out = {}
-    for task, values in (data.get("results") or {}).items():
-        if task in (data.get("group_subtasks") or {}):
-            continue
-        names = (data.get("higher_is_better") or {}).get(task)
-        metrics = []
-        for key, value in sorted(values.items()):
-            name, _, filt = key.partition(",")
-            if not filt or "_stderr" in name or not isinstance(value, int | float) or isinstance(value, bool):
-                continue
-            if names is not None and name not in names:
-                continue
-            err = values.get(f"{name}_stderr,{filt}")
-            metrics.append((name if filt == "none" else f"{name} ({filt})", float(value),
-                            float(err) if isinstance(err, int | float) else None))
-        n = (data.get("n-samples") or {}).get(task)
-        out[task] = TaskResult(metrics, (data.get("versions") or {}).get(task), (data.get("n-shot") or {}).get(task),
-                               (n["effective"], n["original"]) if n else None, float(data.get("date") or 0), file)
-    return out
-
-
-def read_step_results(eval_dir: Path, step: int) -> StepResults:
-    """The results stored under ``eval_dir`` (RUN/eval/step-N) for ``step``. Several results of one task:
-    the newest complete one, else the newest partial one. A file that records another step is ignored."""
-    res = StepResults()
-    if not eval_dir.is_dir():
-        return res
-    niah_date = -1.0
-    for path in sorted(eval_dir.rglob("*.json")):
-        try:
-            data = json.loads(path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError):
-            continue
-        if not isinstance(data, dict):
-            continue
-        if "cells" in data:  # a NIAH grid (polar eval niah)
-            date = float(data.get("date") or path.stat().st_mtime)
-            if data.get("checkpoint_step", step) == step and date > niah_date:
-                res.niah, niah_date = data, date
-            continue
-        if "results" not in data:
-            continue
-        if (got := recorded_step(data)) is not None and got != step:
-            log.warning("%s scored step %d, not %d: left out of the card", path, got, step)
-            continue
-        for task, new in task_results(data, str(path.relative_to(eval_dir))).items():
-            old = res.tasks.get(task)
-            if old is None or (old.partial, -old.date) > (new.partial, -new.date):
-                res.tasks[task] = new
-    return res
 
 
 def step_record(records: list[dict], kind: str, step: int) -> dict | None:
@@ -121,11 +29,9 @@ def step_record(records: list[dict], kind: str, step: int) -> dict | None:
 
 
 def _model_index(name: str, results: StepResults) -> list[dict[str, Any]]:
-    entries = [
-        {"task": {"type": "text-generation"}, "dataset": {"name": task, "type": task},
-         "metrics": [{"type": m, "value": round(v, 4), "name": m} for m, v, _ in r.metrics]}
-        for task, r in sorted(results.tasks.items()) if r.metrics and not r.partial
-    ]
+    from eval.registry import get
+
+    entries = [e for kind, kept in results.items() for e in get(kind).model_index(kept)]
     return [{"name": name, "results": entries}] if entries else []
 
 
@@ -139,40 +45,30 @@ def _size(params: int) -> str:
     return f"{params / 1e6:.0f}M" if params >= 1e6 else f"{params / 1e3:.0f}K"
 
 
-def _fmt(v: float) -> str:
-    return f"{v:.4f}" if abs(v) < 1e5 else f"{v:.4g}"
-
-
 def _eval_section(results: StepResults, step: int) -> list[str]:
-    lines = ["", "## Evaluation", ""]
-    if not results.tasks and not results.niah:
-        return lines + [f"No evaluation results stored for step {step} (`polar eval lm RUN --step {step} ...` "
-                        f"writes them to RUN/eval/step-{step}/)."]
-    if results.tasks:
-        lines += [f"lm-evaluation-harness on step {step} (value ± standard error).", "",
-                  "| task | version | shots | metric | value | ± stderr | examples |", "|---|---|---|---|---|---|---|"]
-        for task, r in sorted(results.tasks.items()):
-            n = "all" if r.samples is None else (f"{r.samples[0]} of {r.samples[1]} (partial)" if r.partial
-                                                 else str(r.samples[0]))
-            for m, v, err in r.metrics:
-                lines.append(f"| {task} | {r.version} | {r.num_fewshot} | {m} | {_fmt(v)} | "
-                             f"{'' if err is None else _fmt(err)} | {n} |")
-        if any(r.partial for r in results.tasks.values()):
-            lines += ["", "Rows marked partial were computed on a subset of the task (`--limit`): they are "
-                      "indicative only and are not in the `model-index` metadata."]
-    if results.niah:
-        cells, cfg = results.niah["cells"], results.niah.get("config", {})
-        lengths = sorted({c["length"] for c in cells})
-        lines += ["", f"Needle in a haystack on step {step}: {len(cells) // max(len(lengths), 1)} depths × "
-                  f"{cfg.get('samples', '?')} samples per length; rank 1 = the true value has the highest "
-                  f"log-likelihood among {cfg.get('distractors', '?')} distractors (chance "
-                  f"{cells[0]['chance_rank1']:.2f}).", "",
-                  "| context length | greedy exact match | rank 1 |", "|---|---|---|"]
-        for n in lengths:
-            at = [c for c in cells if c["length"] == n]
-            lines.append(f"| {n} | {sum(c['exact_match'] for c in at) / len(at):.3f} | "
-                         f"{sum(c['rank1'] for c in at) / len(at):.3f} |")
+    from eval.registry import get
+
+    lines = ["", "## Evaluation"]
+    if not results:
+        return lines + ["", f"No evaluation results stored for step {step} (`polar eval KIND RUN --step {step} ...` "
+                        f"writes them to RUN/eval/step-{step}/; `polar eval --help` lists the kinds)."]
+    for kind, kept in results.items():
+        evaluation = get(kind)
+        lines += evaluation.card_section(evaluation.shown(kept), step)
     return lines
+
+
+def _eval_commands(results: StepResults, run_dir: Path, step: int) -> list[str]:
+    """One command per shown result (identical ones once), each keeping a new result beside the one shown."""
+    from eval.registry import get
+
+    commands = [c for kind, kept in results.items() for r in get(kind).shown(kept)
+                if (c := get(kind).reproduce(r, run_dir, step)) is not None]
+    if not commands:
+        return []
+    return ["", f"The evaluations shown above, each with the settings it was computed with (run as written, each "
+            f"keeps a new result in `{run_dir}/eval/step-{step}/` beside the one shown):", "", "```bash",
+            *dict.fromkeys(commands), "```"]
 
 
 def _reproduce(cfg: dict, source: str, run_dir: Path, step: int, world: int, repo_id: str, revision: str,
@@ -187,17 +83,11 @@ def _reproduce(cfg: dict, source: str, run_dir: Path, step: int, world: int, rep
              f"polar tokenizer train --dataset {tok_source} --vocab-size {vocab} --out {tok}",
              f"polar prepare --dataset {source} --tokenizer {tok} --out {data['path']}",
              f"torchrun --standalone --nproc-per-node {world} -m pretrain.cli train {run_dir}/config.yaml"
-             + ("" if world > 1 else "   # or: polar train " + f"{run_dir}/config.yaml"),
-             ]
-    by_limit: dict[str, list[str]] = {}  # one evaluation command per --limit used
-    for task, r in sorted(results.tasks.items()):
-        by_limit.setdefault(f" --limit {r.samples[0]}" if r.partial else "", []).append(task)
-    for limit, tasks in sorted(by_limit.items()):
-        lines.append(f"polar eval lm {run_dir} --step {step} --tasks {','.join(tasks)}{limit}")
-    lines += [f"polar publish {run_dir} --step {step} --repo-id {repo_id}"
-              + ("" if revision == f"step{step}" else f" --revision {revision}"), "```",
-              "", f"On several nodes: `polar launch slurm {run_dir}/config.yaml --nodes N --submit`."]
-    return lines
+             + ("" if world > 1 else "   # or: polar train " + f"{run_dir}/config.yaml"), "```",
+             "", f"On several nodes: `polar launch slurm {run_dir}/config.yaml --nodes N --submit`."]
+    return lines + _eval_commands(results, run_dir, step) + [
+        "", "Then the upload:", "", "```bash", f"polar publish {run_dir} --step {step} --repo-id {repo_id}"
+        + ("" if revision == f"step{step}" else f" --revision {revision}"), "```"]
 
 
 def render_card(repo_id: str, state: dict[str, Any], run_dir: Path, params: int, results: StepResults,

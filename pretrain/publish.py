@@ -28,7 +28,8 @@ def build_folder(run: str | Path, out: str | Path, repo_id: str, step: int | Non
                  project_url: str | None = None, revision: str | None = None) -> Path:
     """Export the checkpoint (weights, config, generation config, tokenizer) and add the model card
     ``README.md`` with that step's losses and the results stored under RUN/eval/step-N/."""
-    from pretrain.model_card import read_step_results, render_card
+    from eval.results import read_step_results
+    from pretrain.model_card import render_card
 
     loc = checkpoint_location(run, step)
     if loc is None:

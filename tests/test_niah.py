@@ -43,11 +43,15 @@ def test_config_refuses_more_distractors_than_values():
 
 
 def test_cli_templates():
-    from eval.options import niah_config, parse_niah_args
+    import shlex
 
-    cfg = niah_config(parse_niah_args(r"--needle '#{value}.' --question '\n#' --digits 1 --distractors 8"))
+    from eval.registry import get
+
+    kind = get("niah")
+    cfg = kind.settings(kind.parse(shlex.split(r"--needle '#{value}.' --question '\n#' --digits 1 --distractors 8"),
+                                   "CHECKPOINT"))
     assert (cfg.needle, cfg.question, cfg.digits, cfg.distractors) == ("#{value}.", "\n#", 1, 8)
-    assert niah_config(parse_niah_args("")).needle == niah.NEEDLE
+    assert kind.settings(kind.parse([], "CHECKPOINT")).needle == niah.NEEDLE
 
 
 @pytest.mark.parametrize("length", [300, 1000])

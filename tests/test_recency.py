@@ -85,7 +85,15 @@ def test_cli_writes_table_json_and_plot(tiny_export, tmp_path):
     argv = ["eval", "recency", str(tiny_export), "--context", "24", "--target", "8", "--sizes", "4/24",
             "--positions", "3", "--windows", "4", "--data", "builtin", "--out", str(out)]
     assert main(argv) == 0
-    result = json.loads((out / "recency.json").read_text())
+    (first,) = out.glob("recency_*.json")  # kept under a timestamped name, as every evaluation result
+    result = json.loads(first.read_text())
     assert [(r["start"], r["end"]) for r in result["spans"]] == [(0, 4), (10, 14), (20, 24)]
-    assert "first 4 tok" in (out / "recency.md").read_text() and (out / "recency.png").stat().st_size > 0
-    assert main(argv) == 0 and json.loads((out / "recency.json").read_text()) == result  # deterministic
+    assert result["evaluation"] == "recency" and result["options"] == argv[3:-2]  # settings only, as typed
+    assert "first 4 tok" in first.with_suffix(".md").read_text() and first.with_suffix(".png").stat().st_size > 0
+    assert main(argv) == 0  # deterministic; the first result is kept beside the second
+    (second,) = set(out.glob("recency_*.json")) - {first}
+
+    def scores(path):
+        return {k: v for k, v in json.loads(path.read_text()).items() if k != "date"}
+
+    assert scores(second) == scores(first)

@@ -26,8 +26,8 @@ def study_config(tmp_path, data, **study) -> str:
         "study": {"name": "s", "out_dir": str(tmp_path / "studies"), "base": str(base), "depths": [1, 2],
                   "seq_lens": [32], "variants": {"polarized": {}}, "param_tolerance": 0.05, **study},
         "eval": {"context_lengths": [16], "windows": 4, "batch_size": 4,
-                 "niah": "--lengths 40 --depths 0,100 --samples 1 --digits 1 --distractors 2 "
-                         "--needle '#{value}.' --question '\\n#'"},
+                 "evals": {"niah": "--lengths 40 --depths 0,100 --samples 1 --digits 1 --distractors 2 "
+                                   "--needle '#{value}.' --question '\\n#'"}},
     }
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -80,7 +80,7 @@ def test_two_cell_study_resumes_a_killed_cell_and_combines(tmp_path, data, capsy
     assert "resumed from" in (study / "logs" / "polarized-L1-s32.log").read_text()
     result = json.loads((study / "study.json").read_text())
     assert [(r["depth"], sorted(r["loss"])) for r in result["cells"]] == [(1, ["16", "32"]), (2, ["16", "32"])]
-    assert all(0 <= r["niah_rank1"] <= 1 for r in result["cells"]) and result["missing"] == []
+    assert all(0 <= r["scores"]["niah/rank1"][0] <= 1 for r in result["cells"]) and result["missing"] == []
     assert len((study / "study.md").read_text().splitlines()) == 4 and (study / "study.png").stat().st_size > 0
 
     logs = {p.name: p.stat().st_size for p in (study / "logs").iterdir()}

@@ -8,6 +8,7 @@ import json
 import pytest
 
 from eval import sweep as sw
+from eval.registry import get
 from pretrain import checkpoint as ckpt
 
 NIAH, LM = "--lengths 64,128 --depths 0,100 --samples 1", "--tasks polar_offline --limit 2"
@@ -42,7 +43,8 @@ def calls(monkeypatch):
         return evaluate
 
     calls = type("Calls", (), {"done": done, "fail_after": None})
-    monkeypatch.setattr(sw, "EVALUATORS", {"lm": make("lm"), "niah": make("niah")})
+    evaluators = {"lm": make("lm"), "niah": make("niah")}
+    monkeypatch.setattr(sw, "evaluate", lambda name, run, step, argv: evaluators[name](run, step, argv))
     return calls
 
 
@@ -56,16 +58,17 @@ def test_interrupted_sweep_resumes_with_only_the_missing_results(tmp_path, calls
     runs = [fake_run(tmp_path, "base", [10, 20, 30]), fake_run(tmp_path, "polar", [10, 20, 30])]
     calls.fail_after = 5
     with pytest.raises(KeyboardInterrupt):
-        sw.sweep(runs, 1, lm=LM, niah=NIAH, out=tmp_path / "out", progress=False)
+        sw.sweep(runs, 1, {"lm": LM, "niah": NIAH}, out=tmp_path / "out", progress=False)
     first = list(calls.done)
     assert len(first) == 5
     calls.fail_after, calls.done[:] = None, []
-    table = sw.sweep(runs, 1, lm=LM, niah=NIAH, out=tmp_path / "out", progress=False)
+    table = sw.sweep(runs, 1, {"lm": LM, "niah": NIAH}, out=tmp_path / "out", progress=False)
     assert len(calls.done) == 12 - 5 and not set(calls.done) & set(first)
     calls.done[:] = []
-    sw.sweep(runs, 1, lm=LM, niah=NIAH, out=tmp_path / "out", progress=False)  # all there: nothing to do
+    sw.sweep(runs, 1, {"lm": LM, "niah": NIAH}, out=tmp_path / "out", progress=False)  # all there: nothing to do
     assert calls.done == []
-    sw.sweep(runs, 1, lm=LM, niah=NIAH + " --seed 1", out=tmp_path / "out", progress=False)  # new args: recompute
+    new_args = {"lm": LM, "niah": NIAH + " --seed 1"}
+    sw.sweep(runs, 1, new_args, out=tmp_path / "out", progress=False)  # new args: recompute
     assert len(calls.done) == 6 and {n for *_, n in calls.done} == {"niah"}
     stored = json.loads(sw.result_path(runs[0], 20, "lm").read_text())
     assert stored["args"] == LM and stored["result"] == fake_result("lm", 20)
@@ -78,9 +81,9 @@ def test_interrupted_sweep_resumes_with_only_the_missing_results(tmp_path, calls
 def test_bad_eval_arguments_fail_before_any_work(tmp_path, calls):
     run = fake_run(tmp_path, "r", [1])
     with pytest.raises(SystemExit):
-        sw.sweep([run], 1, niah="--lenghts 1k", out=tmp_path / "out", progress=False)
+        sw.sweep([run], 1, {"niah": "--lenghts 1k"}, out=tmp_path / "out", progress=False)
     with pytest.raises(ValueError, match="distractors"):
-        sw.sweep([run], 1, niah="--digits 1 --distractors 9", out=tmp_path / "out", progress=False)
+        sw.sweep([run], 1, {"niah": "--digits 1 --distractors 9"}, out=tmp_path / "out", progress=False)
     assert calls.done == []
 
 
@@ -90,25 +93,25 @@ def test_shards_partition_the_work_and_a_combine_adds_nothing(tmp_path, calls):
     per_shard = []
     for i in range(3):
         calls.done[:] = []
-        assert sw.sweep(runs, 1, lm=LM, niah=NIAH, progress=False, shard=(i, 3)) is None
+        assert sw.sweep(runs, 1, {"lm": LM, "niah": NIAH}, progress=False, shard=(i, 3)) is None
         per_shard.append(list(calls.done))
     everything = [j for s in per_shard for j in s]
     assert len(everything) == len(set(everything)) == 10
     calls.done[:] = []
-    assert sw.sweep(runs, 1, lm=LM, niah=NIAH, out=tmp_path / "out", progress=False).is_file()
+    assert sw.sweep(runs, 1, {"lm": LM, "niah": NIAH}, out=tmp_path / "out", progress=False).is_file()
     assert calls.done == []
 
 
 def test_summaries_carry_standard_errors(rng):
     """lm-eval's stderr passes through; NIAH accuracies get the binomial stderr over all prompts of the cells."""
 
-    lm = sw.summarize("lm", {"results": {"t": {"alias": "t", "sample_len": 9, "acc,none": 0.25,
-                                               "acc_stderr,none": 0.05, "ppl,none": 3.0, "ppl_stderr,none": "N/A"}}})
+    lm = get("lm").summarize({"results": {"t": {"alias": "t", "sample_len": 9, "acc,none": 0.25,
+                                                "acc_stderr,none": 0.05, "ppl,none": 3.0, "ppl_stderr,none": "N/A"}}})
     assert lm == {"t/acc": (0.25, 0.05), "t/ppl": (3.0, None)}
     samples = rng.randint(1, 8)
     cells = [{"length": n, "depth": d, "exact_match": rng.randint(0, samples) / samples,
               "rank1": rng.randint(0, samples) / samples, "chance_rank1": 0.1} for n in (64, 128) for d in (0, 50, 100)]
-    niah = sw.summarize("niah", {"config": {"samples": samples}, "cells": cells})
+    niah = get("niah").summarize({"config": {"samples": samples}, "cells": cells})
     hits = [c["rank1"] * samples for c in cells if c["length"] == 64]
     p = sum(hits) / (3 * samples)
     assert niah["niah/rank1@64"][0] == pytest.approx(p)

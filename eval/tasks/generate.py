@@ -1,9 +1,11 @@
 """Generate the project's small offline lm-eval tasks from the builtin Shakespeare corpus, one per request type.
 
-``python -m eval.tasks.generate --out DIR`` writes ``DIR/data/*.jsonl`` and ``DIR/polar_*.yaml``; then
-``polar eval lm CKPT --include_path DIR --tasks polar_offline``. The YAMLs use ``dataset_path: json`` with
-*absolute* ``data_files``: lm-eval hands ``dataset_kwargs`` to ``datasets.load_dataset`` unchanged, which
-resolves relative paths against the current directory, so absolute paths are what works from any cwd.
+``polar eval lm CKPT --tasks polar_offline`` finds them without an include path (:func:`builtin_tasks_dir`
+generates them once into the user cache); ``python -m eval.tasks.generate --out DIR`` writes
+``DIR/data/*.jsonl`` and ``DIR/polar_*.yaml`` for ``--include_path DIR`` (other sizes or seeds). The YAMLs
+use ``dataset_path: json`` with *absolute* ``data_files``: lm-eval hands ``dataset_kwargs`` to
+``datasets.load_dataset`` unchanged, which resolves relative paths against the current directory, so
+absolute paths are what works from any cwd.
 
 Tasks (deterministic for a given seed; lines of verse with at least six words):
 - ``polar_nextline`` (multiple_choice): two lines of a speech, pick the true next line among four.
@@ -21,6 +23,7 @@ from pathlib import Path
 
 TASKS = ("polar_nextline", "polar_lastword", "polar_passages", "polar_complete")
 GROUP = "polar_offline"
+VERSION = 1  # bump when the generated documents or YAMLs change: cached copies are then rebuilt
 
 _YAML = {
     "polar_nextline": """output_type: multiple_choice
@@ -119,18 +122,27 @@ def make_docs(n: int = 64, seed: int = 0) -> dict[str, list[dict]]:
 
 
 def write_tasks(out: str | Path, n: int = 64, seed: int = 0) -> Path:
-    """Write the jsonl data and task YAMLs (plus the ``polar_offline`` group) into ``out``."""
+    """Write the jsonl data and task YAMLs (plus the ``polar_offline`` group, last) into ``out``."""
+    from pretrain.checkpoint import atomic_write as _write  # whole files only: a reader never sees a torn one
+
     out = Path(out).resolve()
     (out / "data").mkdir(parents=True, exist_ok=True)
     for task, rows in make_docs(n, seed).items():
         data = out / "data" / f"{task}.jsonl"
-        data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+        _write(data, "".join(json.dumps(r) + "\n" for r in rows))
         header = (f"task: {task}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n"
                   f"    test: {json.dumps(str(data))}\ntest_split: test\n")
-        (out / f"{task}.yaml").write_text(header + _YAML[task] + "metadata:\n  version: 1.0\n")
-    (out / f"{GROUP}.yaml").write_text(f"group: {GROUP}\ntask:\n" + "".join(f"  - {t}\n" for t in TASKS)
-                                       + "metadata:\n  version: 1.0\n")
+        _write(out / f"{task}.yaml", header + _YAML[task] + "metadata:\n  version: 1.0\n")
+    _write(out / f"{GROUP}.yaml", f"group: {GROUP}\ntask:\n" + "".join(f"  - {t}\n" for t in TASKS)
+           + "metadata:\n  version: 1.0\n")
     return out
+
+
+def builtin_tasks_dir() -> Path:
+    """The default tasks (64 documents, seed 0) where `polar eval lm` always looks: generated once (well under
+    a second) into ~/.cache/polar-mamba/lm-tasks/vVERSION; the group YAML, written last, marks a whole copy."""
+    out = Path.home() / ".cache" / "polar-mamba" / "lm-tasks" / f"v{VERSION}"
+    return out if (out / f"{GROUP}.yaml").is_file() else write_tasks(out)
 
 
 def main(argv: list[str] | None = None) -> int:

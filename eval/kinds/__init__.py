@@ -1,0 +1,1 @@
+"""The built-in evaluation kinds, one module each, registered in eval/registry.py's BUILTIN."""
