@@ -152,10 +152,11 @@ def run_plan(args: argparse.Namespace) -> int:
 def run_export(args: argparse.Namespace) -> int:
     from pretrain.export import export
 
+    from models.hf import config_from_json, stock_class
+
     out = export(args.run, args.out or Path(args.run) / "export", args.step, args.force)
-    arch = json.loads((out / "config.json").read_text())["architectures"][0]
-    stock = arch in ("MambaForCausalLM", "Mamba2ForCausalLM")  # a polarized Mamba-2 or a Transformer is ours only
-    loads = f"transformers.{arch}" if stock else "polar-mamba's models.hf"
+    stock = stock_class(config_from_json(json.loads((out / "config.json").read_text())))
+    loads = f"transformers.{stock}" if stock else "polar-mamba's models.hf"
     print(f"exported {args.run} -> {out} (loads with {loads}.from_pretrained)")
     return 0
 
