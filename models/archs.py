@@ -95,12 +95,23 @@ def mamba2_flops_per_token(cfg: Mamba2Config, seq_len: int | None = None) -> int
 
 
 def mamba2_activations_per_token(cfg: Mamba2Config) -> int:
-    """Per layer: the block input and norm output (2d), in_proj's output (2Ed + 2bc + H), the conv output and its
-    SiLU (2(Ed + 2bc)), Δ (H), the SSD output (Ed), the gated norm's input, gate and output (3Ed)."""
-    Ed, H = cfg.d_inner, cfg.n_heads
-    bc = cfg.ssm.n_groups * cfg.d_state_total
-    per_layer = 2 * cfg.d_model + (2 * Ed + 2 * bc + H) + 2 * (Ed + 2 * bc) + H + Ed + 3 * Ed
-    return cfg.n_layer * per_layer + 2 * cfg.d_model
+    """What the backward pass keeps with the PyTorch SSD (kernels/ssd_ref.chunked_core, plain autograd: the path
+    without mamba_ssm; its fused kernel keeps less). Per layer, with B/C columns bc = n_groups·N_total (bl over
+    the N learned channels the SSD core runs), H heads, T = chunk_size: the block norm's stream, output and
+    rstd and in_proj's input (3d + 1); in_proj's output z, x, B, C, Δ (2Ed + 2bc + H); the conv's input and
+    output and the SiLU's (3(Ed + 2bc)); Δ before and after softplus (2H); in the chunked SSD, the within-chunk
+    decay weights and their product with the C·B scores (2TH), the scores (T·g) and B/C copies (4bl), Δ·x in
+    three layouts and the products of the state terms (4Ed), the decays to the chunk ends and of the chunk
+    starts (2H), the chunk-start states twice (2·Ed·N/T); the polar channels' Δ·x and cumulative ones states
+    (Ed·(1 + ones)); the gated norm's y, SiLU(z), product, normalised output and rstd, and out_proj's input
+    (5Ed + g). Copies made for batched matmuls are counted; a sequence of one chunk with one B/C group needs
+    a few fewer (the estimate is then ~8% high)."""
+    d, Ed, H, T, g = cfg.d_model, cfg.d_inner, cfg.n_heads, cfg.ssm.chunk_size, cfg.ssm.n_groups
+    bc, bl = g * cfg.d_state_total, g * cfg.ssm.d_state
+    polar = Ed * (1 + cfg.polarize.ones) if cfg.polarize.enabled else 0
+    per_layer = (3 * d + 1 + 14 * Ed + 8 * bc + 5 * H + 2 * T * H + T * g + 4 * bl
+                 + 2 * Ed * cfg.ssm.d_state // T + polar + g)
+    return cfg.n_layer * per_layer + 3 * d  # + the final norm's stream and output, the loss's input
 
 
 register_arch(ArchSpec(
