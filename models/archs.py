@@ -152,7 +152,8 @@ def transformer_activations_per_token(cfg: TransformerConfig) -> int:
 
 
 register_arch(ArchSpec(
-    name="transformer", title="Transformer (Llama-style)", config=TransformerConfig, model=TransformerLM, hf=LlamaAdapter(),
+    name="transformer", title="Transformer (Llama-style)", config=TransformerConfig, model=TransformerLM,
+    hf=LlamaAdapter(),
     presets={
         "transformer-tiny": {"d_model": 64, "n_layer": 2, "n_head": 4, "vocab_size": 512},
         "transformer-130m": {"d_model": 768, "n_layer": 12, "n_head": 12},

@@ -106,8 +106,8 @@ class LlamaAdapter(HFAdapter):
         if data.get("hidden_act", "silu") != "silu":
             unsupported["hidden_act"] = data["hidden_act"]
         if unsupported:
-            raise ConfigError(f"Llama options {unsupported} have no polar-mamba equivalent (plain multi-head attention, "
-                              "no biases, SiLU, head_dim = hidden_size / heads)")
+            raise ConfigError(f"Llama options {unsupported} have no polar-mamba equivalent (plain multi-head "
+                              "attention, no biases, SiLU, head_dim = hidden_size / heads)")
         return ModelConfig.from_dict({
             "arch": "transformer", "d_model": d, "n_layer": data["num_hidden_layers"], "n_head": heads,
             "d_ff": data["intermediate_size"], "rope_theta": _rope_theta(data),

@@ -14,7 +14,14 @@ from typing import Any
 
 from models.config import ModelConfig
 from models.hf_adapter import HFAdapter, StateDict
-from models.hf_ssm import is_mamba_ssm, mamba_ssm_fields, polar_a_log, ssm_config_json, ssm_fields_from_json, with_our_embedding_name
+from models.hf_ssm import (
+    is_mamba_ssm,
+    mamba_ssm_fields,
+    polar_a_log,
+    ssm_config_json,
+    ssm_fields_from_json,
+    with_our_embedding_name,
+)
 from models.typed_config import ConfigError
 
 

@@ -2,8 +2,9 @@
 
 A baseline Mamba2LM's state dict *is* transformers' layout (models/mamba2.py), so it exports as a stock
 ``mamba2`` checkpoint (vocabulary as padded) and stock checkpoints import with their exact vocabulary
-(``pad_vocab_size_multiple: 1``) and head (transformers' Mamba2Config is untied by default). mamba_ssm's Mamba-2 checkpoints (``ssm_cfg.layer: Mamba2``) use
-the same names (``backbone.embedding.weight`` aside) and import too.
+(``pad_vocab_size_multiple: 1``) and head (transformers' Mamba2Config is untied by default). mamba_ssm's
+Mamba-2 checkpoints (``ssm_cfg.layer: Mamba2``) use the same names (``backbone.embedding.weight`` aside) and
+import too.
 
 A polarized one cannot be a stock checkpoint: transformers' Mamba-2 has one decay per head for all its
 state channels, while a polarized head has channels that never decay (A_t ≡ 1) and channels that keep no
@@ -18,11 +19,16 @@ from __future__ import annotations
 import math
 from typing import Any
 
-import torch
-
 from models.config import ModelConfig
 from models.hf_adapter import HFAdapter, StateDict
-from models.hf_ssm import is_mamba_ssm, mamba_ssm_fields, polar_a_log, ssm_config_json, ssm_fields_from_json, with_our_embedding_name
+from models.hf_ssm import (
+    is_mamba_ssm,
+    mamba_ssm_fields,
+    polar_a_log,
+    ssm_config_json,
+    ssm_fields_from_json,
+    with_our_embedding_name,
+)
 from models.typed_config import ConfigError
 
 MODEL_TYPE = "mamba2"

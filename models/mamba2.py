@@ -1,11 +1,11 @@
 """The Mamba-2 language model (Dao & Gu 2024, SSD), baseline and polarized, on the LM skeleton.
 
-Its config (:class:`Mamba2Config`) and mixer: in_proj -> [z, x, B, C, Δ] -> causal depthwise conv + SiLU over x, B and C ->
-SSD scan (one scalar decay per head, x split into heads of ``head_dim`` channels, B and C shared by
-``n_groups`` groups of heads, D skip) -> gated RMSNorm of y·SiLU(z) per group -> out_proj. Blocks,
-backbone, head, loss and decoding are the skeleton's (:mod:`models.lm`). Parameter names and semantics are transformers' ``Mamba2ForCausalLM``
-(``mixer.{in_proj, conv1d, dt_bias, A_log, D, norm.weight, out_proj}``), so a baseline's state dict
-loads there unchanged (:mod:`models.hf_mamba2`).
+Its config (:class:`Mamba2Config`) and mixer: in_proj -> [z, x, B, C, Δ] -> causal depthwise conv + SiLU
+over x, B and C -> SSD scan (one scalar decay per head, x split into heads of ``head_dim`` channels, B and C
+shared by ``n_groups`` groups of heads, D skip) -> gated RMSNorm of y·SiLU(z) per group -> out_proj. Blocks,
+backbone, head, loss and decoding are the skeleton's (:mod:`models.lm`). Parameter names and semantics are
+transformers' ``Mamba2ForCausalLM`` (``mixer.{in_proj, conv1d, dt_bias, A_log, D, norm.weight, out_proj}``),
+so a baseline's state dict loads there unchanged (:mod:`models.hf_mamba2`).
 
 Polarization: each head gets ``polarize.ones`` state channels with A_t ≡ 1 and ``polarize.zeros`` with
 A_t ≡ 0 beside its N learned ones; B and C gain those columns (in_proj and conv1d grow by 2·n_groups per

@@ -16,7 +16,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import dispatch
 from models.config import ModelConfig
 from models.layers import LayerStateBase, RMSNorm
 from models.lm import CausalLM, Mixer

@@ -150,9 +150,8 @@ def run_plan(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
-    from pretrain.export import export
-
     from models.hf import config_from_json, stock_class
+    from pretrain.export import export
 
     out = export(args.run, args.out or Path(args.run) / "export", args.step, args.force)
     stock = stock_class(config_from_json(json.loads((out / "config.json").read_text())))
