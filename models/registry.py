@@ -25,7 +25,7 @@ from typing import Any
 import torch.nn as nn
 
 from models.hf_adapter import HFAdapter
-from models.typed_config import ConfigError
+from models.typed_config import ConfigError, from_dict
 
 PLUGINS_ENV = "POLAR_PLUGINS"
 PLUGINS_GROUP = "polar_mamba.plugins"
@@ -69,13 +69,21 @@ PRESETS: dict[str, dict[str, Any]] = {}  # every registered preset, name -> conf
 
 
 def register_arch(spec: ArchSpec) -> ArchSpec:
-    """Add ``spec``; a second entry of the same name, or a preset name already taken, is an error."""
+    """Add ``spec``; a second entry of the same name, a preset name already taken or a preset its config class
+    refuses is an error (and leaves the registry as it was)."""
     if spec.name in _ARCHS:
         raise ValueError(f"architecture {spec.name!r} is already registered (by {_ARCHS[spec.name].config.__module__})")
     if taken := sorted(set(spec.presets) & set(PRESETS)):
         raise ValueError(f"architecture {spec.name!r}: presets {taken} are already registered")
+    presets = {name: {"arch": spec.name, **preset} for name, preset in spec.presets.items()}
     _ARCHS[spec.name] = spec
-    PRESETS.update({name: {"arch": spec.name, **preset} for name, preset in spec.presets.items()})
+    for name, preset in presets.items():
+        try:
+            from_dict(spec.config, preset, prefix="model")
+        except ConfigError as e:
+            del _ARCHS[spec.name]
+            raise ConfigError(f"architecture {spec.name!r}, preset {name}: {e}") from e
+    PRESETS.update(presets)
     return spec
 
 

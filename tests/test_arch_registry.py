@@ -51,6 +51,10 @@ def test_a_missing_piece_fails_at_registration():
         ArchSpec(**spec_fields(flops_per_token=None))
     with pytest.raises(TypeError, match="arch defaults to 'toyrnn2'"):  # ToyConfig's arch is toyrnn
         ArchSpec(**spec_fields(config=toy.ToyConfig))
+    with pytest.raises(ConfigError, match="preset toyrnn2-bad: model.toy.hidden must be a multiple of 8"):
+        register_arch(ArchSpec(**spec_fields(presets={"toyrnn2-bad": {"toy": {"hidden": 12}}})))
+    with pytest.raises(ConfigError, match="unknown architecture 'toyrnn2'"):  # the refused entry is not kept
+        get_arch("toyrnn2")
 
     class HalfAdapter(HFAdapter):
         def config_json(self, cfg):
