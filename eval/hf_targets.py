@@ -28,7 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.generation import Generation
-from models.mamba import LMOutput
+from models.lm import LMOutput
 
 # Where the token mixer lives inside a decoder layer, by the attribute names transformers and we use.
 MIXER_NAMES = ("mixer", "self_attn", "attention", "attn", "mamba", "self_attention")

@@ -136,7 +136,7 @@ def match_d_model(base: dict[str, Any], overrides: dict[str, Any], target: int) 
     for the Transformer also of 2 x n_head). Walks from the base width towards the target (parameters grow
     with d_model), so depths near the base's cost a few model builds."""
     cfg = _model_config(base, overrides)
-    step = math.lcm(8, 2 * cfg.n_head) if cfg.arch == "transformer" else 8
+    step = cfg.d_model_multiple
 
     def params(d: int) -> int:
         return count_params(_model_config(base, {**overrides, "model.d_model": d}))

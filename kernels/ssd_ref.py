@@ -108,16 +108,18 @@ def chunked_core(x, dt, A, B, C, initial_state=None, chunk_size=256):
     # exp of a masked exponent (not a masked exp): s > t would overflow, and 0 · inf is NaN in the backward
     decay = torch.exp((cum[:, :, :, None] - cum[:, :, None]).masked_fill(~causal, float("-inf")))  # (b,c,t,s,g,r)
     scores = torch.einsum("bctgn,bcsgn->bctsg", Cc, Bc)
-    y = torch.einsum("bctsg,bctsgr,bcsgrp->bctgrp", scores, decay, w)
+    # pairwise products in a fixed order (not einsum's size-dependent path), so what autograd keeps is
+    # predictable: pretrain/memory.py's estimate counts it (models/archs.py)
+    y = torch.einsum("bctsgr,bcsgrp->bctgrp", scores[..., None] * decay, w)
     to_end = torch.exp(cum[:, :, -1:] - cum)  # decay from s to the chunk end
-    chunk_states = torch.einsum("bcsgn,bcsgr,bcsgrp->bcgrpn", Bc, to_end, w)
+    chunk_states = torch.einsum("bcsgn,bcsgrp->bcgrpn", Bc, to_end[..., None] * w)
     chunk_decay = torch.exp(cum[:, :, -1])[..., None, None]  # (b, c, g, r, 1, 1)
     H = x.new_zeros(b, g, r, p, n) if initial_state is None else initial_state.reshape(b, g, r, p, n)
     starts = []
     for i in range(c):
         starts.append(H)
         H = chunk_decay[:, i] * H + chunk_states[:, i]
-    y = y + torch.einsum("bctgn,bctgr,bcgrpn->bctgrp", Cc, torch.exp(cum), torch.stack(starts, 1))
+    y = y + torch.exp(cum)[..., None] * torch.einsum("bctgn,bcgrpn->bctgrp", Cc, torch.stack(starts, 1))
     return y.reshape(b, c * T, h, p)[:, :L], H.reshape(b, h, p, n)
 
 

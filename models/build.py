@@ -1,23 +1,13 @@
-"""The one model factory: ``build_model(cfg)`` picks the architecture named by ``ModelConfig.arch``."""
+"""The one model factory: ``build_model(cfg)`` builds the LM of the architecture ``cfg.arch`` registered."""
 
 from __future__ import annotations
 
 import torch.nn as nn
 
 from models.config import ModelConfig
+from models.registry import get_arch
 
 
 def build_model(cfg: ModelConfig) -> nn.Module:
-    """A MambaLM (``arch: mamba``, baseline or polarized), a Mamba2LM (``arch: mamba2``) or a TransformerLM
-    (``arch: transformer``)."""
-    if cfg.arch == "transformer":
-        from models.transformer import TransformerLM
-
-        return TransformerLM(cfg)
-    if cfg.arch == "mamba2":
-        from models.mamba2 import Mamba2LM
-
-        return Mamba2LM(cfg)
-    from models.mamba import MambaLM
-
-    return MambaLM(cfg)
+    """The LM of ``cfg.arch`` (models.registry): a MambaLM, Mamba2LM, TransformerLM or a plugin's."""
+    return get_arch(cfg.arch).model(cfg)

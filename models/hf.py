@@ -1,22 +1,17 @@
-"""Interchange with Hugging Face transformers and mamba_ssm: save/load folders, convert layouts.
+"""Interchange with Hugging Face transformers and mamba_ssm: save/load model folders, for every architecture.
 
-Our parameter names already follow transformers' ``MambaForCausalLM``; what differs is A_log. We keep
-A_log for the N learned channels only. Stock transformers has one A_log over all state channels, so
-export expands it to ``[-inf]*ones ++ learned ++ [+inf]*zeros`` (DESIGN §2): A = -exp(A_log) is then
--0 and -inf, so exp(Δ·A) is exactly 1 and 0 in transformers' forward pass. (In ``zero_mode:
-reference`` the zero channels export as A_log = log(100), i.e. the paper's A = -100.) Our full model
-config rides along in config.json under ``polar_mamba`` so loading back is lossless.
-
-mamba_ssm checkpoints (``config.json`` with d_model/n_layer/ssm_cfg and ``pytorch_model.bin``) differ
-only by ``backbone.embedding.weight``; :func:`from_pretrained` reads them too. Mamba-2 (``arch: mamba2``,
-transformers' ``Mamba2ForCausalLM``) converts in :mod:`models.hf_mamba2`. The Transformer baseline saves to
-the same folder format (config.json with our config, model.safetensors), loadable by polar only.
+A folder is ``config.json`` + ``model.safetensors`` (or shards with an index). config.json holds the
+fields of the stock transformers class the architecture's adapter names (:mod:`models.hf_adapter`:
+``MambaForCausalLM``, ``Mamba2ForCausalLM``, ``LlamaForCausalLM``; none for a polar-only architecture),
+``tie_word_embeddings``, the token ids, and our whole ModelConfig under ``polar_mamba`` so loading back is
+lossless. The weights are the adapter's layout; the LM head is written (``lm_head.weight``) only when it is
+untied, as transformers does. :func:`from_pretrained` reads our folders, the stock folders an adapter
+reads (transformers' Mamba, Mamba-2 and Llama; mamba_ssm's), and Hub repo ids.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import re
 from pathlib import Path
 from typing import Any
@@ -24,96 +19,55 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
-from models import hf_mamba2
 from models.build import build_model
 from models.config import ModelConfig
-from models.mamba import MambaLM
+from models.registry import get_arch, registered_archs
 from models.typed_config import ConfigError
 
 CONFIG_KEY = "polar_mamba"  # our ModelConfig inside config.json
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
+HEAD = "lm_head.weight"
+EMBEDDING = "backbone.embeddings.weight"
 
 
-def _expanded_a_log(a_log: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
-    ones = a_log.new_full((a_log.shape[0], cfg.polarize.ones), -math.inf)
-    zero_value = math.log(100.0) if cfg.polarize.zero_mode == "reference" else math.inf
-    zeros = a_log.new_full((a_log.shape[0], cfg.polarize.zeros), zero_value)
-    return torch.cat([ones, a_log, zeros], dim=1)
-
-
-def to_hf_state_dict(model: MambaLM) -> dict[str, torch.Tensor]:
-    """transformers-layout tensors (A_log expanded over all channels, tied head omitted)."""
+def to_hf_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The folder's tensors: the architecture's layout, the head only when untied."""
     cfg = model.config
-    if cfg.arch == "mamba2":
-        return hf_mamba2.to_hf_state_dict(model)
-    out = {}
-    for name, t in model.state_dict().items():
-        if name == "lm_head.weight":
-            continue
-        out[name] = _expanded_a_log(t, cfg) if name.endswith("mixer.A_log") else t
-    return {k: v.detach().contiguous() for k, v in out.items()}
+    sd = {k: v for k, v in model.state_dict().items() if k != HEAD or not cfg.tie_embeddings}
+    return {k: v.detach().contiguous() for k, v in get_arch(cfg.arch).hf.export_state_dict(cfg, sd).items()}
 
 
 def from_hf_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig) -> dict[str, torch.Tensor]:
-    """Inverse of :func:`to_hf_state_dict` (also accepts mamba_ssm's ``backbone.embedding.weight``)."""
-    if cfg.arch == "mamba2":
-        return hf_mamba2.from_hf_state_dict(sd, cfg)
-    out = {}
-    n_ones, N = cfg.polarize.ones, cfg.ssm.d_state
-    for name, t in sd.items():
-        name = name.replace("backbone.embedding.weight", "backbone.embeddings.weight")
-        if name.endswith("mixer.A_log"):
-            if t.shape[1] != cfg.d_state_total:
-                raise ConfigError(f"{name} has {t.shape[1]} state channels, config expects {cfg.d_state_total}")
-            t = t[:, n_ones : n_ones + N]
-        out[name] = t
-    out.setdefault("lm_head.weight", out["backbone.embeddings.weight"])
+    """Inverse of :func:`to_hf_state_dict`, also for the stock layouts the adapter reads. A tied config takes the
+    embedding as its head (a stored head is ignored, as transformers does); an untied one needs its own."""
+    out = get_arch(cfg.arch).hf.import_state_dict(cfg, dict(sd))
+    if cfg.tie_embeddings:
+        out[HEAD] = out[EMBEDDING]
+    elif HEAD not in out:
+        raise ConfigError(f"the config has an untied head (tie_word_embeddings: false) but the weights have no {HEAD}")
     return out
 
 
+def stock_class(cfg: ModelConfig) -> str | None:
+    """The transformers class that loads an export of ``cfg`` (None: polar-mamba only)."""
+    return get_arch(cfg.arch).hf.stock_class(cfg)
+
+
 def hf_config(cfg: ModelConfig, special_ids: dict[str, int] | None = None) -> dict[str, Any]:
-    """config.json content that stock ``transformers.MambaConfig`` reads, plus our own section."""
+    """config.json content: the stock class's fields (from the architecture's adapter) plus our own section."""
+    if cfg.final_norm != "rmsnorm" and stock_class(cfg) is not None:
+        raise ConfigError(f"Hugging Face's {stock_class(cfg)} ends in an RMSNorm: a model.final_norm: layernorm model "
+                          "(the MQAR recipe) cannot be exported; load its cell folder or checkpoint directly instead")
     ids = {"pad_token_id": 0, "bos_token_id": 0, "eos_token_id": 0, **(special_ids or {})}
-    if cfg.arch == "transformer":  # no stock transformers class has our Transformer baseline's layout: polar loads it
-        return {"architectures": ["TransformerLM"], "model_type": "polar_transformer", **ids, CONFIG_KEY: cfg.to_dict()}
-    if cfg.final_norm != "rmsnorm":
-        raise ConfigError("Hugging Face's Mamba ends in an RMSNorm: a model.final_norm: layernorm model (the MQAR "
-                          "recipe) cannot be exported; load its cell folder or checkpoint directly instead")
-    if cfg.arch == "mamba2":
-        return hf_mamba2.hf_config(cfg, ids, CONFIG_KEY)
-    return {
-        "architectures": ["MambaForCausalLM"],
-        "model_type": "mamba",
-        "vocab_size": cfg.padded_vocab_size,
-        "hidden_size": cfg.d_model,
-        "state_size": cfg.d_state_total,
-        "num_hidden_layers": cfg.n_layer,
-        "layer_norm_epsilon": cfg.norm_eps,
-        "expand": cfg.ssm.expand,
-        "conv_kernel": cfg.ssm.d_conv,
-        "use_bias": cfg.ssm.proj_bias,
-        "use_conv_bias": cfg.ssm.conv_bias,
-        "hidden_act": "silu",
-        "initializer_range": cfg.initializer_range,
-        "residual_in_fp32": cfg.residual_in_fp32,
-        "time_step_rank": cfg.dt_rank,
-        "time_step_min": cfg.ssm.dt_min,
-        "time_step_max": cfg.ssm.dt_max,
-        "time_step_floor": cfg.ssm.dt_init_floor,
-        # An init-only setting; transformers 5 re-applies it to loaded out_proj weights, so keep it off.
-        "rescale_prenorm_residual": False,
-        "tie_word_embeddings": True,
-        "use_cache": True,
-        **ids,
-        CONFIG_KEY: cfg.to_dict(),
-    }
+    return {**get_arch(cfg.arch).hf.config_json(cfg), "tie_word_embeddings": cfg.tie_embeddings, **ids,
+            CONFIG_KEY: cfg.to_dict()}
 
 
-def save_pretrained(model: MambaLM, out_dir: str | Path, special_ids: dict[str, int] | None = None,
+def save_pretrained(model: torch.nn.Module, out_dir: str | Path, special_ids: dict[str, int] | None = None,
                     max_shard_bytes: int | None = None) -> Path:
-    """Write ``config.json`` + ``model.safetensors`` loadable by our :func:`from_pretrained` and by
-    stock ``transformers.MambaForCausalLM.from_pretrained``. Past ``max_shard_bytes`` the weights are
+    """Write ``config.json`` + ``model.safetensors`` loadable by our :func:`from_pretrained` and by the stock
+    transformers class of the architecture (:func:`stock_class`). Past ``max_shard_bytes`` the weights are
     split into ``model-0000i-of-0000N.safetensors`` shards with ``model.safetensors.index.json``."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -143,40 +97,15 @@ def save_pretrained(model: MambaLM, out_dir: str | Path, special_ids: dict[str, 
 
 
 def config_from_json(data: dict[str, Any]) -> ModelConfig:
-    """Our ModelConfig from a config.json written by us, by transformers (MambaConfig), or by mamba_ssm."""
+    """Our ModelConfig from a config.json we wrote, or a stock one an architecture's adapter reads."""
     if CONFIG_KEY in data:
         return ModelConfig.from_dict(data[CONFIG_KEY])
-    if data.get("model_type") == hf_mamba2.MODEL_TYPE:
-        return hf_mamba2.config_from_json(data)
-    if data.get("model_type") == "mamba":  # a stock transformers checkpoint
-        ssm = {
-            "d_state": data.get("state_size", 16),
-            "d_conv": data.get("conv_kernel", 4),
-            "expand": data.get("expand", 2),
-            "dt_rank": data.get("time_step_rank", "auto"),
-            "conv_bias": data.get("use_conv_bias", True),
-            "proj_bias": data.get("use_bias", False),
-        }
-        return ModelConfig.from_dict({
-            "d_model": data["hidden_size"], "n_layer": data["num_hidden_layers"],
-            # transformers' embedding has exactly vocab_size rows (its pad_vocab_size_multiple is unused)
-            "vocab_size": data["vocab_size"], "pad_vocab_size_multiple": 1,
-            "norm_eps": data.get("layer_norm_epsilon", 1e-5),
-            "residual_in_fp32": data.get("residual_in_fp32", True), "ssm": ssm,
-        })
-    if "d_model" in data and "n_layer" in data:  # mamba_ssm's MambaConfig
-        ssm_cfg = data.get("ssm_cfg") or {}
-        if ssm_cfg.get("layer") == "Mamba2":
-            return hf_mamba2.config_from_mamba_ssm(data)
-        if ssm_cfg.get("layer", "Mamba1") != "Mamba1":
-            raise ConfigError(f"only Mamba-1 checkpoints are supported, got ssm_cfg.layer={ssm_cfg['layer']!r}")
-        ssm = {k: ssm_cfg[k] for k in ("d_state", "d_conv", "expand", "dt_rank") if k in ssm_cfg}
-        return ModelConfig.from_dict({
-            "d_model": data["d_model"], "n_layer": data["n_layer"], "vocab_size": data["vocab_size"],
-            "pad_vocab_size_multiple": data.get("pad_vocab_size_multiple", 8),
-            "residual_in_fp32": data.get("residual_in_fp32", True), "ssm": ssm,
-        })
-    raise ConfigError("config.json is neither a polar-mamba, transformers Mamba nor mamba_ssm config")
+    for spec in registered_archs():
+        if spec.hf.reads(data):
+            return spec.hf.config_from_json(data)
+    kind = data.get("model_type") or (data.get("ssm_cfg") or {}).get("layer") or "unknown"
+    raise ConfigError(f"config.json of type {kind!r} is neither polar-mamba's nor a stock config one of the registered "
+                      f"architectures reads ({', '.join(spec.name for spec in registered_archs())})")
 
 
 def _read_file(path: Path, read) -> dict[str, torch.Tensor]:
@@ -229,10 +158,9 @@ def resolve_folder(path_or_repo: str | Path, revision: str | None = None) -> Pat
 
 
 def from_pretrained(path_or_repo: str | Path, revision: str | None = None,
-                    device: str | torch.device = "cpu") -> MambaLM:
-    """Load a MambaLM (or a TransformerLM saved by polar-mamba) from a folder written by
-    :func:`save_pretrained`, a transformers or mamba_ssm
-    Mamba checkpoint folder, or a Hub repo id (with optional revision)."""
+                    device: str | torch.device = "cpu") -> torch.nn.Module:
+    """Load a model of any registered architecture from a folder written by :func:`save_pretrained`, a stock
+    transformers or mamba_ssm checkpoint folder an adapter reads, or a Hub repo id (with optional revision)."""
     folder = resolve_folder(path_or_repo, revision)
     cfg_file = folder / "config.json"
     if not cfg_file.is_file():
@@ -245,5 +173,5 @@ def from_pretrained(path_or_repo: str | Path, revision: str | None = None,
     if missing or unexpected:
         raise ConfigError(f"{folder}: weights do not match the config (missing {missing[:3]}, "
                           f"unexpected {unexpected[:3]})")
-    model.lm_head.weight = model.backbone.embeddings.weight  # assign=True replaced the tied tensor
+    model.tie_head()  # assign=True replaced the tied tensor
     return model.to(device)

@@ -8,6 +8,9 @@ from pathlib import Path
 
 from huggingface_hub import ModelHubMixin
 
+from models.hf import from_pretrained, save_pretrained
+from models.typed_config import ConfigError
+
 PAPER_URL = "https://arxiv.org/abs/2501.00658"
 
 
@@ -17,16 +20,11 @@ class HubMixin(ModelHubMixin, library_name="transformers", paper_url=PAPER_URL, 
     and ``model.push_to_hub(ORG/NAME)`` through models.hf.save_pretrained / from_pretrained."""
 
     def _save_pretrained(self, save_directory: Path) -> None:
-        from models.hf import save_pretrained
-
         save_pretrained(self, save_directory)
 
     @classmethod
     def _from_pretrained(cls, *, model_id: str, revision: str | None, cache_dir, force_download: bool,
                          local_files_only: bool, token, device: str = "cpu", **_unused):
-        from models.hf import from_pretrained
-        from models.typed_config import ConfigError
-
         model = from_pretrained(model_id, revision=revision, device=device)
         if not isinstance(model, cls):
             raise ConfigError(f"{model_id} holds a {type(model).__name__}, not a {cls.__name__}: load it with "

@@ -1,67 +1,57 @@
 """The Mamba language model (Gu & Dao 2023), baseline and polarized (Wang et al. 2025), in plain PyTorch.
 
-Read top to bottom: RMSNorm -> MambaMixer (one selective-SSM layer) -> MambaBlock (pre-norm residual)
--> MambaLM (embedding, blocks, final norm, tied head, loss; recurrent decoding from
-:mod:`models.generation`). Parameter names follow transformers' ``MambaForCausalLM`` so state dicts move
-between the two without renaming. The conv, the scan, the residual add + norm and the loss go through
-:mod:`kernels.dispatch`, which picks the fastest backend for the device (fused CUDA/Triton kernels on
-GPU, PyTorch on CPU).
+Its config (:class:`MambaConfig`: the SSM family's ``ssm``/``polarize`` plus ``dt_rank`` and ``init``) and its
+mixer (one selective-SSM layer); embedding, blocks, final norm, head, loss and decoding are the skeleton's
+(:mod:`models.lm`). Parameter names follow transformers' ``MambaForCausalLM`` so state dicts move between
+the two without renaming. The conv and the scan go through :mod:`kernels.dispatch`, which picks the fastest
+backend for the device (fused CUDA/Triton kernels on GPU, PyTorch on CPU).
 """
 
 from __future__ import annotations
 
+import functools
 import math
-from dataclasses import dataclass
-from typing import NamedTuple
+from dataclasses import dataclass, field
+from typing import Literal
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels import dispatch
-from models.config import ModelConfig
-from models.generation import Generation
-from models.hub import HubMixin
-
-
-class RMSNorm(nn.Module):
-    """Residual add + RMSNorm: normalised in fp32, cast to the stream dtype, times the weight (as
-    transformers' MambaRMSNorm); also returns the new residual stream x + residual in fp32."""
-
-    def __init__(self, dim: int, eps: float):
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        return dispatch.add_rmsnorm(x, residual, self.weight, self.eps)
-
-
-class AddLayerNorm(nn.LayerNorm):
-    """Residual add + LayerNorm with RMSNorm's interface: the final norm of the polarization paper's MQAR
-    model (``model.final_norm: layernorm``; zoology's ``ln_f``), applied to the fp32 stream."""
-
-    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        stream = x.float() if residual is None else x.float() + residual.float()
-        return super().forward(stream).to(x.dtype), stream
+from models.lm import CausalLM, Mixer, MixerBlock
+from models.ssm import LayerState, SSMConfig, SSMModelConfig, inverse_softplus_dt, reset_projections
+from models.typed_config import ConfigError, bounded
 
 
 @dataclass
-class LayerState:
-    """Recurrent state of one mixer: the last d_conv-1 conv inputs and the SSM state (fp32)."""
-
-    conv: torch.Tensor  # (batch, d_inner, d_conv - 1)
-    ssm: torch.Tensor  # (batch, d_inner, d_state_total)
-
-    def repeat(self, n: int) -> LayerState:
-        """Each sequence's state n times in a row (to score n continuations of one prompt)."""
-        return LayerState(self.conv.repeat_interleave(n, 0), self.ssm.repeat_interleave(n, 0))
+class MambaSSMConfig(SSMConfig):
+    dt_rank: int | Literal["auto"] = bounded("auto", gt=0)  # auto: ceil(d_model / 16)
 
 
-class MambaMixer(nn.Module):
+@dataclass
+class MambaConfig(SSMModelConfig):
+    arch: str = "mamba"
+    ssm: MambaSSMConfig = field(default_factory=MambaSSMConfig)
+    # mamba_ssm: its init (Δ from [dt_min, dt_max]). zoology: the polarization paper's MQAR code
+    # (every Linear N(0, initializer_range), every bias 0 incl. dt_proj's so Δ starts at softplus(0),
+    # out_proj N(0, initializer_range / sqrt(2 n_layer))); MambaMixer.reset_parameters.
+    init: Literal["mamba_ssm", "zoology"] = "mamba_ssm"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.init not in ("mamba_ssm", "zoology"):
+            raise ConfigError(f"model.init must be mamba_ssm|zoology, got {self.init!r}")
+
+    @property
+    def dt_rank(self) -> int:
+        return math.ceil(self.d_model / 16) if self.ssm.dt_rank == "auto" else self.ssm.dt_rank
+
+
+class MambaMixer(Mixer):
     """One selective SSM layer: in_proj -> causal conv + SiLU -> x_proj -> Δ, B, C -> scan -> gate -> out_proj."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: MambaConfig):
         super().__init__()
         self.cfg = cfg
         d, di, k = cfg.d_model, cfg.d_inner, cfg.ssm.d_conv
@@ -78,17 +68,34 @@ class MambaMixer(nn.Module):
         self.D._no_weight_decay = True
 
     @torch.no_grad()
-    def reset_ssm_parameters(self) -> None:
-        """mamba_ssm's S4D-real and Δ initialisation (Gu & Dao 2023, §3.6)."""
-        s = self.cfg.ssm
-        std = self.cfg.dt_rank**-0.5
+    def reset_parameters(self) -> None:
+        """mamba_ssm's initialisation: PyTorch-default projections and conv with zero biases, out_proj rescaled
+        by 1/sqrt(n_layer), S4D-real A and Δ (Gu & Dao 2023, §3.6)."""
+        cfg, s = self.cfg, self.cfg.ssm
+        reset_projections(self, cfg, self.in_proj, self.x_proj)
+        std = cfg.dt_rank**-0.5
         nn.init.uniform_(self.dt_proj.weight, -std, std)
-        dt = torch.exp(
-            torch.rand(self.cfg.d_inner) * (math.log(s.dt_max) - math.log(s.dt_min)) + math.log(s.dt_min)
-        ).clamp(min=s.dt_init_floor)
-        self.dt_proj.bias.copy_(dt + torch.log(-torch.expm1(-dt)))  # inverse softplus
-        self.A_log.copy_(torch.log(torch.arange(1, s.d_state + 1, dtype=torch.float32)).repeat(self.cfg.d_inner, 1))
+        self.dt_proj.bias.copy_(inverse_softplus_dt(cfg.d_inner, s))
+        self.A_log.copy_(torch.log(torch.arange(1, s.d_state + 1, dtype=torch.float32)).repeat(cfg.d_inner, 1))
         self.D.fill_(1.0)
+
+    @torch.no_grad()
+    def zoology_init(self) -> None:
+        """The polarization paper's MQAR init (its model's ``_init_weights``, applied over every module):
+        every Linear N(0, initializer_range) with zero bias -- dt_proj's too, so Δ starts at softplus(0)
+        = ln 2 -- and out_proj N(0, initializer_range / sqrt(2 n_layer)). Conv, A_log and D keep the
+        mamba_ssm init; a tied head is the embedding."""
+        std = self.cfg.initializer_range
+        for lin in (self.in_proj, self.x_proj, self.dt_proj, self.out_proj):
+            nn.init.normal_(lin.weight, std=std)
+            if lin.bias is not None:
+                nn.init.zeros_(lin.bias)
+        if self.cfg.rescale_prenorm_residual:
+            self.out_proj.weight /= math.sqrt(2 * self.cfg.n_layer)
+
+    def kernel_parameters(self) -> list[nn.Parameter]:
+        """dt_proj's and conv1d's weights go to the scan and conv kernels directly."""
+        return [*self.dt_proj.parameters(), *self.conv1d.parameters()]
 
     def _ssm_inputs(self, x: torch.Tensor):
         """From conv output x (b, L, d_inner): Δ before bias (b, d_inner, L), B and C (b, N_total, L)."""
@@ -156,123 +163,16 @@ class MambaMixer(nn.Module):
         )
 
 
-class MambaBlock(nn.Module):
-    """Pre-norm residual block in mamba_ssm's fused add-norm form: it takes (hidden, residual), adds them
-    into the new residual stream, and returns (mixer(norm(stream)), stream). The stream is fp32 when
-    ``residual_in_fp32``, else it keeps the dtype hidden + residual would have. ``mixer`` is the
-    sequence-mixing layer's class (Mamba-2's block is this one with models.mamba2.Mamba2Mixer)."""
+class MambaLM(CausalLM):
+    """Mamba language model: the skeleton over pre-norm blocks of :class:`MambaMixer`."""
 
-    def __init__(self, cfg: ModelConfig, mixer: type[nn.Module] = MambaMixer):
-        super().__init__()
-        self.residual_in_fp32 = cfg.residual_in_fp32
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
-        self.mixer = mixer(cfg)
-
-    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None,
-                state: LayerState | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-        normed, stream = self.norm(hidden, residual)
-        if not self.residual_in_fp32:
-            stream = stream.to(hidden.dtype if residual is None else torch.promote_types(hidden.dtype, residual.dtype))
-        return self.mixer(normed, state), stream
-
-
-class Backbone(nn.Module):
-    """Embedding, ``n_layer`` blocks of one kind (MambaBlock here, TransformerBlock for the baseline) passing
-    (hidden, residual), final norm."""
-
-    def __init__(self, cfg: ModelConfig, block: type[nn.Module]):
-        super().__init__()
-        self.embeddings = nn.Embedding(cfg.padded_vocab_size, cfg.d_model)
-        self.layers = nn.ModuleList(block(cfg) for _ in range(cfg.n_layer))
-        self.norm_f = (AddLayerNorm if cfg.final_norm == "layernorm" else RMSNorm)(cfg.d_model, cfg.norm_eps)
-
-    def forward(self, input_ids: torch.Tensor, states: list | None = None) -> torch.Tensor:
-        """Final normalised hidden states (b, L, d_model); with ``states`` (one per layer), continuing them."""
-        hidden, residual = self.embeddings(input_ids), None
-        for i, layer in enumerate(self.layers):
-            hidden, residual = layer(hidden, residual, None if states is None else states[i])
-        return self.norm_f(hidden, residual)[0]
-
-
-class LMOutput(NamedTuple):
-    """A named tuple, so wrappers that hook module outputs (ZeRO-3's backward gathering) see its tensors."""
-
-    logits: torch.Tensor | None  # (b, L, padded_vocab); None when not asked for
-    loss: torch.Tensor | None = None
-
-
-class MambaLM(Generation, HubMixin, nn.Module):
-    """Mamba language model with a head tied to the embedding (vocab padded to a multiple of 8)."""
-
-    block = MambaBlock  # builds one layer from the config (Mamba2LM swaps the mixer)
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.config = cfg
-        self.backbone = Backbone(cfg, self.block)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.padded_vocab_size, bias=False)
-        self.lm_head.weight = self.backbone.embeddings.weight
-        self.reset_parameters()
+    block = functools.partial(MixerBlock, mixer=MambaMixer)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """mamba_ssm's initialisation: N(0, 0.02) embeddings, zero linear biases, SSM init, and
-        out_proj rescaled by 1/sqrt(n_layer) (GPT-2's scheme, one residual per layer)."""
-        cfg = self.config
-        nn.init.normal_(self.backbone.embeddings.weight, std=cfg.initializer_range)
-        for layer in self.backbone.layers:
-            mixer = layer.mixer
-            for lin in (mixer.in_proj, mixer.x_proj, mixer.out_proj):
-                lin.reset_parameters()
-                if lin.bias is not None:
-                    nn.init.zeros_(lin.bias)
-            mixer.conv1d.reset_parameters()
-            mixer.reset_ssm_parameters()
-            if cfg.rescale_prenorm_residual:
-                mixer.out_proj.weight /= math.sqrt(cfg.n_layer)
-        if cfg.init == "zoology":
-            self._zoology_init()
-
-    @torch.no_grad()
-    def _zoology_init(self) -> None:
-        """The polarization paper's MQAR init (its model's ``_init_weights``, applied over every module):
-        every Linear N(0, initializer_range) with zero bias -- dt_proj's too, so Δ starts at softplus(0)
-        = ln 2 -- and out_proj N(0, initializer_range / sqrt(2 n_layer)). Conv, A_log and D keep the
-        mamba_ssm init above; the tied head is the embedding."""
-        std = self.config.initializer_range
-        for layer in self.backbone.layers:
-            mixer = layer.mixer
-            for lin in (mixer.in_proj, mixer.x_proj, mixer.dt_proj, mixer.out_proj):
-                nn.init.normal_(lin.weight, std=std)
-                if lin.bias is not None:
-                    nn.init.zeros_(lin.bias)
-            if self.config.rescale_prenorm_residual:
-                mixer.out_proj.weight /= math.sqrt(2 * self.config.n_layer)
-
-    def num_parameters(self, exclude_embeddings: bool = False) -> int:
-        """Unique parameters (the tied head counts once)."""
-        n = sum(p.numel() for p in self.parameters())
-        return n - self.backbone.embeddings.weight.numel() if exclude_embeddings else n
-
-    def borrowed_parameters(self) -> list[tuple[nn.Module, nn.Parameter]]:
-        """(module, parameter) pairs where a module's forward reads a parameter it does not own: the
-        mixer hands its dt_proj and conv1d weights to the kernels directly, and the LM computes the loss
-        from the tied embedding. Sharded data parallelism (ZeRO-3) must gather these around that forward."""
-        pairs = [(self, self.lm_head.weight)]
-        for layer in self.backbone.layers:
-            m = layer.mixer
-            pairs += [(m, p) for p in (*m.dt_proj.parameters(), *m.conv1d.parameters())]
-        return pairs
-
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                states: list[LayerState] | None = None, return_logits: bool = True) -> LMOutput:
-        """``labels[b, t]`` is the token that should follow ``input_ids[b, t]`` (already shifted, as
-        nanoGPT's targets); -100 is ignored. The loss is the mean cross-entropy in fp32, computed chunk by
-        chunk from the hidden states so the (tokens x vocab) logits are never materialised for it; they
-        are only computed when ``return_logits`` (training passes False)."""
-        hidden = self.backbone(input_ids, states)
-        loss = None
-        if labels is not None:
-            loss = dispatch.linear_cross_entropy(hidden.flatten(0, 1), self.lm_head.weight, labels.flatten(),
-                                                 ignore_index=-100)
-        return LMOutput(logits=self.lm_head(hidden) if return_logits else None, loss=loss)
+        """The skeleton's init (mamba_ssm's in every mixer), then, with ``init: zoology``, the paper's MQAR init
+        over all layers (a second pass, as its ``_init_weights`` runs after the modules are built)."""
+        super().reset_parameters()
+        if self.config.init == "zoology":
+            for layer in self.backbone.layers:
+                layer.mixer.zoology_init()

@@ -1,12 +1,11 @@
-"""The Mamba-2 language model (Dao & Gu 2024, SSD), baseline and polarized, on the Mamba-1 model's skeleton.
+"""The Mamba-2 language model (Dao & Gu 2024, SSD), baseline and polarized, on the LM skeleton.
 
-Only the mixer is new: in_proj -> [z, x, B, C, Δ] -> causal depthwise conv + SiLU over x, B and C ->
-SSD scan (one scalar decay per head, x split into heads of ``head_dim`` channels, B and C shared by
-``n_groups`` groups of heads, D skip) -> gated RMSNorm of y·SiLU(z) per group -> out_proj. Blocks,
-backbone, tied head, loss and decoding are :mod:`models.mamba`'s (``MambaBlock`` with this mixer) and
-:mod:`models.generation`'s. Parameter names and semantics are transformers' ``Mamba2ForCausalLM``
-(``mixer.{in_proj, conv1d, dt_bias, A_log, D, norm.weight, out_proj}``), so a baseline's state dict
-loads there unchanged (:mod:`models.hf_mamba2`).
+Its config (:class:`Mamba2Config`) and mixer: in_proj -> [z, x, B, C, Δ] -> causal depthwise conv + SiLU
+over x, B and C -> SSD scan (one scalar decay per head, x split into heads of ``head_dim`` channels, B and C
+shared by ``n_groups`` groups of heads, D skip) -> gated RMSNorm of y·SiLU(z) per group -> out_proj. Blocks,
+backbone, head, loss and decoding are the skeleton's (:mod:`models.lm`). Parameter names and semantics are
+transformers' ``Mamba2ForCausalLM`` (``mixer.{in_proj, conv1d, dt_bias, A_log, D, norm.weight, out_proj}``),
+so a baseline's state dict loads there unchanged (:mod:`models.hf_mamba2`).
 
 Polarization: each head gets ``polarize.ones`` state channels with A_t ≡ 1 and ``polarize.zeros`` with
 A_t ≡ 0 beside its N learned ones; B and C gain those columns (in_proj and conv1d grow by 2·n_groups per
@@ -16,17 +15,48 @@ extra channel), and the SSD op adds them in closed form around any SSD backend (
 from __future__ import annotations
 
 import functools
-import math
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels import dispatch
-from models.config import ModelConfig
-from models.mamba import LayerState, MambaBlock, MambaLM
+from models.lm import CausalLM, Mixer, MixerBlock
+from models.ssm import LayerState, SSMConfig, SSMModelConfig, inverse_softplus_dt, reset_projections
+from models.typed_config import ConfigError, bounded
 
 A_INIT_RANGE = (1.0, 16.0)  # mamba_ssm's Mamba2: A = -U(1, 16) per head
+
+
+@dataclass
+class Mamba2SSMConfig(SSMConfig):
+    # d_inner = n_heads x head_dim; B and C are shared by n_groups groups of heads; chunk_size is the SSD
+    # algorithm's block length.
+    head_dim: int = bounded(64, gt=0)
+    n_groups: int = bounded(1, gt=0)
+    chunk_size: int = bounded(256, gt=0)
+
+
+@dataclass
+class Mamba2Config(SSMModelConfig):
+    arch: str = "mamba2"
+    ssm: Mamba2SSMConfig = field(default_factory=Mamba2SSMConfig)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.d_inner % self.ssm.head_dim or self.n_heads % self.ssm.n_groups:
+            raise ConfigError(f"mamba2: ssm.head_dim must divide expand x d_model = {self.d_inner} into heads and "
+                              f"ssm.n_groups must divide the heads, got head_dim={self.ssm.head_dim}, "
+                              f"n_groups={self.ssm.n_groups}")
+        if self.polarize.zeros and self.polarize.zero_mode == "reference":
+            raise ConfigError("polarize.zero_mode: reference (A = -100) is Mamba-1's paper code; "
+                              "use zero_mode: exact with arch: mamba2")
+
+    @property
+    def n_heads(self) -> int:
+        """Heads, each with one scalar decay."""
+        return self.d_inner // self.ssm.head_dim
 
 
 class GatedRMSNorm(nn.Module):
@@ -44,10 +74,10 @@ class GatedRMSNorm(nn.Module):
         return self.weight * h.flatten(-2).to(y.dtype)
 
 
-class Mamba2Mixer(nn.Module):
+class Mamba2Mixer(Mixer):
     """One SSD layer: in_proj -> conv + SiLU over (x, B, C) -> SSD per head -> gated RMSNorm -> out_proj."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: Mamba2Config):
         super().__init__()
         self.cfg = cfg
         s = cfg.ssm
@@ -65,15 +95,19 @@ class Mamba2Mixer(nn.Module):
         self.out_proj = nn.Linear(di, cfg.d_model, bias=s.proj_bias)
 
     @torch.no_grad()
-    def reset_ssm_parameters(self) -> None:
-        """mamba_ssm's Mamba-2 initialisation: A ~ U(1, 16), D = 1, Δ bias = inverse softplus of a
+    def reset_parameters(self) -> None:
+        """mamba_ssm's Mamba-2 initialisation: PyTorch-default projections and conv with zero biases, out_proj
+        rescaled by 1/sqrt(n_layer), gate norm 1, A ~ U(1, 16), D = 1, Δ bias the inverse softplus of a
         log-uniform Δ in [dt_min, dt_max] (floored), per head."""
-        s = self.cfg.ssm
+        reset_projections(self, self.cfg, self.in_proj)
+        self.norm.weight.fill_(1.0)
         self.A_log.copy_(torch.log(torch.empty(self.n_heads).uniform_(*A_INIT_RANGE)))
         self.D.fill_(1.0)
-        dt = torch.exp(torch.rand(self.n_heads) * (math.log(s.dt_max) - math.log(s.dt_min)) + math.log(s.dt_min))
-        dt = dt.clamp(min=s.dt_init_floor)
-        self.dt_bias.copy_(dt + torch.log(-torch.expm1(-dt)))
+        self.dt_bias.copy_(inverse_softplus_dt(self.n_heads, self.cfg.ssm))
+
+    def kernel_parameters(self) -> list[nn.Parameter]:
+        """conv1d's weights go to the conv kernel directly."""
+        return list(self.conv1d.parameters())
 
     def forward(self, hidden: torch.Tensor, state: LayerState | None = None) -> torch.Tensor:
         """hidden (b, L, d_model). With ``state``, the input continues it (one token: a recurrent step;
@@ -116,33 +150,7 @@ class Mamba2Mixer(nn.Module):
         )
 
 
-class Mamba2LM(MambaLM):
-    """Mamba-2 language model: MambaLM (embedding, pre-norm blocks, final norm, tied head, loss, decoding)
-    with :class:`Mamba2Mixer` layers."""
+class Mamba2LM(CausalLM):
+    """Mamba-2 language model: the skeleton over pre-norm blocks of :class:`Mamba2Mixer`."""
 
-    block = functools.partial(MambaBlock, mixer=Mamba2Mixer)
-
-    @torch.no_grad()
-    def reset_parameters(self) -> None:
-        """mamba_ssm's initialisation: N(0, 0.02) embeddings, PyTorch-default linears and conv with zero
-        biases, the SSD init per head, and out_proj rescaled by 1/sqrt(n_layer)."""
-        cfg = self.config
-        nn.init.normal_(self.backbone.embeddings.weight, std=cfg.initializer_range)
-        for layer in self.backbone.layers:
-            mixer = layer.mixer
-            for lin in (mixer.in_proj, mixer.out_proj):
-                lin.reset_parameters()
-                if lin.bias is not None:
-                    nn.init.zeros_(lin.bias)
-            mixer.conv1d.reset_parameters()
-            mixer.norm.weight.fill_(1.0)
-            mixer.reset_ssm_parameters()
-            if cfg.rescale_prenorm_residual:
-                mixer.out_proj.weight /= math.sqrt(cfg.n_layer)
-
-    def borrowed_parameters(self) -> list[tuple[nn.Module, nn.Parameter]]:
-        """The tied head (read by the loss) and each mixer's conv1d weights (handed to the kernel)."""
-        pairs = [(self, self.lm_head.weight)]
-        for layer in self.backbone.layers:
-            pairs += [(layer.mixer, p) for p in layer.mixer.conv1d.parameters()]
-        return pairs
+    block = functools.partial(MixerBlock, mixer=Mamba2Mixer)

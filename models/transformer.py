@@ -1,11 +1,10 @@
 """A Llama-style Transformer LM: the attention baseline beside Mamba (paper Fig. 5, MQAR comparisons).
 
-RoPE, pre-norm RMSNorm, SwiGLU MLP, causal attention through flash-attn (CUDA, half precision, when
-importable) or ``scaled_dot_product_attention``. It mirrors MambaLM so every tool takes either: the same
-``ModelConfig`` (``arch: transformer``), the same state-dict layout (``backbone.embeddings``,
-``backbone.layers.{i}.{norm,mixer,mlp_norm,mlp}``, ``backbone.norm_f``, tied ``lm_head``), blocks that
-pass (hidden, residual) with ``.mixer`` as the sequence-mixing layer, ``forward`` -> ``LMOutput``, and
-inference states (here a per-layer KV cache) for ``step``/``generate``/chunked prefill.
+RoPE (half-rotation pairs), pre-norm RMSNorm, SwiGLU MLP, causal attention through flash-attn (CUDA, half
+precision, when importable) or ``scaled_dot_product_attention``. Its config (:class:`TransformerConfig`:
+``n_head``, ``d_ff``, ``rope_theta``) and its block (attention ``.mixer`` with a KV cache as the inference
+state, then the MLP); embedding, head, loss and decoding are the skeleton's (:mod:`models.lm`). The layout is
+Llama's up to names and the fused q/k/v projection (:mod:`models.hf_llama` converts).
 """
 
 from __future__ import annotations
@@ -17,11 +16,32 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from kernels import dispatch
 from models.config import ModelConfig
-from models.generation import Generation
-from models.hub import HubMixin
-from models.mamba import Backbone, LMOutput, RMSNorm
+from models.layers import LayerStateBase, RMSNorm
+from models.lm import CausalLM, Mixer
+from models.typed_config import ConfigError, bounded
+
+
+@dataclass
+class TransformerConfig(ModelConfig):
+    arch: str = "transformer"
+    n_head: int = bounded(4, gt=0)
+    d_ff: int | None = bounded(None, gt=0)  # SwiGLU hidden size; None: Llama's 8/3 x d_model, rounded up to 8s
+    rope_theta: float = bounded(10000.0, gt=0)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.d_model % self.n_head or (self.d_model // self.n_head) % 2:
+            raise ConfigError(f"model.n_head must divide d_model into an even head size (RoPE rotates pairs), "
+                              f"got d_model={self.d_model}, n_head={self.n_head}")
+
+    @property
+    def ffn_dim(self) -> int:
+        return self.d_ff or (8 * self.d_model // 3 + 7) // 8 * 8
+
+    @property
+    def d_model_multiple(self) -> int:
+        return math.lcm(8, 2 * self.n_head)  # whole heads of an even size
 
 
 def _flash_attn():
@@ -49,21 +69,17 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
 
 
 @dataclass
-class KVCache:
+class KVCache(LayerStateBase):
     """Keys and values (b, n_head, T, head_dim) of the T positions one attention layer has seen."""
 
     k: torch.Tensor
     v: torch.Tensor
 
-    def repeat(self, n: int) -> KVCache:
-        """Each sequence's cache n times in a row (to score n continuations of one prompt)."""
-        return KVCache(self.k.repeat_interleave(n, 0), self.v.repeat_interleave(n, 0))
 
-
-class Attention(nn.Module):
+class Attention(Mixer):
     """Causal multi-head self-attention with RoPE."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: TransformerConfig):
         super().__init__()
         self.n_head, self.head_dim, self.theta = cfg.n_head, cfg.d_model // cfg.n_head, cfg.rope_theta
         self.qkv_proj = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
@@ -100,7 +116,7 @@ class Attention(nn.Module):
 class SwiGLU(nn.Module):
     """down(SiLU(gate(x)) * up(x)) (Shazeer 2020)."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: TransformerConfig):
         super().__init__()
         self.gate_proj = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=False)
         self.up_proj = nn.Linear(cfg.d_model, cfg.ffn_dim, bias=False)
@@ -114,8 +130,9 @@ class TransformerBlock(nn.Module):
     """Attention then MLP, pre-norm, in MambaBlock's (hidden, residual) form: the new residual stream is
     hidden + residual; returns (mlp output, stream after attention), whose sum is the block's output."""
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: TransformerConfig):
         super().__init__()
+        self.cfg = cfg
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mixer = Attention(cfg)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
@@ -127,46 +144,18 @@ class TransformerBlock(nn.Module):
         normed, stream = self.mlp_norm(self.mixer(normed.to(hidden.dtype), cache), stream)
         return self.mlp(normed.to(hidden.dtype)), stream
 
-
-class TransformerLM(Generation, HubMixin, nn.Module):
-    """Llama-style causal LM with a head tied to the embedding; MambaLM's interface, a KV cache as the state."""
-
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.config = cfg
-        self.backbone = Backbone(cfg, TransformerBlock)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.padded_vocab_size, bias=False)
-        self.lm_head.weight = self.backbone.embeddings.weight
-        self.reset_parameters()
-
     @torch.no_grad()
     def reset_parameters(self) -> None:
-        """N(0, 0.02) everywhere, residual output projections scaled by 1/sqrt(2·n_layer) (GPT-2: two
-        residual additions per layer)."""
-        std = self.config.initializer_range
-        nn.init.normal_(self.backbone.embeddings.weight, std=std)
-        for layer in self.backbone.layers:
-            for lin in (layer.mixer.qkv_proj, layer.mlp.gate_proj, layer.mlp.up_proj):
-                nn.init.normal_(lin.weight, std=std)
-            for lin in (layer.mixer.o_proj, layer.mlp.down_proj):
-                nn.init.normal_(lin.weight, std=std / math.sqrt(2 * self.config.n_layer))
+        """N(0, initializer_range) everywhere, residual output projections scaled by 1/sqrt(2·n_layer) (GPT-2:
+        two residual additions per layer)."""
+        std = self.cfg.initializer_range
+        for lin in (self.mixer.qkv_proj, self.mlp.gate_proj, self.mlp.up_proj):
+            nn.init.normal_(lin.weight, std=std)
+        for lin in (self.mixer.o_proj, self.mlp.down_proj):
+            nn.init.normal_(lin.weight, std=std / math.sqrt(2 * self.cfg.n_layer))
 
-    def num_parameters(self, exclude_embeddings: bool = False) -> int:
-        """Unique parameters (the tied head counts once)."""
-        n = sum(p.numel() for p in self.parameters())
-        return n - self.backbone.embeddings.weight.numel() if exclude_embeddings else n
 
-    def borrowed_parameters(self) -> list[tuple[nn.Module, nn.Parameter]]:
-        """The LM computes the loss from the tied head weight it does not own (see MambaLM)."""
-        return [(self, self.lm_head.weight)]
+class TransformerLM(CausalLM):
+    """Llama-style causal LM: the skeleton over :class:`TransformerBlock` layers (a KV cache as the state)."""
 
-    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                states: list[KVCache] | None = None, return_logits: bool = True) -> LMOutput:
-        """As MambaLM.forward: ``labels`` already shifted, -100 ignored, fp32 chunked cross-entropy; with
-        ``states`` (KV caches) the input continues the cached positions."""
-        hidden = self.backbone(input_ids, states)
-        loss = None
-        if labels is not None:
-            loss = dispatch.linear_cross_entropy(hidden.flatten(0, 1), self.lm_head.weight, labels.flatten(),
-                                                 ignore_index=-100)
-        return LMOutput(logits=self.lm_head(hidden) if return_logits else None, loss=loss)
+    block = TransformerBlock

@@ -116,7 +116,11 @@ def check_bounds(cls: type, values: dict[str, Any], prefix: str = "") -> None:
 
 
 def from_dict(cls: type[T], data: dict[str, Any], prefix: str = "") -> T:
-    """Build dataclass ``cls`` from a nested dict; unknown keys and bad types raise ConfigError."""
+    """Build dataclass ``cls`` from a nested dict; unknown keys and bad types raise ConfigError. A class with a
+    ``resolve_config_class(data, prefix) -> (subclass, data)`` classmethod picks the subclass the data describes
+    (ModelConfig: the one of ``arch``), so a section's fields can depend on a tag inside it."""
+    if resolve := getattr(cls, "resolve_config_class", None):
+        cls, data = resolve(data, prefix)
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     kwargs = {}

@@ -13,11 +13,14 @@ EXIT_CODES = "Exit codes: 0 done, 75 checkpointed after SIGTERM/SIGUSR1 (run aga
 
 
 def _field_comments(cls: type) -> dict[str, str]:
-    """``name: type = default  # comment`` -> {name: comment}, read from the dataclass's source."""
+    """``name: type = default  # comment`` -> {name: comment}, read from the source of the dataclass and of the
+    dataclasses it inherits fields from (a model config extends ModelConfig)."""
+    import dataclasses
     import inspect
     import re
 
-    return {m[1]: m[2].strip() for m in re.finditer(r"^\s+(\w+)\s*:[^#\n]*#\s*(.+)$", inspect.getsource(cls), re.M)}
+    return {m[1]: m[2].strip() for klass in reversed(cls.__mro__) if dataclasses.is_dataclass(klass)
+            for m in re.finditer(r"^\s+(\w+)\s*:[^#\n]*#\s*(.+)$", inspect.getsource(klass), re.M)}
 
 
 def _default_text(value) -> str:
@@ -150,12 +153,12 @@ def run_plan(args: argparse.Namespace) -> int:
 
 
 def run_export(args: argparse.Namespace) -> int:
+    from models.hf import config_from_json, stock_class
     from pretrain.export import export
 
     out = export(args.run, args.out or Path(args.run) / "export", args.step, args.force)
-    arch = json.loads((out / "config.json").read_text())["architectures"][0]
-    stock = arch in ("MambaForCausalLM", "Mamba2ForCausalLM")  # a polarized Mamba-2 or a Transformer is ours only
-    loads = f"transformers.{arch}" if stock else "polar-mamba's models.hf"
+    stock = stock_class(config_from_json(json.loads((out / "config.json").read_text())))
+    loads = f"transformers.{stock}" if stock else "polar-mamba's models.hf"
     print(f"exported {args.run} -> {out} (loads with {loads}.from_pretrained)")
     return 0
 
@@ -202,8 +205,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "export",
         help="consolidate a checkpoint into a Hugging Face folder",
         description="Consolidate a training checkpoint (any ZeRO stage) into config.json + model.safetensors "
-        "(+ the tokenizer) that polar and stock transformers.MambaForCausalLM load (Mamba-2: Mamba2ForCausalLM; "
-        "a polarized Mamba-2 loads with polar only, docs/mamba2.md).",
+        "(+ the tokenizer) that polar and the architecture's stock transformers class load (Mamba: "
+        "MambaForCausalLM, Mamba-2: Mamba2ForCausalLM, Transformer: LlamaForCausalLM; a polarized Mamba-2 or a "
+        "plugin architecture loads with polar only, docs/architecture.md).",
     )
     p.add_argument("run", help="run directory (runs/NAME), its checkpoints/ folder or one checkpoint tag folder")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")

@@ -32,6 +32,7 @@ def run(args: argparse.Namespace) -> int:
 
     from kernels import dispatch
     from models import ModelConfig
+    from models.registry import registered_archs
 
     print("versions")
     print(f"  python         {platform.python_version()}")
@@ -42,12 +43,17 @@ def run(args: argparse.Namespace) -> int:
     print(f"kernel backends ({device})")
     for op, choice in dispatch.describe(device).items():
         print(f"  {op:<16} {choice}")
-    print("model presets")
-    print(f"  {'name':<18} {'params':>14} {'d_model':>8} {'n_layer':>8} {'N (+1/+0)':>10}")
-    for name, n in preset_parameter_counts().items():
-        cfg = ModelConfig.preset(name)
-        polar = f"{cfg.ssm.d_state}+{cfg.polarize.ones}+{cfg.polarize.zeros}"
-        print(f"  {name:<18} {n:>14,} {cfg.d_model:>8} {cfg.n_layer:>8} {polar:>10}")
+    print("model presets (columns per architecture)")
+    counts = preset_parameter_counts()
+    for spec in registered_archs():
+        configs = {name: ModelConfig.preset(name) for name in spec.presets}
+        extra = {name: spec.info_columns(cfg) for name, cfg in configs.items()}
+        keys = list(next(iter(extra.values()), {}))
+        print(f"  {spec.name} ({spec.title})")
+        print(f"    {'name':<18} {'params':>14} {'d_model':>8} {'n_layer':>8}" + "".join(f" {k:>12}" for k in keys))
+        for name, cfg in configs.items():
+            print(f"    {name:<18} {counts[name]:>14,} {cfg.d_model:>8} {cfg.n_layer:>8}"
+                  + "".join(f" {extra[name][k]:>12}" for k in keys))
     return 0
 
 

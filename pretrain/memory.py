@@ -11,22 +11,15 @@ CUDA context, ~0.5-1 GiB, are not included).
 from __future__ import annotations
 
 from models.config import ModelConfig
+from models.registry import get_arch
 
 GIB = 2**30
 
 
 def activation_elements_per_token(cfg: ModelConfig) -> int:
-    """Elements saved for the backward pass per token, all layers. Mamba, per layer: the block input and
-    norm output (2d), in_proj's x and z (2Ed), the conv output and its SiLU (2Ed), x_proj's output
-    (R + 2N), Δ (Ed), the scan output and the gated product (2Ed). Transformer (SwiGLU hidden f): block
-    input and norm (2d), q, k, v (3d), attention output (d), residual and MLP norm (2d), gate, up, SiLU(gate)
-    and their product (4f); attention scores are not stored (fused attention)."""
-    d = cfg.d_model
-    if cfg.arch == "transformer":
-        per_layer = 8 * d + 4 * cfg.ffn_dim
-    else:
-        per_layer = 2 * d + 7 * cfg.d_inner + cfg.dt_rank + 2 * cfg.d_state_total
-    return cfg.n_layer * per_layer + 2 * d  # + embedding output and final norm
+    """Elements saved for the backward pass per token, all layers: the architecture's own count
+    (models/archs.py), from the tensors its backward pass needs."""
+    return get_arch(cfg.arch).activations_per_token(cfg)
 
 
 def per_gpu_memory(cfg: ModelConfig, params: int, zero_stage: int, gpus: int, micro_batch: int, seq_len: int,

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from models.config import ModelConfig
+from models.registry import get_arch
 
 log = logging.getLogger(__name__)
 
@@ -31,50 +32,10 @@ PEAK_FLOPS = {
 
 
 def forward_flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> int:
-    """Forward FLOPs per token (multiply-add = 2), counted op by op from the layer shapes. ``seq_len`` is
-    the attention context of a Transformer (None leaves its attention scores out); Mamba ignores it."""
-    if cfg.arch == "transformer":
-        return _transformer_forward_flops_per_token(cfg, seq_len)
-    if cfg.arch == "mamba2":
-        return _mamba2_forward_flops_per_token(cfg)
-    d, Ed, R, Nt, k = cfg.d_model, cfg.d_inner, cfg.dt_rank, cfg.d_state_total, cfg.ssm.d_conv
-    per_layer = (
-        2 * d * 2 * Ed  # in_proj
-        + 2 * Ed * k  # depthwise causal conv
-        + 2 * Ed * (R + 2 * Nt)  # x_proj
-        + 2 * R * Ed  # dt_proj
-        + 9 * Ed * Nt  # scan: exp(ΔA), Δ·B·u, a·h + ., C·h (mamba_ssm's count for variable B, C)
-        + 6 * Ed  # D skip and SiLU gate
-        + 2 * Ed * d  # out_proj
-    )
-    return cfg.n_layer * per_layer + 2 * d * cfg.padded_vocab_size  # + LM head
-
-
-def _mamba2_forward_flops_per_token(cfg: ModelConfig) -> int:
-    """Mamba-2 as the chunked SSD algorithm computes it (Dao & Gu 2024, §6): its within-chunk "attention"
-    costs chunk_size-long matmuls per token, the state passing two (d_inner x N) products."""
-    d, Ed, Nt, k, T = cfg.d_model, cfg.d_inner, cfg.d_state_total, cfg.ssm.d_conv, cfg.ssm.chunk_size
-    bc = cfg.ssm.n_groups * Nt  # B (and C) columns
-    per_layer = (
-        2 * d * (2 * Ed + 2 * bc + cfg.n_heads)  # in_proj: z, x, B, C, Δ
-        + 2 * (Ed + 2 * bc) * k  # depthwise causal conv over x, B, C
-        + 2 * T * (bc + Ed)  # within a chunk: C·B scores over T positions, then their weighted sum of Δ·x
-        + 2 * 2 * Ed * Nt  # chunk states (B ⊗ Δ·x) and their output C·H
-        + 8 * Ed  # D skip, SiLU gate, gated RMSNorm
-        + 2 * Ed * d  # out_proj
-    )
-    return cfg.n_layer * per_layer + 2 * d * cfg.padded_vocab_size  # + LM head
-
-
-def _transformer_forward_flops_per_token(cfg: ModelConfig, seq_len: int | None) -> int:
-    d, f = cfg.d_model, cfg.ffn_dim
-    per_layer = (
-        2 * d * 3 * d  # q, k, v projections
-        + 2 * 2 * (seq_len or 0) * d  # scores QK^T and the weighted sum of V over the full context
-        + 2 * d * d  # output projection
-        + 2 * d * 3 * f  # SwiGLU: gate, up, down
-    )
-    return cfg.n_layer * per_layer + 2 * d * cfg.padded_vocab_size  # + LM head
+    """Forward FLOPs per token (multiply-add = 2), counted op by op from the layer shapes by the architecture's
+    registry entry (models/archs.py). ``seq_len`` is the attention context of a Transformer (None leaves its
+    attention scores out); recurrent architectures ignore it."""
+    return get_arch(cfg.arch).flops_per_token(cfg, seq_len)
 
 
 def train_flops_per_token(cfg: ModelConfig, seq_len: int | None = None) -> int:

@@ -16,6 +16,9 @@ from typing import Any
 
 import yaml
 
+from models.config import ModelConfig
+from models.hf import stock_class
+from models.registry import get_arch
 from pretrain.metrics import read_jsonl
 
 StepResults = dict[str, list[dict]]  # evaluation name -> its results kept for the step (eval.results)
@@ -105,23 +108,24 @@ def render_card(repo_id: str, state: dict[str, Any], run_dir: Path, params: int,
     train = step_record([r for r in records if r.get("loss") is not None or r["kind"] != "train"], "train", step)
     val = step_record(records, "val", step)
     polar = pol["ones"] or pol["zeros"]
-    mamba2 = model.get("arch") == "mamba2"
-    family, hf_class = ("Mamba-2", "Mamba2ForCausalLM") if mamba2 else ("Mamba", "MambaForCausalLM")
+    model_cfg = ModelConfig.from_dict(model)
+    family, hf_class = get_arch(model_cfg.arch).title, stock_class(model_cfg)
+    per_head = " per head" if hasattr(model_cfg, "n_heads") else ""  # Mamba-2's channels belong to heads
     name = repo_id.split("/")[-1]
     meta = {
         "license": license,
         "library_name": "transformers",
         "pipeline_tag": "text-generation",
-        "tags": ["mamba", "state-space-model", "polar-mamba"] + (["mamba2"] if mamba2 else [])
+        "tags": list(dict.fromkeys(["mamba", "state-space-model", "polar-mamba", model_cfg.arch]))
         + (["polarized-ssm"] if polar else []),
         "datasets": _datasets(source),
         "model-index": _model_index(name, results),
     }
-    kind = (f"polarized {family}: {model['ssm']['d_state']} learned state channels{' per head' if mamba2 else ''} "
+    kind = (f"polarized {family}: {model['ssm']['d_state']} learned state channels{per_head} "
             f"+ {pol['ones']} fixed at A=1 + {pol['zeros']} fixed at A=0 ({pol['zero_mode']} zero channel)") \
         if polar else f"baseline {family}"
     project = f"[polar-mamba]({project_url})" if project_url else "polar-mamba"
-    if mamba2 and polar:  # docs/mamba2.md: stock Mamba-2 has one decay per head for all its channels
+    if hf_class is None:  # docs/mamba2.md: stock Mamba-2 has one decay per head for all its channels
         loads = ("Stock `transformers` cannot load it (its Mamba-2 has one decay per head for all state channels); "
                  "load it with polar-mamba.")
         code = ["from models.hf import from_pretrained", f'model = from_pretrained("{repo_id}", revision="{revision}")']

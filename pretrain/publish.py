@@ -11,6 +11,8 @@ import json
 import time
 from pathlib import Path
 
+from models.config import ModelConfig
+from models.ssm import SSMModelConfig
 from pretrain import checkpoint as ckpt
 from pretrain.export import checkpoint_location, eval_folder, export
 
@@ -35,9 +37,10 @@ def build_folder(run: str | Path, out: str | Path, repo_id: str, step: int | Non
     if loc is None:
         raise FileNotFoundError(f"no checkpoints under {run}: pass a run directory written by polar train")
     run_dir, step_n = loc[0].parent, ckpt.step_of(loc[1])
-    if (arch := ckpt.read_state(*loc)["config"]["model"].get("arch", "mamba")) != "mamba":
-        raise PublishError(f"{run} is a {arch} run: publishing is Mamba-only (the card and checks promise stock "
-                           "transformers' MambaForCausalLM); use polar export for a folder polar loads")
+    model_cfg = ModelConfig.from_dict(ckpt.read_state(*loc)["config"]["model"])
+    if not isinstance(model_cfg, SSMModelConfig):
+        raise PublishError(f"{run} is a {model_cfg.arch} run: publishing is for state-space models (the model card "
+                           "describes their state channels); use polar export for its Hugging Face folder")
     results = read_step_results(eval_folder(run, step_n), step_n)
 
     def finish(folder: Path, model, state: dict) -> None:

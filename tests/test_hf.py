@@ -89,6 +89,25 @@ def test_loads_stock_transformers_checkpoint(tmp_path):
         torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, rtol=1e-4, atol=1e-5)
 
 
+def test_untied_stock_checkpoint_keeps_its_head_both_ways(tmp_path):
+    """A stock MambaForCausalLM saved with tie_word_embeddings=False (its own lm_head, random weights) loads with that
+    head and transformers' logits, and our export of it loads back in stock transformers with the same logits.
+    Catches the untied head silently replaced by the embedding (logits off, no warning)."""
+    stock = MambaForCausalLM(MambaConfig(vocab_size=512, hidden_size=32, state_size=8, num_hidden_layers=2,
+                                         tie_word_embeddings=False)).eval()
+    assert not torch.equal(stock.lm_head.weight, stock.backbone.embeddings.weight)
+    stock.save_pretrained(tmp_path / "stock")
+    ours = from_pretrained(tmp_path / "stock").eval()
+    assert not ours.config.tie_embeddings
+    ids = torch.randint(0, 512, (2, 17))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, stock(ids).logits, rtol=1e-4, atol=1e-4)
+    save_pretrained(ours, tmp_path / "ours")
+    back = MambaForCausalLM.from_pretrained(tmp_path / "ours").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, stock(ids).logits, rtol=1e-4, atol=1e-4)
+
+
 def test_loads_mamba_ssm_layout(tmp_path):
     ours = perturbed_model()
     sd = {k.replace("backbone.embeddings.", "backbone.embedding."): v for k, v in ours.state_dict().items()}

@@ -1,6 +1,6 @@
-"""Mamba-2 interchange: a stock transformers Mamba2ForCausalLM (odd small config, random weights) round-trips both
-ways with equal logits and greedy generations; a polarized export is lossless for us and refused by stock
-transformers with the reason in its config."""
+"""Mamba-2 interchange: a stock transformers Mamba2ForCausalLM (odd small config, random weights; and the default,
+untied config) round-trips both ways with equal logits and greedy generations; a polarized export is lossless for us
+and refused by stock transformers with the reason in its config."""
 
 import json
 
@@ -76,13 +76,27 @@ def test_polarized_export_says_why_stock_transformers_cannot_load_it(tmp_path):
         Mamba2ForCausalLM.from_pretrained(tmp_path)
 
 
-def test_untied_stock_head_is_refused(tmp_path):
-    theirs = stock_model()
-    theirs.config.tie_word_embeddings = False
-    theirs.lm_head.weight = torch.nn.Parameter(torch.randn_like(theirs.lm_head.weight))
-    theirs.save_pretrained(tmp_path)
-    with pytest.raises(ConfigError, match="untied lm_head"):
-        from_pretrained(tmp_path)
+def test_stock_default_config_untied_head_round_trips(tmp_path):
+    """transformers' Mamba2Config is untied by default: such a stock checkpoint (small, random weights) loads with its
+    own head and equal logits, and our export of it loads back in stock transformers with equal logits. Catches an
+    untied stock head refused, or silently replaced by the embedding."""
+    theirs = Mamba2ForCausalLM(Mamba2Config(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_heads=8,
+                                            head_dim=8)).eval()  # every other field transformers' default
+    with torch.no_grad():
+        for p in theirs.parameters():
+            p.add_(torch.randn_like(p) * 0.2)
+    assert not theirs.config.tie_word_embeddings
+    theirs.save_pretrained(tmp_path / "stock")
+    ours = from_pretrained(tmp_path / "stock").eval()
+    assert not ours.config.tie_embeddings and ours.lm_head.weight is not ours.backbone.embeddings.weight
+    ids = torch.randint(0, VOCAB, (2, 19))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, rtol=1e-4, atol=1e-4)
+    save_pretrained(ours, tmp_path / "ours")
+    assert json.loads((tmp_path / "ours" / "config.json").read_text())["tie_word_embeddings"] is False
+    back = Mamba2ForCausalLM.from_pretrained(tmp_path / "ours").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(ids).logits, theirs(ids).logits, rtol=1e-4, atol=1e-4)
 
 
 def test_loads_mamba_ssm_mamba2_layout(tmp_path):

@@ -50,6 +50,20 @@ def test_activation_estimate_has_the_measured_size(preset, low):
     assert low * measured <= estimate <= 1.25 * measured
 
 
+def test_mamba2_activation_estimate_is_within_ten_percent_of_autograd():
+    """Mamba-2's own count (the chunked SSD's decay weights, scores and chunk states; not Mamba-1's formula) against
+    what autograd saves on the PyTorch SSD path, fp32, at random small shapes (groups, chunk, depth, batch, length).
+    Catches `polar plan` estimating a Mamba-2 with another architecture's formula, or a count that misses the SSD."""
+    chunk = random.choice([16, 32, 64])
+    cfg = ModelConfig.preset(random.choice(["mamba2-tiny", "mamba2-tiny-polar"]), n_layer=random.randint(1, 3),
+                             **{"ssm.chunk_size": chunk, "ssm.n_groups": random.choice([1, 2]),
+                                "ssm.d_state": random.choice([8, 16, 32]), "ssm.head_dim": random.choice([8, 16])})
+    b, length = random.randint(1, 3), chunk * random.randint(1, 3)
+    measured = saved_bytes(build_model(cfg), torch.randint(0, 512, (b, length)))
+    estimate = 4 * b * length * activation_elements_per_token(cfg)
+    assert 0.9 * measured <= estimate <= 1.1 * measured, (cfg, b, length, estimate / measured)
+
+
 def test_plan_prints_batch_split_memory_and_warns_on_indivisible_batch(capsys):
     from pretrain.cli import main
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from eval.recency import RecencyConfig, corrupt, parse_fraction, run_recency, sample_windows, target_scores
-from models.mamba import LMOutput
+from models.lm import LMOutput
 from pretrain.cli import main
 
 pytest_plugins = ["tests.eval_fixtures"]
