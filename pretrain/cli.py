@@ -14,6 +14,7 @@ import os
 import sys
 
 from pretrain.console import configure_logging
+from pretrain.plugins import load_plugins
 
 # Order here is the order in `polar --help`.
 SUBCOMMAND_MODULES = [
@@ -53,6 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     args.overrides = extra
     configure_logging(args.verbose)
     try:
+        load_plugins()  # before any command runs: plugins register hooks (pretrain/hooks.py)
         return args.func(args) or 0
     except USER_ERRORS as e:
         if os.environ.get("POLAR_DEBUG"):
