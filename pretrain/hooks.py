@@ -14,9 +14,10 @@ named in ``$POLAR_PLUGINS``, pretrain/plugins.py). The events:
 * ``on_fit_end(trainer, stop)``: once, in order, when the loop ends: with the Stop, or with None when an
   exception is propagating (then only clean up).
 
-Callbacks read the trainer's public attributes (``cfg``, ``state``, ``budget``, ``engine``, ``env``,
-``is_main``, ``run_dir``, ``metrics``, ``checkpointer``) and must not change what a checkpoint restores
-(``trainer.state``, the weights, the RNG) unless that is their point: resumes are bitwise.
+Callbacks use the trainer's public attributes (``cfg``, ``state``, ``budget``, ``engine``, ``env``,
+``is_main``, ``run_dir``, ``metrics``, ``checkpointer``) and methods (``evaluate``, ``state_dict``, ``print``,
+``write_status``, ``request_stop``), and must not change what a checkpoint restores (``trainer.state``, the
+weights, the RNG) unless that is their point: resumes are bitwise. docs/training.md shows how to add one.
 """
 
 from __future__ import annotations
