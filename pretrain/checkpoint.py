@@ -371,12 +371,13 @@ def consolidated_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]
     """Full fp32 model weights from a tag, whatever the ZeRO stage (0: the saved module; 1-3: merged
     from the partitioned optimizer states by DeepSpeed's zero_to_fp32)."""
     stage = read_state(ckpt_dir, tag)["config"]["distributed"]["zero_stage"]
-    import_deepspeed()  # even stage 0: unpickling the saved module imports DeepSpeed's classes
+    if stage:
+        import_deepspeed()
     try:
-        with output_to_log("deepspeed"):  # zero_to_fp32 prints its progress
-            if stage == 0:
-                return torch.load(ckpt_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu",
-                                  weights_only=False)["module"]
+        if stage == 0:
+            return torch.load(ckpt_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu",
+                              weights_only=False)["module"]
+        with output_to_log("deepspeed"):  # zero_to_fp32 prints its progress, and a progress bar
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
             return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
