@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 DATA   := data
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test lint bench gpu-check clean
+.PHONY: setup demo test test-seeds lint bench gpu-check clean
 
 setup: $(STAMP)
 
@@ -36,6 +36,13 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
+
+# Not in CI's path: every test that draws from POLAR_TEST_SEED, under SEEDS fresh seeds; lists any test whose
+# outcome depends on the seed, with the seed that replays it (docs/testing.md).
+SEEDS ?= 20
+SEED_SWEEP_ARGS ?= -m "not slow and not distributed and not slurm"
+test-seeds: $(STAMP)
+	HF_HUB_OFFLINE=1 $(PY) -m tests.seed_sweep --seeds $(SEEDS) $(SEED_SWEEP_ARGS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

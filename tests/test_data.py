@@ -36,8 +36,8 @@ def write_shards(root: Path, tokens: np.ndarray, cuts: list[int], split: str = "
 
 
 @pytest.fixture
-def stream(tmp_path):
-    rng = np.random.default_rng()
+def stream(tmp_path, np_rng):
+    rng = np_rng
     tokens = rng.integers(0, 1000, size=int(rng.integers(3000, 6000)))
     cuts = sorted(rng.choice(np.arange(1, len(tokens)), size=5, replace=False).tolist())
     write_shards(tmp_path / "data", tokens, cuts)
@@ -66,11 +66,11 @@ def take(loader: DistributedSampleLoader, steps: int) -> list[np.ndarray]:
     return rows
 
 
-def test_read_across_shards(stream):
+def test_read_across_shards(stream, np_rng):
     path, tokens = stream
     shards = TokenShards(path, expected_fingerprint=FP, verify_checksums=True)
     assert len(shards) == len(tokens) and len(shards.shards) == 6
-    rng = np.random.default_rng()
+    rng = np_rng
     for _ in range(200):
         start = int(rng.integers(0, len(tokens)))
         length = int(rng.integers(0, len(tokens) - start + 1))
@@ -166,15 +166,14 @@ def test_shard_errors(stream, tmp_path):
         TokenShards(path)
 
 
-def test_loader_on_prepared_corpus(tmp_path):
+def test_loader_on_prepared_corpus(tmp_path, rng):
     """End to end on real prepared data: each row is its window of the val split's files."""
-    import random
 
     from pretrain.prepare import PrepareConfig, prepare
     from tests.data_helpers import random_docs, write_jsonl
     from tokenizer.train import TrainSettings, train_tokenizer
 
-    docs = random_docs(random.Random(), 80)
+    docs = random_docs(rng, 80)
     src = write_jsonl(tmp_path / "d.jsonl", docs)
     tok = train_tokenizer(docs, tmp_path / "tok", TrainSettings(vocab_size=400))
     prepare(PrepareConfig(str(src), tok.path, str(tmp_path / "data"), val_fraction=0.1, shard_tokens=1000))

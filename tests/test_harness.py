@@ -5,7 +5,6 @@ through simple_evaluate, the export's Hugging Face tokenizer has our ids, and st
 from __future__ import annotations
 
 import json
-import random
 import shlex
 import sys
 
@@ -117,13 +116,12 @@ def test_generate_until_runs_the_transformer_baseline(tiny_export):
     assert got == ref
 
 
-def test_hf_tokenizer_files_have_our_ids(tiny_export):
+def test_hf_tokenizer_files_have_our_ids(tiny_export, rng):
     from transformers import AutoTokenizer
 
     from tokenizer.tokenizer import Tokenizer
 
     ours, hf = Tokenizer.load(tiny_export), AutoTokenizer.from_pretrained(str(tiny_export))
-    rng = random.Random()
     alphabet = list("abcdefgh ABC.,;:'\n\t  0123456789éüßæ日本語🎉\u00a0\r") + [" the", "and ", "  ", "<s>", "</s>"]
     texts = ["", "\n", " leading", "trailing  ", "Hark! who\n\n  comes here?", "naïve café 東京 🎭 ∑"]
     texts += ["".join(rng.choice(alphabet) for _ in range(rng.randrange(60))) for _ in range(300)]

@@ -47,7 +47,11 @@ def test_stock_transformers_greedy_generate_matches(variant, tmp_path):
     theirs = MambaForCausalLM.from_pretrained(tmp_path).eval()
     prompt = torch.randint(0, 509, (1, 6))
     expected = theirs.generate(prompt, max_new_tokens=10, do_sample=False, attention_mask=torch.ones_like(prompt))
-    assert torch.equal(ours.generate(prompt, 10), expected)
+    # Same stopping rule on both sides: transformers stops at the exported eos id (0), so ours must too; without
+    # it a draw whose greedy path meets token 0 compares a stopped sequence with a continued one.
+    eos = theirs.generation_config.eos_token_id
+    assert eos == 0
+    assert torch.equal(ours.generate(prompt, 10, eos_token_id=eos), expected)
 
 
 def test_export_expands_a_log_to_exact_polar_channels(tmp_path):

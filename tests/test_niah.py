@@ -112,6 +112,75 @@ def test_outputs_written(tok, tmp_path):
 
 
 
+class _ScriptedState:
+    """Which prompt a row continues and how many tokens it has generated (rows repeat like a model state's)."""
+
+    def __init__(self, rows: torch.Tensor, pos: torch.Tensor):
+        self.rows, self.pos = rows, pos
+
+    def repeat(self, n: int) -> _ScriptedState:
+        return _ScriptedState(self.rows.repeat_interleave(n), self.pos.repeat_interleave(n))
+
+
+class _ScriptedLM(torch.nn.Module):
+    """A stub LM whose greedy continuation of prompt i is ``scripts[i]`` (then ``filler``), whatever the prompt:
+    it drives :func:`niah.score_prompts` through the same prefill / step interface a real model offers."""
+
+    def __init__(self, scripts: list[list[int]], vocab_size: int, filler: int):
+        super().__init__()
+        self.anchor = torch.nn.Parameter(torch.zeros(()))  # score_prompts reads the device from the parameters
+        self.config = type("Config", (), {"vocab_size": vocab_size})()
+        self.scripts, self.filler = scripts, filler
+
+    def new_states(self, batch: int) -> list[_ScriptedState]:
+        return [_ScriptedState(torch.arange(batch), torch.zeros(batch, dtype=torch.long))]
+
+    def backbone(self, ids: torch.Tensor, states: list[_ScriptedState]) -> torch.Tensor:
+        """'Hidden' = (row, position) at every token: lm_head turns it into the scripted token's logits."""
+        s = states[0]
+        return torch.stack([s.rows, s.pos], -1)[:, None].expand(-1, ids.shape[1], -1).float()
+
+    def lm_head(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = torch.zeros(hidden.shape[0], self.config.vocab_size)
+        for i, (row, pos) in enumerate(hidden.long().tolist()):
+            script = self.scripts[row]
+            logits[i, script[pos] if pos < len(script) else self.filler] = 10.0
+        return logits
+
+    def step(self, ids: torch.Tensor, states: list[_ScriptedState]) -> torch.Tensor:
+        states[0].pos = states[0].pos + 1
+        return self.lm_head(self.backbone(ids[:, None], states)[:, -1])
+
+
+def test_score_prompts_exact_is_exact_match_of_the_whole_value(tok, text, rng):
+    """Through ``score_prompts`` (not hand-made strings): a record is ``exact`` only when the first number of the
+    greedy text is the whole value. Catches a scorer that compares only the first generated token with the
+    value's first token (a generation sharing just that token would count as retrieved), and any ``exact``
+    computed otherwise than ``exact_match(generated, value)``."""
+    value_ids = {}
+    prompts = niah.make_prompts(tok, text, 256, 50, 5, 7, rng)
+    for p in prompts:
+        value_ids[p.value] = tok.encode(" " + p.value)
+        assert len(value_ids[p.value]) > 1, "a 7-digit value is several tokens in a 512-piece vocabulary"
+    v = [p.value for p in prompts]
+    scripts = [
+        value_ids[v[0]] + tok.encode("."),  # the value: exact
+        value_ids[v[1]][:1] + tok.encode("x and so on"),  # only the value's first token: not exact
+        tok.encode(" is")[:1] + value_ids[v[2]],  # a word, then the value: exact
+        value_ids[v[3]] + tok.encode("9"),  # the value with a digit more: not exact
+        tok.encode(" " + str(int(v[4]) + 1)),  # another number: not exact
+    ]
+    expected = [True, False, True, False, False]
+    model = _ScriptedLM(scripts, tok.vocab_size, filler=tok.encode(" ")[-1])
+    cfg = niah.NiahConfig(lengths=[256], depths=[50.0], samples=5, digits=7, distractors=3)
+    records = niah.score_prompts(model, tok, prompts, cfg, rng)
+    assert [r["exact"] for r in records] == expected
+    for r, script in zip(records, scripts):
+        assert r["generated"].startswith(tok.decode(script))  # the record holds what the model generated
+        assert r["exact"] == niah.exact_match(r["generated"], r["value"])
+
+
+
 def _rank1(result: dict) -> float:
     return sum(c["rank1"] for c in result["cells"]) / len(result["cells"])
 

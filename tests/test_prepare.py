@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import random
 from pathlib import Path
 
 import numpy as np
@@ -57,8 +56,7 @@ def check_prepared(out: Path, docs: list[str], tok, val_fraction: float) -> None
     assert sum(s["tokens"] for s in manifest["splits"].values()) == total
 
 
-def test_jsonl_and_txt(tmp_path, shakespeare_tokenizer):
-    rng = random.Random()
+def test_jsonl_and_txt(tmp_path, shakespeare_tokenizer, rng):
     docs = random_docs(rng, 120)
     write_jsonl(tmp_path / "part1.jsonl", docs[:70])
     write_jsonl(tmp_path / "part2.jsonl", docs[70:])
@@ -76,11 +74,11 @@ def test_jsonl_and_txt(tmp_path, shakespeare_tokenizer):
     check_prepared(tmp_path / "txt_out", docs[:20], shakespeare_tokenizer, 0.0)
 
 
-def test_json_list_and_parquet(tmp_path, shakespeare_tokenizer):
+def test_json_list_and_parquet(tmp_path, shakespeare_tokenizer, rng):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    docs = random_docs(random.Random(), 30)
+    docs = random_docs(rng, 30)
     (tmp_path / "a.json").write_text(json.dumps([{"content": d} for d in docs[:10]]))
     pq.write_table(pa.table({"content": docs[10:], "n": list(range(20))}), tmp_path / "b.parquet")
     spec = f"{tmp_path / 'a.json'},{tmp_path / 'b.parquet'}"
@@ -101,8 +99,8 @@ def test_builtin_is_deterministic(tmp_path, shakespeare_tokenizer, shakespeare_d
     assert len(dir_digest(outs[0])) > 3  # several train shards
 
 
-def test_bad_input_keeps_existing_output(tmp_path, shakespeare_tokenizer, capsys):
-    docs = random_docs(random.Random(), 20)
+def test_bad_input_keeps_existing_output(tmp_path, shakespeare_tokenizer, capsys, rng):
+    docs = random_docs(rng, 20)
     src = write_jsonl(tmp_path / "docs.jsonl", docs)
     out = tmp_path / "data"
     tok = shakespeare_tokenizer.path

@@ -4,7 +4,6 @@ with the eval results, bad folders are refused before any upload, uploads retry 
 from __future__ import annotations
 
 import json
-import random
 
 import pytest
 import torch
@@ -37,11 +36,10 @@ def runs(tmp_path_factory, data):
 
 
 @pytest.mark.parametrize("variant", ["base", "polar"])
-def test_dry_run_folder_loads_in_stock_transformers(runs, data, tmp_path, variant):
+def test_dry_run_folder_loads_in_stock_transformers(runs, data, tmp_path, variant, rng):
     folder = tmp_path / "hub"
     publish(runs[variant], "org/tiny", dry_run=True, out=folder)
     ours_tok, hf_tok = Tokenizer.load(data["tokenizer"]), AutoTokenizer.from_pretrained(folder)
-    rng = random.Random()
     text = "".join(rng.choice(["ROMEO: ", "thou art", "\n", "  ", "é", "ß", "🙂", "Kiss me.", "x"]) for _ in range(40))
     assert hf_tok(text)["input_ids"] == ours_tok.encode(text)
     ours, theirs = load_model(runs[variant]).eval(), MambaForCausalLM.from_pretrained(folder).eval()
@@ -72,9 +70,8 @@ def card_number(text: str, label: str) -> list[float]:
 
 
 @pytest.mark.parametrize("step", [2, 4])
-def test_card_numbers_all_come_from_the_published_step(runs, tmp_path, step):
+def test_card_numbers_all_come_from_the_published_step(runs, tmp_path, step, rng):
     run = runs["polar"]
-    rng = random.Random()
     accs = {s: rng.uniform(0.2, 0.9) for s in (2, 4)}
     for s, acc in accs.items():
         folder = run / "eval" / f"step-{s}"

@@ -99,14 +99,12 @@ def test_shards_partition_the_work_and_a_combine_adds_nothing(tmp_path, calls):
     assert calls.done == []
 
 
-def test_summaries_carry_standard_errors():
+def test_summaries_carry_standard_errors(rng):
     """lm-eval's stderr passes through; NIAH accuracies get the binomial stderr over all prompts of the cells."""
-    import random
 
     lm = sw.summarize("lm", {"results": {"t": {"alias": "t", "sample_len": 9, "acc,none": 0.25,
                                                "acc_stderr,none": 0.05, "ppl,none": 3.0, "ppl_stderr,none": "N/A"}}})
     assert lm == {"t/acc": (0.25, 0.05), "t/ppl": (3.0, None)}
-    rng = random.Random()
     samples = rng.randint(1, 8)
     cells = [{"length": n, "depth": d, "exact_match": rng.randint(0, samples) / samples,
               "rank1": rng.randint(0, samples) / samples, "chance_rank1": 0.1} for n in (64, 128) for d in (0, 50, 100)]

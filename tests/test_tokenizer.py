@@ -55,9 +55,8 @@ def test_encode_batch_equals_encode(shakespeare_tokenizer, texts):
     assert [tok.decode(ids) for ids in batch] == texts
 
 
-def test_long_multiline_text_matches_sentencepiece(shakespeare_tokenizer):
+def test_long_multiline_text_matches_sentencepiece(shakespeare_tokenizer, rng):
     """Chunking long texts at newlines gives exactly SentencePiece's ids for the whole text."""
-    rng = random.Random()
     text = "".join(random_docs(rng, 40, max_words=2000))
     assert len(text) > 50_000
     assert shakespeare_tokenizer.encode(text) == raw_sp(shakespeare_tokenizer).encode(text)
@@ -121,8 +120,7 @@ def test_training_errors_leave_existing_output(tmp_path, shakespeare_tokenizer):
     assert tok.vocab_size == 410 and dir_digest(out) != before
 
 
-def test_cli_train_from_files(tmp_path, capsys):
-    rng = random.Random()
+def test_cli_train_from_files(tmp_path, capsys, rng):
     docs = random_docs(rng, 60)
     write_jsonl(tmp_path / "a.jsonl", docs[:30], field="body")
     write_jsonl(tmp_path / "b.jsonl", docs[30:], field="body")
