@@ -7,7 +7,7 @@ array (eval/sweep.py, launch/slurm/eval_sweep.sbatch), `polar study` (eval/study
 An evaluation owns its options, how it runs on one checkpoint, its result file(s), its named scores (what
 sweeps and studies tabulate), its sweep figure and its model-card section with the command that reproduces
 a result. Adding one = one module that subclasses :class:`Evaluation` and calls :func:`register` at import,
-plus its module name in :data:`BUILTIN` (outside the project: in ``POLAR_PLUGINS``, pretrain/plugins.py).
+plus its module name in :data:`BUILTIN` (outside the project: in ``POLAR_PLUGINS``, models/plugins.py).
 Kind modules stay light at import (torch and friends inside methods): `polar --help` builds every parser.
 """
 
@@ -19,6 +19,8 @@ import json
 import shlex
 from pathlib import Path
 from typing import Any, NamedTuple
+
+from models.plugins import load_plugins
 
 BUILTIN = ("eval.kinds.lm", "eval.kinds.niah", "eval.kinds.recency")
 _REGISTRY: dict[str, Evaluation] = {}
@@ -166,6 +168,9 @@ def evaluations() -> dict[str, Evaluation]:
 
 def get(name: str) -> Evaluation:
     kinds = evaluations()
+    if name not in kinds:
+        load_plugins()
+        kinds = evaluations()
     if name not in kinds:
         raise ValueError(f"unknown evaluation {name!r}: registered are {', '.join(kinds)} (others load through "
                          "POLAR_PLUGINS=module, see docs/eval.md)")

@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, is_dataclass
 from typing import Any, Literal, get_type_hints
 
+from models.plugins import load_plugins
 from models.registry import PRESETS, get_arch, registered_archs
 from models.typed_config import ConfigError, _suggest, apply_overrides, bounded, check_bounds, from_dict, to_dict
 
@@ -95,6 +96,8 @@ class ModelConfig:
     def preset(cls, name: str, **overrides: Any) -> ModelConfig:
         """A named preset of any registered architecture; ``overrides`` are dotted keys, e.g.
         ``preset("mamba-130m", **{"polarize.ones": 1})``, or plain fields (``n_layer=4``)."""
+        if name not in PRESETS:
+            load_plugins()
         if name not in PRESETS:
             raise ConfigError(f"unknown model preset '{name}': {_suggest(name, list(PRESETS))}")
         return cls.from_dict(apply_overrides(PRESETS[name], overrides))

@@ -7,17 +7,13 @@ and activation counters of ``polar plan`` and the ``polar info`` columns. Every 
 checked when the entry is registered, so an incomplete architecture fails at import, never at use.
 
 Built-in entries are registered by :mod:`models.archs`. Architectures from outside the package register
-themselves when imported; :func:`load_plugins` imports the modules named in ``POLAR_PLUGINS``
-(comma-separated; it reaches ``polar train``'s worker processes through their environment) and those of
-the ``polar_mamba.plugins`` entry-point group (an installed package's), once per process.
+themselves when imported as plugins (:mod:`models.plugins`); a lookup of an unknown name loads the plugins
+before it gives up.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import importlib.metadata
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -25,10 +21,9 @@ from typing import Any
 import torch.nn as nn
 
 from models.hf_adapter import HFAdapter
+from models.plugins import ENV as PLUGINS_ENV
+from models.plugins import load_plugins
 from models.typed_config import ConfigError, from_dict
-
-PLUGINS_ENV = "POLAR_PLUGINS"
-PLUGINS_GROUP = "polar_mamba.plugins"
 
 
 @dataclass(frozen=True)
@@ -90,6 +85,8 @@ def register_arch(spec: ArchSpec) -> ArchSpec:
 def get_arch(name: str, where: str = "model.arch") -> ArchSpec:
     """The entry of ``name``; an unknown name is a one-line ConfigError listing the registered ones."""
     if name not in _ARCHS:
+        load_plugins()
+    if name not in _ARCHS:
         raise ConfigError(f"{where}: unknown architecture {name!r}; registered: {', '.join(sorted(_ARCHS))} "
                           f"(an architecture from a plugin needs {PLUGINS_ENV}=module)")
     return _ARCHS[name]
@@ -97,21 +94,3 @@ def get_arch(name: str, where: str = "model.arch") -> ArchSpec:
 
 def registered_archs() -> list[ArchSpec]:
     return list(_ARCHS.values())
-
-
-_plugins_loaded = False
-
-
-def load_plugins() -> None:
-    """Import the plugin modules named in ``POLAR_PLUGINS`` and the ``polar_mamba.plugins`` entry points (once)."""
-    global _plugins_loaded
-    if _plugins_loaded:
-        return
-    _plugins_loaded = True
-    for name in filter(None, (m.strip() for m in os.environ.get(PLUGINS_ENV, "").split(","))):
-        try:
-            importlib.import_module(name)
-        except ImportError as e:
-            raise ConfigError(f"{PLUGINS_ENV}: cannot import plugin module {name!r} ({e})") from e
-    for entry in importlib.metadata.entry_points(group=PLUGINS_GROUP):
-        entry.load()

@@ -11,7 +11,8 @@ Written the way a database commits (docs/training.md, "Crash safety"): every ran
 fsyncs the directory, then replaces ``latest`` (fsynced) and rotates. A tag folder without the ``.partial``
 suffix is therefore complete, and ``latest`` never names data that has not reached the disk. A save that
 fails (ENOSPC, EACCES, ...) removes its partial folder and leaves the previous tags and ``latest`` as they
-were.
+were. :class:`Checkpointer` is the trainer's handle on all this: it tracks the lineage and the tag a job
+resumed from.
 
 Rotation keeps the ``keep_last`` most recently written tags of the current lineage (the tags this run
 descends from, not simply the highest step numbers: a run resumed from an older tag must not lose its new
@@ -20,7 +21,6 @@ checkpoints to the abandoned ones), never the tag being resumed from, and leaves
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -34,6 +34,8 @@ from typing import Any
 
 import numpy as np
 import torch
+
+from pretrain.console import import_deepspeed, output_to_log
 
 TAG_RE = re.compile(r"^step_(\d{8})$")
 STATE_FILE = "polar_state.json"
@@ -203,12 +205,10 @@ def rotate(ckpt_dir: Path, tag: str, keep_last: int, protect: str | None) -> lis
 
 
 def save(engine, ckpt_dir: Path, step: int, client_state: dict[str, Any], meta: dict[str, Any],
-         keep_last: int, rank: int, parent: str | None = None, protect: str | None = None,
-         fail: bool = False) -> str:
+         keep_last: int, rank: int, parent: str | None = None, protect: str | None = None) -> str:
     """Write tag ``step`` on every rank (crash-safe, see the module docstring), then (rank 0) move
     ``latest`` and rotate. ``parent``: the tag this run resumed from or last saved (the lineage);
-    ``protect``: the tag this job resumed from (never rotated away). ``fail`` injects ENOSPC after the
-    files are written (tests)."""
+    ``protect``: the tag this job resumed from (never rotated away)."""
     tag = tag_for(step)
     partial = ckpt_dir / f"{tag}{PARTIAL_SUFFIX}"
     error: OSError | None = None
@@ -221,8 +221,6 @@ def save(engine, ckpt_dir: Path, step: int, client_state: dict[str, Any], meta: 
         engine.save_checkpoint(str(ckpt_dir), tag=partial.name,
                                client_state={**client_state, "universal_checkpoint_info": {}}, save_latest=False)
         torch.save(rng_state(), partial / f"rng_rank{rank}.pt")
-        if fail:
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(partial))
         fsync_tree(partial)
     except OSError as e:
         error = e
@@ -256,6 +254,40 @@ def _commit(ckpt_dir: Path, tag: str, partial: Path, meta: dict[str, Any], step:
     fsync_dir(ckpt_dir)
     atomic_write(ckpt_dir / "latest", tag)
     shutil.rmtree(replaced, ignore_errors=True)
+
+
+class Checkpointer:
+    """One rank's handle on a run's ``checkpoints/``: loads the tag a job resumes from, and saves new tags
+    through the commit protocol (:func:`save`) with the lineage filled in (each save's parent is the tag
+    loaded or saved before it) and rotation to ``keep_last`` that never removes the tag this job resumed
+    from."""
+
+    def __init__(self, ckpt_dir: Path, rank: int, keep_last: int):
+        self.dir, self.rank, self.keep_last = ckpt_dir, rank, keep_last
+        self.resumed_from: str | None = None  # protected from rotation for the life of the job
+        self.last_tag: str | None = None  # the parent of the next save
+
+    def resume_tag(self) -> str | None:
+        return resume_tag(self.dir)
+
+    def latest(self) -> str | None:
+        return latest_tag(self.dir)
+
+    def load(self, engine, tag: str, universal: bool = False) -> dict[str, Any]:
+        """Load ``tag`` into ``engine`` (see :func:`load`); it becomes the resume point and the lineage's head."""
+        client_state = load(engine, self.dir, tag, self.rank, universal)
+        self.resumed_from = self.last_tag = tag
+        return client_state
+
+    def holds(self, step: int) -> bool:
+        """True when this job already loaded or saved ``step``'s tag (nothing new to write)."""
+        return self.last_tag == tag_for(step)
+
+    def save(self, engine, step: int, client_state: dict[str, Any], meta: dict[str, Any]) -> str:
+        """Commit tag ``step`` on every rank (raises :class:`CheckpointSaveError`, changing nothing, on failure)."""
+        self.last_tag = save(engine, self.dir, step, client_state, meta, self.keep_last, self.rank,
+                             parent=self.last_tag, protect=self.resumed_from)
+        return self.last_tag
 
 
 def check_compatible(saved: dict[str, Any], meta: dict[str, Any], where: Path) -> None:
@@ -339,12 +371,15 @@ def consolidated_state_dict(ckpt_dir: Path, tag: str) -> dict[str, torch.Tensor]
     """Full fp32 model weights from a tag, whatever the ZeRO stage (0: the saved module; 1-3: merged
     from the partitioned optimizer states by DeepSpeed's zero_to_fp32)."""
     stage = read_state(ckpt_dir, tag)["config"]["distributed"]["zero_stage"]
+    if stage:
+        import_deepspeed()
     try:
         if stage == 0:
             return torch.load(ckpt_dir / tag / "mp_rank_00_model_states.pt", map_location="cpu",
                               weights_only=False)["module"]
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+        with output_to_log("deepspeed"):  # zero_to_fp32 prints its progress, and a progress bar
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
-        return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
+            return get_fp32_state_dict_from_zero_checkpoint(str(ckpt_dir), tag=tag)
     except Exception as e:  # a truncated or damaged file: torch and DeepSpeed raise many kinds
         raise unreadable(ckpt_dir, tag, e) from e

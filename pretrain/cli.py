@@ -13,8 +13,8 @@ import importlib
 import os
 import sys
 
+from models.plugins import load_plugins
 from pretrain.console import configure_logging
-from pretrain.plugins import load_plugins
 
 # Order here is the order in `polar --help`.
 SUBCOMMAND_MODULES = [
@@ -48,8 +48,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     try:
-        load_plugins()  # before the parser: plugins add subcommands and options (an evaluation, ...)
-    except ImportError as e:
+        # before the parser: plugins add architectures, evaluations (subcommands, options) and training hooks
+        load_plugins()
+    except USER_ERRORS as e:
         print(f"polar: error: {e}", file=sys.stderr)
         return 2
     parser = build_parser()

@@ -109,14 +109,11 @@ def run_train(args: argparse.Namespace) -> int:
     from pretrain.runlock import exit_with_launcher
 
     exit_with_launcher()  # first: no orphaned worker may write to the run
-    from pretrain.console import quiet_deepspeed_accelerator
-
     cfg = _config(args)
     if (report := finished_run_report(cfg)) is not None:
         if int(os.environ.get("RANK", "0")) == 0:
             print(report)
         return 0
-    quiet_deepspeed_accelerator()
     from pretrain.trainer import train
 
     return train(cfg)

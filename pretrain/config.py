@@ -1,6 +1,6 @@
 """TrainConfig: the one typed config tree behind `polar train` / `polar plan` (YAML + dotted overrides).
 
-Sections: run, model, data, optim, schedule, distributed, precision, checkpoint, logging, eval, debug.
+Sections: run, model, data, optim, schedule, distributed, precision, checkpoint, logging, eval.
 ``model`` may name a preset (``model: {preset: mamba-130m, n_layer: 12}``): the preset's fields are the
 base and the rest override them; the resolved config (saved in the run directory) has no preset key.
 """
@@ -118,14 +118,6 @@ class EvalConfig:
 
 
 @dataclass
-class DebugConfig:
-    # Fault injection for tests: make these steps' loss NaN; send SIGTERM to rank 0 after this step.
-    inject_nonfinite_steps: list[int] = bounded(default_factory=list, gt=0)
-    signal_at_step: int | None = bounded(None, gt=0)
-    fail_save_at_step: int | None = bounded(None, gt=0)  # this step's checkpoint fails (ENOSPC) after writing
-
-
-@dataclass
 class TrainConfig:
     run: RunConfig = field(default_factory=RunConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -137,7 +129,6 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    debug: DebugConfig = field(default_factory=DebugConfig)
 
     def to_dict(self) -> dict[str, Any]:
         return to_dict(self)

@@ -36,7 +36,9 @@ def _free_port() -> int:
 
 def init_distributed(cfg: TrainConfig) -> DistEnv:
     """Join the process group started by torchrun / the deepspeed launcher / srun (or make a world of 1)."""
-    import deepspeed
+    from pretrain.console import import_deepspeed
+
+    deepspeed = import_deepspeed()
 
     for k, v in {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1"}.items():
         os.environ.setdefault(k, v)

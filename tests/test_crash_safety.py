@@ -21,7 +21,7 @@ import torch
 
 from pretrain import checkpoint as ckpt
 from pretrain.runlock import RunLock, RunLockedError
-from tests.train_helpers import ROOT, losses, ok, preempted, train, tree_hash, write_config
+from tests.train_helpers import ROOT, fault_env, losses, ok, preempted, train, tree_hash, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -116,7 +116,7 @@ def test_failed_save_changes_nothing_and_the_run_resumes(tmp_path, data):
     ok(train(cfg))
     before = {t: tree_hash(ckpt_dir / t) for t in ckpt.list_tags(ckpt_dir)}
     entries = sorted(p.name for p in ckpt_dir.iterdir())
-    failed = train(cfg, 1, "--schedule.steps", "8", "--debug.fail_save_at_step", "6")
+    failed = train(cfg, 1, "--schedule.steps", "8", env=fault_env(fail_save_at_step=6))
     assert failed.returncode == 2
     err = failed.stderr.strip().splitlines()[-1]
     assert "step_00000006" in err and "No space left on device" in err and "GiB free" in err, err
@@ -140,7 +140,7 @@ def reference(data, tmp_path_factory) -> list:
 def test_latest_naming_a_deleted_tag_resumes_from_the_newest_complete_one(tmp_path, data, reference):
     cfg = write_config(tmp_path, data, schedule={"steps": 6}, checkpoint={"every": 2})
     run_dir, ckpt_dir = tmp_path / "runs" / "run", tmp_path / "runs" / "run" / "checkpoints"
-    preempted(train(cfg, 1, "--debug.signal_at_step", "3"))
+    preempted(train(cfg, env=fault_env(signal_at_step=3)))
     named = ckpt.latest_tag(ckpt_dir)
     *_, previous, last = ckpt.list_tags(ckpt_dir)
     assert last == named
@@ -154,7 +154,7 @@ def test_latest_naming_a_deleted_tag_resumes_from_the_newest_complete_one(tmp_pa
 def test_torn_metrics_line_is_dropped_and_resume_stays_bitwise(tmp_path, data, reference):
     cfg = write_config(tmp_path, data, schedule={"steps": 6}, checkpoint={"every": 2})
     run_dir = tmp_path / "runs" / "run"
-    preempted(train(cfg, 1, "--debug.signal_at_step", "3"))
+    preempted(train(cfg, env=fault_env(signal_at_step=3)))
     with open(run_dir / "metrics.jsonl", "a") as f:
         f.write('{"kind": "train", "step": 4, "lo')  # a crash mid-write
     n = len((run_dir / "metrics.jsonl").read_text().splitlines())
@@ -174,7 +174,7 @@ def test_rotation_keeps_the_current_lineage_and_the_resume_tag(tmp_path, data):
     assert steps() == [8, 12]
     ckpt.atomic_write(ckpt_dir / "latest", "step_00000008")  # roll back: step 12 is now another lineage
     stale = tree_hash(ckpt_dir / "step_00000012")
-    preempted(train(cfg, 1, "--checkpoint.every", "1", "--debug.signal_at_step", "9"))  # stops after step 10
+    preempted(train(cfg, 1, "--checkpoint.every", "1", env=fault_env(signal_at_step=9)))  # stops after step 10
     # highest-step rotation would keep only 10 and 12, deleting 8 (resumed from) and 9 (newer than 12)
     assert steps() == [8, 9, 10, 12] and ckpt.latest_tag(ckpt_dir) == "step_00000010"
     assert tree_hash(ckpt_dir / "step_00000012") == stale

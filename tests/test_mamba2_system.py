@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from eval.diagnostics import a_range, recency
 from models import ModelConfig, build_model
 from pretrain.cli import main
-from tests.train_helpers import losses, ok, preempted, train, write_config
+from tests.train_helpers import fault_env, losses, ok, preempted, train, write_config
 
 pytest_plugins = ["tests.eval_fixtures"]
 
@@ -30,7 +30,7 @@ def test_train_resume_is_bitwise_then_export_reloads(tmp_path, data):
     full = write_config(tmp_path, data, name="full", model=TINY, precision={"dtype": "bf16"})
     split = write_config(tmp_path, data, name="split", model=TINY, precision={"dtype": "bf16"})
     ok(train(full))
-    preempted(train(split, 1, "--debug.signal_at_step", "3"))
+    preempted(train(split, env=fault_env(signal_at_step=3)))
     assert "resumed from" in ok(train(split)).stdout
     expected = losses(tmp_path / "runs" / "full")
     assert [s for s, _ in expected] == list(range(1, 9)) and all(h is not None for _, h in expected)

@@ -17,7 +17,7 @@ from pretrain.cli import main
 from pretrain.config import load_config
 from pretrain.metrics import read_jsonl
 from tests.test_slurm import cluster  # noqa: F401  (the local SLURM cluster fixture)
-from tests.train_helpers import write_config
+from tests.train_helpers import fault_env, write_config
 
 
 def study_config(tmp_path, data, **study) -> str:
@@ -65,12 +65,14 @@ def test_failed_cells_are_reported_and_the_others_still_run(tmp_path, data, monk
 
 
 @pytest.mark.slow
-def test_two_cell_study_resumes_a_killed_cell_and_combines(tmp_path, data, capsys):
+def test_two_cell_study_resumes_a_killed_cell_and_combines(tmp_path, data, capsys, monkeypatch):
     cfg = study_config(tmp_path, data)
     study = tmp_path / "studies" / "s"
     # cell 0 is killed at step 3 (it checkpoints and exits 75); with no retries it is reported as failed
-    assert main(["study", "depth", cfg, "--cell", "0", "--study.retries", "0",
-                 "--train.debug.signal_at_step", "3"]) == 1
+    with monkeypatch.context() as faults:
+        for k, v in fault_env(signal_at_step=3).items():
+            faults.setenv(k, v)
+        assert main(["study", "depth", cfg, "--cell", "0", "--study.retries", "0"]) == 1
     assert "polarized-L1-s32: FAILED" in capsys.readouterr().out
 
     assert main(["study", "depth", cfg]) == 0  # resumes cell 0 from step 3, trains cell 1, combines

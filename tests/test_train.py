@@ -10,11 +10,11 @@ import torch
 import yaml
 
 from pretrain import checkpoint as ckpt
+from pretrain.callbacks import EXIT_NONFINITE
 from pretrain.cli import main
 from pretrain.config import load_config
 from pretrain.metrics import read_jsonl
-from pretrain.trainer import EXIT_NONFINITE
-from tests.train_helpers import losses, ok, preempted, train, tree_hash, write_config
+from tests.train_helpers import fault_env, losses, ok, preempted, train, tree_hash, write_config
 
 pytestmark = pytest.mark.slow
 
@@ -40,7 +40,7 @@ def test_resume_after_sigterm_is_bitwise(tmp_path, data, stage):
     full = write_config(tmp_path, data, name="full", **common)
     split = write_config(tmp_path, data, name="split", **common)
     ok(train(full, 2))
-    first = preempted(train(split, 2, "--debug.signal_at_step", "3"), 2)
+    first = preempted(train(split, 2, env=fault_env(signal_at_step=3)), 2)
     assert "checkpointed at step 4" in first.stdout  # the signal lands during step 4; everyone stops after it
     assert ckpt.latest_tag(tmp_path / "runs" / "split" / "checkpoints") == "step_00000004"
     second = ok(train(split, 2))
@@ -57,7 +57,7 @@ def test_resume_with_fewer_processes_continues_the_data(tmp_path, data):
     full = write_config(tmp_path, data, name="full")
     split = write_config(tmp_path, data, name="split")
     ok(train(full, 2))
-    preempted(train(split, 2, "--debug.signal_at_step", "3"), 2)
+    preempted(train(split, 2, env=fault_env(signal_at_step=3)), 2)
     out = ok(train(split, 1))  # same global batch: grad accumulation 2 -> 4
     assert "world 1, grad accum 4" in out.stdout
     a = [r for r in read_jsonl(tmp_path / "runs" / "full" / "metrics.jsonl") if r["kind"] == "train"]
@@ -97,16 +97,15 @@ def test_incompatible_resume_is_refused_and_changes_nothing(tmp_path, data):
 
 
 def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, data):
-    cfg = write_config(tmp_path, data, schedule={"steps": 6}, checkpoint={"every": 2},
-                       debug={"inject_nonfinite_steps": [3]})
-    ok(train(cfg))
+    cfg = write_config(tmp_path, data, schedule={"steps": 6}, checkpoint={"every": 2})
+    ok(train(cfg, env=fault_env(nonfinite_steps=[3])))
     recs = [r for r in read_jsonl(tmp_path / "runs" / "run" / "metrics.jsonl") if r["kind"] == "train"]
     assert [r["nonfinite_skipped"] for r in recs] == [0, 0, 1, 1, 1, 1]
     assert [r["loss"] is None for r in recs] == [False, False, True, False, False, False]
 
     cfg = write_config(tmp_path, data, name="diverge", schedule={"steps": 8}, checkpoint={"every": 2},
-                       logging={"max_nonfinite_steps": 2}, debug={"inject_nonfinite_steps": [3, 4]})
-    out = train(cfg)
+                       logging={"max_nonfinite_steps": 2})
+    out = train(cfg, env=fault_env(nonfinite_steps=[3, 4]))
     assert out.returncode == EXIT_NONFINITE, out.stderr[-2000:]
     assert "2 non-finite steps in a row at step 4" in out.stdout
     assert ckpt.latest_tag(tmp_path / "runs" / "diverge" / "checkpoints") == "step_00000002"
@@ -116,9 +115,8 @@ def test_skipped_step_leaves_parameters_unchanged(tmp_path, data):
     """Run to step 2 and checkpoint; a run whose step 3 is non-finite must equal step-2 weights after step 3."""
     from pretrain.export import load_model
 
-    cfg = write_config(tmp_path, data, schedule={"steps": 3}, checkpoint={"every": 2},
-                       debug={"inject_nonfinite_steps": [3]}, distributed={"zero_stage": 0})
-    ok(train(cfg))
+    cfg = write_config(tmp_path, data, schedule={"steps": 3}, checkpoint={"every": 2}, distributed={"zero_stage": 0})
+    ok(train(cfg, env=fault_env(nonfinite_steps=[3])))
     run_dir = tmp_path / "runs" / "run"
     at2, at3 = load_model(run_dir, step=2).state_dict(), load_model(run_dir, step=3).state_dict()
     for k in at2:
@@ -184,7 +182,7 @@ def test_export_loads_in_transformers_with_our_logits(tmp_path, data, stage):
 
 def test_wandb_offline_and_metrics_complete_after_resume(tmp_path, data):
     cfg = write_config(tmp_path, data, schedule={"steps": 5}, logging={"wandb": "offline"})
-    preempted(train(cfg, 1, "--debug.signal_at_step", "2"))
+    preempted(train(cfg, env=fault_env(signal_at_step=2)))
     ok(train(cfg))
     run_dir = tmp_path / "runs" / "run"
     assert [s for s, _ in losses(run_dir)] == [1, 2, 3, 4, 5]
@@ -197,7 +195,7 @@ def test_wandb_offline_and_metrics_complete_after_resume(tmp_path, data):
 def test_metrics_jsonl_drops_steps_past_the_checkpoint(tmp_path, data):
     """A crash after the last checkpoint leaves extra lines; the resumed run rewrites them once."""
     cfg = write_config(tmp_path, data, schedule={"steps": 6}, checkpoint={"every": 2})
-    preempted(train(cfg, 1, "--debug.signal_at_step", "3"))
+    preempted(train(cfg, env=fault_env(signal_at_step=3)))
     run_dir = tmp_path / "runs" / "run"
     metrics = run_dir / "metrics.jsonl"
     lines = metrics.read_text().splitlines()

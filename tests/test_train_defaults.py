@@ -7,14 +7,14 @@ import sys
 import types
 from types import SimpleNamespace
 
+from pretrain.callbacks import sample_prompt
 from pretrain.data import PackedDataset, TokenShards
 from pretrain.metrics import MetricsSink
-from pretrain.trainer import Trainer
 from tokenizer import Tokenizer
 
 
 def fake_trainer(data, prompt=None):
-    """What Trainer.sample_prompt reads: the config's logging and data sections and the datasets."""
+    """What sample_prompt reads: the config's logging and data sections and the datasets."""
     val = PackedDataset(TokenShards(data["path"], "val"), 32)
     cfg = SimpleNamespace(logging=SimpleNamespace(sample_prompt=prompt),
                           data=SimpleNamespace(tokenizer=data["tokenizer"]))
@@ -29,9 +29,9 @@ def test_sample_prompt_is_the_start_of_a_validation_document(data):
     docs = [tok.decode(ids[a + 1:b]) for a, b in zip(bounds, bounds[1:])]
     first_doc = next(d for d in docs if d.strip())
     first_line = next(line for line in first_doc.splitlines() if line.strip())
-    prompt = Trainer.sample_prompt(fake_trainer(data))
+    prompt = sample_prompt(fake_trainer(data))
     assert prompt.strip() and first_line.startswith(prompt) and len(tok.encode(prompt)) <= 16
-    assert Trainer.sample_prompt(fake_trainer(data, "KING LEAR:")) == "KING LEAR:"
+    assert sample_prompt(fake_trainer(data, "KING LEAR:")) == "KING LEAR:"
 
 
 def test_wandb_gets_entity_group_and_tags(tmp_path, monkeypatch):

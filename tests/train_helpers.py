@@ -10,8 +10,8 @@ from pathlib import Path
 
 import yaml
 
+from pretrain.callbacks import EXIT_PREEMPTED
 from pretrain.metrics import read_jsonl
-from pretrain.trainer import EXIT_PREEMPTED
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -36,9 +36,19 @@ def write_config(tmp_path: Path, prepared: dict[str, str], name: str = "run", **
     return path
 
 
-def train(config: Path, nproc: int = 1, *overrides: str) -> subprocess.CompletedProcess:
-    """`polar train` in fresh processes: plain python for one, torchrun for several."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+def fault_env(**faults: int | list[int]) -> dict[str, str]:
+    """The variables that load tests/fault_hooks.py into `polar train` with these faults (its docstring lists
+    them): ``fault_env(signal_at_step=3, nonfinite_steps=[3, 4])``."""
+    steps = {k: v if isinstance(v, list) else [v] for k, v in faults.items()}
+    return {"POLAR_PLUGINS": "tests.fault_hooks", **{f"POLAR_FAULT_{k.upper()}": ",".join(map(str, v))
+                                                      for k, v in steps.items()}}
+
+
+def train(config: Path, nproc: int = 1, *overrides: str, env: dict[str, str] | None = None
+          ) -> subprocess.CompletedProcess:
+    """`polar train` in fresh processes: plain python for one, torchrun for several; ``env`` adds variables
+    (e.g. :func:`fault_env`)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), **(env or {})}
     if nproc == 1:
         cmd = [sys.executable, "-m", "pretrain.cli", "train", str(config), *overrides]
     else:
