@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from models.config import ModelConfig
 from pretrain.console import import_deepspeed, output_to_log
 
 TAG_RE = re.compile(r"^step_(\d{8})$")
@@ -293,7 +294,8 @@ class Checkpointer:
 def check_compatible(saved: dict[str, Any], meta: dict[str, Any], where: Path) -> None:
     """Refuse a resume whose model or tokenizer differs from the checkpoint's, or a ZeRO-3 resize
     (nothing is loaded yet)."""
-    old_model, new_model = saved["config"]["model"], meta["config"]["model"]
+    # saved configs are compared in today's layout (an older layout of the same model is the same model)
+    old_model, new_model = ModelConfig.from_dict(saved["config"]["model"]).to_dict(), meta["config"]["model"]
     if old_model != new_model:
         diffs = _diff(old_model, new_model)
         raise CheckpointError(

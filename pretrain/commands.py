@@ -85,6 +85,7 @@ def finished_run_report(cfg) -> str | None:
     import torch
 
     from models.build import build_model
+    from models.config import ModelConfig
     from pretrain import checkpoint as ckpt
     from pretrain.export import checkpoint_location
     from pretrain.metrics import loss_summary
@@ -93,7 +94,7 @@ def finished_run_report(cfg) -> str | None:
     loc = checkpoint_location(cfg.run.dir)
     if loc is None:
         return None
-    if ckpt.read_state(*loc)["config"]["model"] != cfg.to_dict()["model"]:
+    if ModelConfig.from_dict(ckpt.read_state(*loc)["config"]["model"]).to_dict() != cfg.to_dict()["model"]:
         return None  # not this run's model: the trainer refuses it with the difference named
     step = ckpt.step_of(loc[1])
     with torch.device("meta"):

@@ -325,3 +325,16 @@ def test_no_architecture_chains_outside_the_registry():
 
 def test_polar_only_adapter_is_complete():
     assert isinstance(PolarOnlyAdapter("x"), HFAdapter)
+
+
+def test_a_run_saved_in_the_one_class_layout_resumes_and_a_real_change_is_still_refused(tmp_path):
+    """Catches resume comparing the saved model config as a raw dict: a run checkpointed before the per-architecture
+    split would read as 'trained with a different model config' and could never be resumed."""
+    from pretrain.checkpoint import CheckpointError, check_compatible
+
+    expected = ModelConfig.preset("mamba-tiny")
+    old = {**OLD_LAYOUT, "arch": "mamba", "ssm": {**OLD_LAYOUT["ssm"], **expected.to_dict()["ssm"]}}
+    meta = {"config": {"model": expected.to_dict(), "distributed": {"zero_stage": 2}}}
+    check_compatible({"config": {"model": old}}, meta, tmp_path)
+    with pytest.raises(CheckpointError, match="different model config.*d_model"):
+        check_compatible({"config": {"model": {**old, "d_model": 96}}}, meta, tmp_path)
