@@ -1,10 +1,16 @@
-"""CLI glue for `polar mqar train|eval` and `polar diagnose` (heavy modules load inside handlers)."""
+"""The eval package's commands: `polar eval KIND` (one subcommand per registered evaluation, eval/registry.py) and
+`polar eval sweep`, `polar mqar train|eval`, `polar diagnose` and `polar study depth` — each parser and its thin
+handler here, the logic in the module the handler calls. Heavy modules (torch, lm-eval's evaluator) load inside
+the handlers so `polar --help` stays instant."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 from pathlib import Path
+
+from eval.registry import DOCS, evaluations, get
 
 
 def _mqar_config(path: str, overrides: list[str]):
@@ -75,19 +81,146 @@ def run_diagnose(args: argparse.Namespace) -> int:
     return 0
 
 
+class _RecordingParser(argparse.ArgumentParser):
+    """A subcommand parser that keeps its own tokens as typed (``command_tokens``): a result records its
+    settings exactly as given, so the model card can print a command that reproduces it."""
+
+    def parse_known_args(self, args=None, namespace=None):
+        ns, extra = super().parse_known_args(args, namespace)
+        ns.command_tokens = list(args or [])
+        return ns, extra
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from eval.options import option_tokens
+
+    kind = get(args.evaluation)
+    result, paths = kind.evaluate(args, option_tokens(args.command_tokens, args.checkpoint))
+    if report := kind.report(result):
+        print(report)
+    if paths:
+        print("wrote " + ", ".join(str(p) for p in paths))
+    return 0
+
+
+def run_sweep_cmd(args: argparse.Namespace) -> int:
+    from eval.sweep import sweep
+
+    evals = {name: getattr(args, name) for name in evaluations() if getattr(args, name) is not None}
+    if not evals:
+        raise ValueError("nothing to evaluate: pass " + " and/or ".join(f'--{n} "..."' for n in evaluations()))
+    shard = None
+    if args.shard:
+        i, _, n = args.shard.partition("/")
+        if not (i.isdigit() and n.isdigit() and int(i) < int(n)):
+            raise ValueError(f"--shard {args.shard!r}: expected I/N with 0 <= I < N, e.g. 3/8")
+        shard = (int(i), int(n))
+    table = sweep(args.runs, args.every, evals, out=args.out, shard=shard)
+    if table:
+        print(table.read_text(), end="")
+    print(f"wrote {table}" if table else f"shard {args.shard} done")
+    return 0
+
+
+def _ints(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise ValueError(f"expected comma-separated integers like 2,4,8, got {text!r}") from None
+
+
+def _sbatch(script: str, *args: str) -> str:
+    out = subprocess.run(["sbatch", "--parsable", *args], input=script, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"sbatch failed: {out.stderr.strip()}")
+    return out.stdout.strip().split(";")[0]
+
+
+def run_study_cmd(args: argparse.Namespace) -> int:
+    from eval.study import combine, expand_grid, grid_table, load_study_config, render_study_sbatch, run_cell, run_study
+    from models.typed_config import parse_override_args
+
+    overrides = parse_override_args(args.overrides)
+    if args.depths:
+        overrides["study.depths"] = _ints(args.depths)
+    if args.seq_lens:
+        overrides["study.seq_lens"] = _ints(args.seq_lens)
+    cfg = load_study_config(args.config, overrides)
+    cells = expand_grid(cfg)
+    if args.cell is not None:  # one array task: no grid print, no combining
+        if not 0 <= args.cell < len(cells):
+            raise ValueError(f"--cell {args.cell}: the grid has cells 0..{len(cells) - 1}")
+        return 0 if run_cell(cfg, cells[args.cell]) else 1
+    if args.combine:
+        table = combine(cfg, cells)
+        print(table.read_text() if table else "no cell has scores yet", end="")
+        return 0
+    print(grid_table(cells), end="")
+    if args.plan:
+        return 0
+    if args.slurm:
+        flat = [*args.overrides, *(["--study.depths", f"[{args.depths}]"] if args.depths else []),
+                *(["--study.seq_lens", f"[{args.seq_lens}]"] if args.seq_lens else [])]
+        extra = [f"--{k}={v}" for k, v in (("time", args.time), ("partition", args.partition),
+                                           ("account", args.account)) if v]
+        extra += [f"--gpus-per-task={args.gpus}"] if args.gpus else []
+        array = render_study_sbatch(args.config, flat, cfg.study.dir, False, len(cells), extra)
+        final = render_study_sbatch(args.config, flat, cfg.study.dir, True, len(cells), extra)
+        if not args.submit:
+            print(array, "\n# --- then, after the array (sbatch --dependency=afterany:ARRAY_JOB) ---\n", final, sep="")
+            return 0
+        (cfg.study.dir / "logs").mkdir(parents=True, exist_ok=True)
+        job = _sbatch(array)
+        done = _sbatch(final, f"--dependency=afterany:{job}")
+        print(f"submitted array job {job} ({len(cells)} cells) and combining job {done}")
+        return 0
+    failed = run_study(cfg, cells)
+    table = cfg.study.dir / "study.md"
+    if table.is_file():
+        print(table.read_text(), end="")
+        print(f"wrote {table}, study.csv, study.json and study.png in {cfg.study.dir}")
+    if failed:
+        print(f"failed cells (rerun to retry them): {', '.join(failed)}")
+    return 1 if failed else 0
+
+
 def register(sub: argparse._SubParsersAction) -> None:
+    ev = sub.add_parser("eval", help="evaluate checkpoints: " + ", ".join(evaluations()) + "; sweeps over steps",
+                        description="Evaluate checkpoints. CHECKPOINT is a run directory (latest checkpoint, or "
+                        f"--step N), a checkpoint tag folder, an exported folder or a transformers model. See {DOCS}.")
+    evsub = ev.add_subparsers(dest="eval_command", metavar="EVAL", required=True, parser_class=_RecordingParser)
+    for name, kind in evaluations().items():
+        p = evsub.add_parser(name, help=kind.help, description=kind.description, usage=kind.usage,
+                             allow_abbrev=False)
+        kind.add_arguments(p)
+        p.set_defaults(func=run_eval, evaluation=name)
+
+    p = evsub.add_parser(
+        "sweep", help="evaluate every (K-th) checkpoint of one or more runs; resumable; tables and plots",
+        description="Run evaluations (one --KIND \"OPTIONS\" each, as `polar eval KIND` takes them) on every K-th "
+        "checkpoint of each RUN, results kept in RUN/eval/step-N/ and reused when the options match. Writes "
+        f"sweep.{{csv,md}} and plots to --out. See {DOCS}.",
+    )
+    p.add_argument("runs", nargs="+", help="run directories (runs/NAME)")
+    p.add_argument("--every", type=int, default=1, help="evaluate every K-th checkpoint (the latest always); "
+                   "default 1")
+    for name in evaluations():
+        p.add_argument(f"--{name}", default=None, metavar="OPTIONS",
+                       help=f"options of `polar eval {name}` as one quoted string")
+    p.add_argument("--out", default=None, help="folder for the combined table and plots (default: RUNS_PARENT/sweep)")
+    p.add_argument("--shard", default=None, metavar="I/N", help="evaluate only the I-th of N slices of the jobs "
+                   "and write no table (SLURM array tasks; a final call without --shard combines)")
+    p.set_defaults(func=run_sweep_cmd)
+
     p = sub.add_parser("mqar", help="multi-query associative recall: train and score the paper's Table 2",
                        description="Multi-query associative recall (zoology's multiquery_ar; the paper's Table 2). "
                        "See `polar mqar train --help` and `polar mqar eval --help`.")
     mqar = p.add_subparsers(dest="mqar_command", metavar="SUBCOMMAND", required=True)
     t = mqar.add_parser(
         "train", help="train and score every variant x depth of a sweep config",
-        description="Train each sweep.variants entry (default, ones, zeros, both) at each sweep.n_layers depth "
-        "on the data.train curriculum, score it on data.eval, and write OUT/NAME/results.{json,md} (with the "
-        "paper's Table 2 beside ours, cell for cell, when the eval stages are the paper's). Each cell reports its "
-        "throughput (training tokens/s). Finished cells are skipped (rerun to continue an interrupted sweep; "
-        "--force retrains). Dotted overrides apply (--optim.lr 3e-3 --model.polarize.zero_mode exact). "
-        "Example: polar mqar train configs/mqar/paper.yaml; --plan prints each cell's cost first.",
+        description="Train the MQAR sweep (variants x depths x learning rates, best kept per cell), then write the "
+        "paper's "
+        "Table 2 as results.{json,md}. Finished cells are skipped; --plan prints the cost. See docs/reproduction.md.",
     )
     t.add_argument("config", help="MQAR sweep YAML, e.g. configs/mqar/cpu.yaml or configs/mqar/paper.yaml")
     t.add_argument("--variant", action="append", help="train only this variant (repeatable)")
@@ -98,10 +231,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.set_defaults(func=run_mqar_train, accepts_overrides=True)
     e = mqar.add_parser(
         "eval", help="score a trained sweep, one cell, or any checkpoint on MQAR",
-        description="With a sweep CONFIG: re-score every trained cell and rewrite the table. With a cell folder "
-        "(OUT/NAME/VARIANT-LN): score it on its own eval stages (or --config's). With a run directory, "
-        "checkpoint tag or exported folder: score it on --config's eval stages (its vocabulary must cover "
-        "data.vocab_size). Writes mqar_eval.json to --out (default: TARGET).",
+        description="Score on MQAR: a sweep CONFIG re-scores every cell and rewrites the table; a cell folder or "
+        "any checkpoint "
+        "(with --config for the eval stages) writes mqar_eval.json. See docs/reproduction.md.",
     )
     e.add_argument("target", help="sweep config YAML, cell folder, run directory or exported folder")
     e.add_argument("--config", default=None, help="MQAR config whose data.eval stages to use")
@@ -111,14 +243,10 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     d = sub.add_parser(
         "diagnose", help="recency, over-smoothing and A-range diagnostics (paper Fig. 1, 5, 6)",
-        description="For each TARGET (a YAML config: a fresh model from its model section; an MQAR cell folder; "
-        "a run directory, checkpoint tag or exported folder; any transformers causal LM folder or Hub id, e.g. "
-        "state-spaces/mamba-130m-hf or EleutherAI/pythia-160m) measure on random token sequences, through hooks on "
-        "each decoder layer's mixer: the influence "
-        "|dy_t/dx_s| of each layer against distance t-s (Fig. 1), the average pairwise difference of token "
-        "features after each mixer and block (Fig. 5), and the cumulative histogram of A_max - A_min over "
-        "the learned SSM channels (Fig. 6, Mamba only). Writes {recency,oversmoothing,a_range}.{json,png} "
-        "to --out, several targets overlaid.",
+        description="Per-layer recency (influence vs distance), over-smoothing (feature similarity by depth) and "
+        "A-range "
+        "diagnostics for each TARGET (a config, an MQAR cell, a run, an export or a transformers model), "
+        "overlaid in one plot per measure. See docs/reproduction.md.",
     )
     d.add_argument("targets", nargs="+", metavar="TARGET", help="config YAML, MQAR cell, run directory, export, "
                    "transformers folder or Hub id")
@@ -129,3 +257,29 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--seq-len", type=int, default=128, help="sequence length (default 128)")
     d.add_argument("--seed", type=int, default=0, help="seed of the inputs and the projection (default 0)")
     d.set_defaults(func=run_diagnose)
+
+    st = sub.add_parser("study", help="the paper's studies as sweeps: depth x context length at fixed size (Fig. 4)",
+                        description="Sweeps that reproduce the paper's studies. See `polar study depth --help`.")
+    kinds = st.add_subparsers(dest="study_command", metavar="STUDY", required=True)
+    p = kinds.add_parser(
+        "depth", help="train and score a depth x context-length grid at fixed parameter count (Fig. 4)",
+        description="The paper's Fig. 4: baseline/polarized x depth x context-length cells at fixed counted "
+        "parameters, trained "
+        "here or as a SLURM array (--slurm), scored (loss by context, NIAH) and combined into study.{json,csv,md,png}; "
+        "finished cells are skipped. See docs/studies.md.",
+    )
+    p.add_argument("config", help="study config (configs/studies/*.yaml)")
+    p.add_argument("--depths", default=None, help="comma-separated layer counts (default: the config's)")
+    p.add_argument("--seq-lens", default=None, help="comma-separated training context lengths (default: the config's)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--plan", action="store_true", help="print the grid with counted parameters and stop")
+    mode.add_argument("--cell", type=int, default=None, metavar="I",
+                      help="train and score only cell I (what SLURM array tasks run)")
+    mode.add_argument("--combine", action="store_true", help="only write the combined table and plot")
+    mode.add_argument("--slurm", action="store_true", help="render the SLURM array + combining job (add --submit)")
+    p.add_argument("--submit", action="store_true", help="with --slurm: submit them with sbatch")
+    p.add_argument("--time", help="with --slurm: time limit per cell, e.g. 04:00:00")
+    p.add_argument("--partition", help="with --slurm: partition")
+    p.add_argument("--account", help="with --slurm: account")
+    p.add_argument("--gpus", type=int, default=0, help="with --slurm: GPUs per cell (default 0)")
+    p.set_defaults(func=run_study_cmd, accepts_overrides=True)

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from launch.render import fill_sbatch
 from models.typed_config import ConfigError, apply_overrides, from_dict, load_yaml
 
 DEFAULT_VARIANTS = {"baseline": {"polarize.ones": 0, "polarize.zeros": 0},
@@ -365,3 +366,17 @@ def plot_study(results: list[dict], path: Path, title: str) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+STUDY_TEMPLATE = Path(__file__).resolve().parents[1] / "launch" / "slurm" / "study.sbatch"
+
+
+def render_study_sbatch(config: str, overrides: list[str], out_dir: Path, combine: bool, cells: int,
+                        extra: list[str]) -> str:
+    """study.sbatch with this study's variables and #SBATCH directives (array or combining job) filled in."""
+    directives = [f"--output={out_dir.resolve()}/logs/slurm-%A_%a.out"]
+    directives += [f"--array=0-{cells - 1}"] if not combine else ["--job-name=polar-study-combine"]
+    directives += extra
+    env = {"STUDY_CONFIG": str(Path(config).resolve()), "POLAR_OVERRIDES": " ".join(overrides),
+           "POLAR_PYTHON": sys.executable, **({"COMBINE": "1"} if combine else {})}
+    return fill_sbatch(STUDY_TEMPLATE, directives, env)

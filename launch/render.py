@@ -1,19 +1,25 @@
-"""`polar launch slurm` and `polar launch local`: validate a recipe, then render + submit the SLURM
-script (launch/slurm/train.sbatch) or run torchrun on this node."""
+"""Rendering SLURM scripts: the multi-node training script (launch/slurm/train.sbatch) for a validated recipe, and
+the template filling other scripts (a study's job array, eval/study.py) share."""
 
 from __future__ import annotations
 
-import argparse
-import os
 import shlex
-import subprocess
 import sys
 from pathlib import Path
 
 TEMPLATE = Path(__file__).with_name("slurm") / "train.sbatch"
 
 
-def _validated(config: str, overrides: list[str]):
+def fill_sbatch(template: Path, directives: list[str], env: dict[str, str]) -> str:
+    """``template`` with ``#SBATCH`` ``directives`` and exported ``env`` variables inserted after its own #SBATCH
+    block (later directives win) and before its first command."""
+    lines = template.read_text().splitlines()
+    first_cmd = next(i for i, line in enumerate(lines) if i > 0 and line.strip() and not line.startswith("#"))
+    block = [f"#SBATCH {d}" for d in directives] + [""] + [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
+    return "\n".join(lines[:first_cmd] + block + [""] + lines[first_cmd:]) + "\n"
+
+
+def validated(config: str, overrides: list[str]):
     from models.typed_config import parse_override_args
     from pretrain.config import load_config
 
@@ -23,7 +29,7 @@ def _validated(config: str, overrides: list[str]):
 def render_slurm(config: str, overrides: list[str], nodes: int, gpus_per_node: int, nproc_per_node: int | None,
                  time: str | None, partition: str | None, account: str | None) -> str:
     """The train.sbatch script with this job's #SBATCH resources and variables filled in."""
-    cfg = _validated(config, overrides)
+    cfg = validated(config, overrides)
     run_dir = cfg.run.dir.resolve()
     directives = [f"--job-name=polar-{cfg.run.name}", f"--nodes={nodes}", f"--output={run_dir}/logs/slurm-%j.out"]
     if gpus_per_node:
@@ -35,65 +41,5 @@ def render_slurm(config: str, overrides: list[str], nodes: int, gpus_per_node: i
         "NPROC_PER_NODE": str(nproc_per_node or gpus_per_node or 1),
         "POLAR_PYTHON": sys.executable,
     }
-    lines = TEMPLATE.read_text().splitlines()
-    # after the template's own #SBATCH block (later directives win), before the first command
-    first_cmd = next(i for i, line in enumerate(lines) if i > 0 and line.strip() and not line.startswith("#"))
-    block = [f"#SBATCH {d}" for d in directives] + [""] + [f"export {k}={shlex.quote(v)}" for k, v in env.items()]
-    return "\n".join(lines[:first_cmd] + block + [""] + lines[first_cmd:]) + "\n"
+    return fill_sbatch(TEMPLATE, directives, env)
 
-
-def run_slurm(args: argparse.Namespace) -> int:
-    script = render_slurm(args.config, args.overrides, args.nodes, args.gpus_per_node, args.nproc_per_node,
-                          args.time, args.partition, args.account)
-    if not args.submit:
-        print(script, end="")
-        return 0
-    _validated(args.config, args.overrides).run.dir.joinpath("logs").mkdir(parents=True, exist_ok=True)
-    out = subprocess.run(["sbatch", "--parsable"], input=script, capture_output=True, text=True)
-    if out.returncode != 0:
-        raise RuntimeError(f"sbatch failed: {out.stderr.strip()}")
-    print(f"submitted job {out.stdout.strip()}")
-    return 0
-
-
-def run_local(args: argparse.Namespace) -> int:
-    _validated(args.config, args.overrides)
-    env = {**os.environ}
-    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.nproc_per_node)))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.nproc_per_node}",
-           "-m", "pretrain.cli", "train", args.config, *args.overrides]
-    return subprocess.call(cmd, env=env)
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    launch = sub.add_parser("launch", help="run training on SLURM or on this node (torchrun)",
-                            description="Launch `polar train` on a SLURM cluster or on this node.")
-    kinds = launch.add_subparsers(dest="launcher", metavar="LAUNCHER", required=True)
-
-    p = kinds.add_parser(
-        "slurm", help="render (and submit) the multi-node SLURM script for a recipe",
-        description="Validate CONFIG, then print launch/slurm/train.sbatch with this job's resources filled in "
-        "(--dry-run, the default) or submit it with sbatch (--submit). The job runs torchrun on every node, "
-        "checkpoints on SIGUSR1/SIGTERM before the time limit or on preemption, requeues itself and resumes. "
-        "Dotted overrides (--optim.lr 1e-3) are passed to polar train.",
-    )
-    p.add_argument("config", help="training recipe (configs/*.yaml)")
-    p.add_argument("--nodes", type=int, default=1, help="nodes (default 1)")
-    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per node; 0 for CPU-only nodes (default 8)")
-    p.add_argument("--nproc-per-node", type=int, default=None, help="processes per node (default: GPUs per node)")
-    p.add_argument("--time", help="time limit, e.g. 24:00:00")
-    p.add_argument("--partition", help="SLURM partition")
-    p.add_argument("--account", help="SLURM account")
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--dry-run", action="store_true", help="print the script (default)")
-    mode.add_argument("--submit", action="store_true", help="submit it with sbatch")
-    p.set_defaults(func=run_slurm, accepts_overrides=True)
-
-    p = kinds.add_parser(
-        "local", help="train on this node with torchrun",
-        description="Validate CONFIG, then run `torchrun --standalone --nproc-per-node N -m pretrain.cli train "
-        "CONFIG` (OMP_NUM_THREADS defaults to cores / N). Dotted overrides are passed to polar train.",
-    )
-    p.add_argument("config", help="training recipe (configs/*.yaml)")
-    p.add_argument("--nproc-per-node", type=int, default=1, help="processes on this node (default 1)")
-    p.set_defaults(func=run_local, accepts_overrides=True)

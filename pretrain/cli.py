@@ -1,9 +1,10 @@
-"""The `polar` command line: one entry point; every subcommand is registered here, in one place.
+"""The `polar` command line: one entry point over the packages' commands.
 
-Each subcommand lives with the package that owns it, in a module exposing ``register(subparsers)``
-that adds its parser (with help text) and sets ``func`` (and ``accepts_overrides=True`` when it
-takes dotted ``--section.key VALUE`` config overrides). Heavy imports happen inside the handlers so
-``polar --help`` stays instant.
+Every command is declared in its package's ``commands.py`` (tokenizer, pretrain, launch, eval): one
+``register(subparsers)`` adding each parser (short help, a docs link for the long story) with its thin
+handler (``func``; ``accepts_overrides=True`` when it takes dotted ``--section.key VALUE`` overrides), while
+the logic stays in the module the handler calls. Heavy imports happen inside the handlers so ``polar --help``
+stays instant.
 """
 
 from __future__ import annotations
@@ -16,17 +17,7 @@ import sys
 from models.plugins import load_plugins
 from pretrain.console import configure_logging
 
-# Order here is the order in `polar --help`.
-SUBCOMMAND_MODULES = [
-    "pretrain.info",
-    "tokenizer.cli",
-    "pretrain.prepare",
-    "pretrain.commands",
-    "launch.render",
-    "eval.cli",
-    "eval.commands",
-    "eval.study_cli",
-]
+SUBCOMMAND_MODULES = ["tokenizer.commands", "pretrain.commands", "launch.commands", "eval.commands"]
 
 # Bad input (config typos, missing files, corrupt data) surfaces as these; they print as one line.
 USER_ERRORS = (ValueError, OSError, RuntimeError)  # OSError covers missing files, full disks, permissions

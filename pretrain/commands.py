@@ -1,4 +1,6 @@
-"""CLI glue for `polar train`, `polar plan` and `polar export` (heavy modules load inside handlers)."""
+"""The pretrain package's commands: `polar prepare`, `plan`, `train`, `export`, `publish` and `info` — each
+parser and its thin handler here, the logic in the module the handler calls. Heavy modules load inside handlers
+so `polar --help` stays instant."""
 
 from __future__ import annotations
 
@@ -169,14 +171,63 @@ def run_publish(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_prepare(args: argparse.Namespace) -> int:
+    import time
+
+    from pretrain.prepare import PrepareConfig, prepare
+
+    cfg = PrepareConfig(
+        dataset=args.dataset,
+        tokenizer=args.tokenizer,
+        out=args.out,
+        val_fraction=args.val_fraction,
+        num_proc=args.num_proc,
+        force=args.force,
+        text_field=args.text_field,
+        shard_tokens=args.shard_tokens,
+    )
+    t0 = time.perf_counter()
+    manifest = prepare(cfg)
+    dt = time.perf_counter() - t0
+    total = sum(s["tokens"] for s in manifest["splits"].values())
+    for name, s in manifest["splits"].items():
+        print(f"{name:<5} {s['documents']:>10,} docs {s['tokens']:>14,} tokens in {len(s['shards'])} shard(s)")
+    print(f"wrote {cfg.out} ({manifest['dtype']}) in {dt:.1f}s: {total / dt / 1e6:.2f}M tokens/s")
+    return 0
+
+def run_info(args: argparse.Namespace) -> int:
+    from pretrain.info import print_info
+
+    print_info()
+    return 0
+
 def register(sub: argparse._SubParsersAction) -> None:
+    from tokenizer.commands import SPEC_HELP
+
+    p = sub.add_parser(
+        "prepare",
+        help="tokenize a dataset into train/val token shards",
+        description="Tokenize a dataset into memory-mapped token shards (OUT/{train,val}_NNNNN.bin, each document "
+        "followed by EOS) plus OUT/manifest.json (tokenizer fingerprint, counts, sha256 per shard), written "
+        "atomically. See docs/data.md.",
+    )
+    p.add_argument("--dataset", required=True, metavar="SPEC", help=SPEC_HELP)
+    p.add_argument("--tokenizer", required=True, metavar="PATH", help="tokenizer dir or SentencePiece .model file")
+    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
+    p.add_argument("--val-fraction", type=float, default=0.01, metavar="F", help="share of documents held out")
+    p.add_argument("--num-proc", type=int, metavar="N", help="encoder threads (default: all usable cores)")
+    p.add_argument("--text-field", default="text", metavar="F", help="text field of json/parquet/hub records")
+    p.add_argument("--shard-tokens", type=int, default=1 << 28, metavar="N", help="tokens per shard file")
+    p.add_argument("--force", action="store_true", help="replace an existing --out (only once the new one is done)")
+    p.set_defaults(func=run_prepare)
+
     p = sub.add_parser(
         "train", add_help=False,
         help="train a model from a YAML recipe (DeepSpeed ZeRO; resumes automatically)",
-        description="Train from a YAML recipe with DeepSpeed ZeRO. Override any key with dotted flags "
-        "(--optim.lr 1e-3 --model.n_layer 12). Run one process directly, or several under torchrun / the "
-        "deepspeed launcher / srun (torchrun --nproc_per_node 2 -m pretrain.cli train CONFIG). If "
-        "RUN/checkpoints/latest exists the run resumes from it; a finished run reports and exits. " + EXIT_CODES,
+        description="Train from a YAML recipe with DeepSpeed ZeRO; override any key with dotted flags (--optim.lr "
+        "1e-3). Runs alone "
+        "or under torchrun/deepspeed/srun; resumes from RUN/checkpoints/latest. Exit codes: 0 done, 75 preempted "
+        "(rerun), 3 non-finite, 2 bad input. See docs/training.md.",
     )
     p.add_argument("-h", "--help", action=ConfigHelp, help="show this help, with every config key and its default")
     p.add_argument("config", help="YAML recipe, e.g. configs/demo-cpu.yaml")
@@ -185,11 +236,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "plan", add_help=False,
         help="print a recipe's parameters, tokens, steps, FLOPs and GPU-hours",
-        description="Budget a recipe without training: counted parameters, token budget (Chinchilla "
-        "tokens_per_param x params unless steps/tokens are explicit), optimizer steps, tokens per parameter, "
-        "training FLOPs (counted per op, 3x forward), GPU-hours at a given MFU, the batch split over --gpus (with a "
-        "warning when it does not divide) and the memory per GPU (model state by ZeRO stage, activations at the "
-        "micro-batch). Accepts dotted overrides.",
+        description="Budget a recipe without training: counted parameters, tokens, steps, FLOPs, GPU-hours at "
+        "--mfu, the batch "
+        "split over --gpus and memory per GPU. Accepts dotted overrides. See docs/training.md.",
     )
     p.add_argument("-h", "--help", action=ConfigHelp, help="show this help, with every config key and its default")
     p.add_argument("config", help="YAML recipe, e.g. configs/chinchilla-130m.yaml")
@@ -202,10 +251,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "export",
         help="consolidate a checkpoint into a Hugging Face folder",
-        description="Consolidate a training checkpoint (any ZeRO stage) into config.json + model.safetensors "
-        "(+ the tokenizer) that polar and the architecture's stock transformers class load (Mamba: "
-        "MambaForCausalLM, Mamba-2: Mamba2ForCausalLM, Transformer: LlamaForCausalLM; a polarized Mamba-2 or a "
-        "plugin architecture loads with polar only, docs/architecture.md).",
+        description="Consolidate a checkpoint (any ZeRO stage) into config.json + model.safetensors + the "
+        "tokenizer, loadable by "
+        "polar and by the architecture's stock transformers class. See docs/publish.md.",
     )
     p.add_argument("run", help="run directory (runs/NAME), its checkpoints/ folder or one checkpoint tag folder")
     p.add_argument("--step", type=int, default=None, help="checkpoint step (default: latest)")
@@ -216,13 +264,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "publish",
         help="publish a checkpoint to the Hugging Face Hub (model card, tokenizer, stock-transformers weights)",
-        description="Consolidate a checkpoint into a Hub-ready folder — model.safetensors (sharded past 2 GB), "
-        "config.json for transformers.MambaForCausalLM (or Mamba2ForCausalLM), generation_config.json, the "
-        "tokenizer (SentencePiece + Hugging Face files with identical ids) and a model card with the training "
-        "facts, losses and evaluation results of that step (RUN/eval/step-N/; --limit results marked partial) — "
-        "check it, and upload it as one commit to branch stepN (like Pythia) unless --revision says otherwise. "
-        "The token comes from HF_TOKEN or `huggingface-cli login`. "
-        "--dry-run builds and checks the folder without uploading (into --out, default RUN/hub/step-N).",
+        description="Build a Hub-ready folder from a checkpoint (stock-transformers weights, tokenizer, a model "
+        "card with that "
+        "step's losses and evaluations), check it and upload it as one commit to branch stepN; --dry-run only "
+        "builds it. See docs/publish.md.",
     )
     p.add_argument("run", help="run directory (runs/NAME) or a checkpoint tag folder")
     p.add_argument("--repo-id", required=True, help="ORG/NAME on the Hub (created if missing)")
@@ -237,3 +282,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "RUN/hub/step-N with --dry-run)")
     p.add_argument("--force", action="store_true", help="replace an existing --out folder")
     p.set_defaults(func=run_publish)
+
+    p = sub.add_parser(
+        "info",
+        help="versions, chosen kernel backends and model presets",
+        description="Print library versions, the kernel backend each op uses on this machine "
+        "(POLAR_KERNELS overrides it) and every model preset with its counted parameters.",
+    )
+    p.set_defaults(func=run_info)

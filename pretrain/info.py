@@ -1,8 +1,7 @@
-"""`polar info`: library versions, the kernel backend each op will use, and every model preset's size."""
+"""What `polar info` prints: library versions, the kernel backend each op will use, and every model preset's size."""
 
 from __future__ import annotations
 
-import argparse
 import importlib.metadata
 import platform
 
@@ -27,7 +26,7 @@ def preset_parameter_counts() -> dict[str, int]:
     return counts
 
 
-def run(args: argparse.Namespace) -> int:
+def print_info() -> None:
     import torch
 
     from kernels import dispatch
@@ -54,14 +53,4 @@ def run(args: argparse.Namespace) -> int:
         for name, cfg in configs.items():
             print(f"    {name:<18} {counts[name]:>14,} {cfg.d_model:>8} {cfg.n_layer:>8}"
                   + "".join(f" {extra[name][k]:>12}" for k in keys))
-    return 0
 
-
-def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "info",
-        help="versions, chosen kernel backends and model presets",
-        description="Print library versions, the kernel backend each op uses on this machine "
-        "(POLAR_KERNELS overrides it) and every model preset with its counted parameters.",
-    )
-    p.set_defaults(func=run)

@@ -9,7 +9,6 @@ Everything is written to a temporary directory next to ``--out`` and renamed int
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import itertools
 import math
@@ -174,48 +173,3 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     write_atomically(out, cfg.force, fill)
     return manifest
 
-
-def run(args: argparse.Namespace) -> int:
-    import time
-
-    cfg = PrepareConfig(
-        dataset=args.dataset,
-        tokenizer=args.tokenizer,
-        out=args.out,
-        val_fraction=args.val_fraction,
-        num_proc=args.num_proc,
-        force=args.force,
-        text_field=args.text_field,
-        shard_tokens=args.shard_tokens,
-    )
-    t0 = time.perf_counter()
-    manifest = prepare(cfg)
-    dt = time.perf_counter() - t0
-    total = sum(s["tokens"] for s in manifest["splits"].values())
-    for name, s in manifest["splits"].items():
-        print(f"{name:<5} {s['documents']:>10,} docs {s['tokens']:>14,} tokens in {len(s['shards'])} shard(s)")
-    print(f"wrote {cfg.out} ({manifest['dtype']}) in {dt:.1f}s: {total / dt / 1e6:.2f}M tokens/s")
-    return 0
-
-
-def register(sub: argparse._SubParsersAction) -> None:
-    from tokenizer.cli import SPEC_HELP
-
-    p = sub.add_parser(
-        "prepare",
-        help="tokenize a dataset into train/val token shards",
-        description="Tokenize a dataset into memory-mapped token shards for training: documents are encoded in "
-        "parallel, each followed by EOS, and written as OUT/{train,val}_NNNNN.bin (uint16 when the vocab fits, "
-        "else uint32) plus OUT/manifest.json (tokenizer fingerprint, dtype, token counts, sha256 per shard). "
-        "A deterministic --val-fraction of documents forms the val split. OUT is written atomically. "
-        f"SPEC: {SPEC_HELP}.",
-    )
-    p.add_argument("--dataset", required=True, metavar="SPEC", help=SPEC_HELP)
-    p.add_argument("--tokenizer", required=True, metavar="PATH", help="tokenizer dir or SentencePiece .model file")
-    p.add_argument("--out", required=True, metavar="DIR", help="output directory")
-    p.add_argument("--val-fraction", type=float, default=0.01, metavar="F", help="share of documents held out")
-    p.add_argument("--num-proc", type=int, metavar="N", help="encoder threads (default: all usable cores)")
-    p.add_argument("--text-field", default="text", metavar="F", help="text field of json/parquet/hub records")
-    p.add_argument("--shard-tokens", type=int, default=1 << 28, metavar="N", help="tokens per shard file")
-    p.add_argument("--force", action="store_true", help="replace an existing --out (only once the new one is done)")
-    p.set_defaults(func=run)

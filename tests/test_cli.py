@@ -140,3 +140,29 @@ def test_bookkeeping_logs_go_to_the_log_file_not_the_terminal(tmp_path, monkeypa
         for h in logging.getLogger().handlers[:]:
             h.close()
             logging.getLogger().removeHandler(h)
+
+
+def _commands(parser, path=()):
+    """(path, parser, the module that declared its handler) for every leaf command."""
+    sub = [a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction"]
+    if not sub:
+        yield path, parser
+    for action in sub:
+        for name, child in action.choices.items():
+            yield from _commands(child, (*path, name))
+
+
+def test_every_command_is_declared_in_its_packages_commands_module_with_short_help():
+    """One CLI layout: each command's handler comes from ``<package>/commands.py`` (not from a domain module or a
+    ``*_cli.py`` variant), and its description is short, pointing to docs/ for the long story. Catches a command
+    registered from a stray module (a new naming style) and help that grows back into a page of prose."""
+    from pretrain.cli import SUBCOMMAND_MODULES, build_parser
+
+    assert all(m.endswith(".commands") for m in SUBCOMMAND_MODULES)
+    for path, parser in _commands(build_parser()):
+        func = parser.get_default("func")
+        assert func is not None and func.__module__ in SUBCOMMAND_MODULES, (path, func)
+        description = parser.description or ""
+        assert 0 < len(description) <= 320, (path, len(description))
+        if len(description) > 200:
+            assert "docs/" in description, path

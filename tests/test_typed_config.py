@@ -5,6 +5,7 @@ from typing import Literal
 
 import pytest
 
+from models.config import ModelConfig
 from models.typed_config import ConfigError, apply_overrides, from_dict, load_yaml, parse_override_args
 
 
@@ -83,21 +84,26 @@ def _numeric_fields(cls, prefix=""):
 
 
 def test_every_numeric_training_field_is_bounded_and_checked():
-    """Each int/float key of the training config tree carries bounds, and a value past them is refused
-    naming the key (e.g. a negative warmup)."""
+    """Each int/float key of the training config tree — and of every registered architecture's model section —
+    carries bounds, and a value past them is refused naming the key (e.g. a negative warmup). Catches a new
+    field (or a new architecture's) that accepts nonsense silently."""
     import dataclasses
 
+    from models.registry import registered_archs
     from pretrain.config import TrainConfig, build_config
 
-    fields = list(_numeric_fields(TrainConfig))
-    assert len(fields) > 30
-    unbounded = [k for k, f in fields if "bounds" not in f.metadata]
+    fields = [(k, f, "mamba-tiny") for k, f in _numeric_fields(TrainConfig) if not k.startswith("model.")]
+    for spec in registered_archs():
+        preset = min(spec.presets, key=lambda name: ModelConfig.preset(name).d_model)
+        fields += [(k, f, preset) for k, f in _numeric_fields(spec.config, "model.")]
+    assert len(fields) > 40
+    unbounded = [k for k, f, _ in fields if "bounds" not in f.metadata]
     assert unbounded == [], unbounded
-    for key, f in fields:
+    for key, f, preset in fields:
         bounds = f.metadata["bounds"]
         bad = bounds["gt"] if "gt" in bounds else bounds["ge"] - 1 if "ge" in bounds else \
             bounds["lt"] if "lt" in bounds else bounds["le"] + 1
         if f.default_factory is not dataclasses.MISSING:  # a list: one bad item among good ones
             bad = [*f.default_factory()[:1], bad]
         with pytest.raises(ConfigError, match=rf"{key.replace('.', '[.]')} must be"):
-            build_config({"model": {"preset": "mamba-tiny"}}, {key: bad})
+            build_config({"model": {"preset": preset}}, {key: bad})

@@ -1,4 +1,5 @@
-"""`polar tokenizer train`: train a lossless SentencePiece BPE tokenizer from files or a dataset spec."""
+"""The tokenizer package's commands: `polar tokenizer train` (a lossless SentencePiece BPE tokenizer from files or a
+dataset spec; the logic is tokenizer/train.py)."""
 
 from __future__ import annotations
 
@@ -38,7 +39,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         help="train a SentencePiece BPE tokenizer",
         description="Train a SentencePiece BPE tokenizer with byte fallback and no normalization, so that "
         "decode(encode(text)) == text for any UTF-8 text. Special ids: pad=0, unk=1, bos=2, eos=3. Writes "
-        "OUT/tokenizer.model and OUT/polar_tokenizer.json (vocab size, special ids, sha256 fingerprint, settings).",
+        "OUT/tokenizer.model and OUT/polar_tokenizer.json (vocab, special ids, fingerprint). See docs/data.md.",
     )
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--input", nargs="+", metavar="FILE", help="local .jsonl/.json/.parquet/.txt files, globs or dirs")
