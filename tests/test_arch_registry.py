@@ -268,12 +268,13 @@ def test_mamba2_chinchilla_recipes_match_the_mamba_ones():
 
 
 def _imports(path: Path) -> list[tuple[str, bool]]:
-    """(imported module, inside a function) for every import of ``path``."""
+    """(imported module, inside a function or a TYPE_CHECKING block: not run at import) for every import of ``path``."""
     tree, out = ast.parse(path.read_text()), []
 
     def visit(node, in_function):
         for child in ast.iter_child_nodes(node):
-            nested = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef))
+            typing_only = isinstance(child, ast.If) and getattr(child.test, "id", None) == "TYPE_CHECKING"
+            nested = in_function or typing_only or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef))
             if isinstance(child, ast.Import):
                 out.extend((a.name, nested) for a in child.names)
             elif isinstance(child, ast.ImportFrom) and child.module:
@@ -286,16 +287,7 @@ def _imports(path: Path) -> list[tuple[str, bool]]:
     return out
 
 
-def test_models_imports_point_one_way():
-    """models/*.py import each other without a cycle, with no import inside a function to dodge one, and the model
-    modules (mamba, mamba2, transformer) take shared parts from shared modules, not from each other. Catches the old
-    build -> mamba -> hub -> hf -> build circle and transformer.py importing RMSNorm from mamba.py."""
-    graph = {}
-    for path in sorted((ROOT / "models").glob("*.py")):
-        name = "models" if path.stem == "__init__" else f"models.{path.stem}"
-        imports = _imports(path)
-        assert not [m for m, nested in imports if nested and m.startswith("models")], f"{name} imports in a function"
-        graph[name] = {m for m, _ in imports if m == "models" or m.startswith("models.")} - {name}
+def _assert_acyclic(graph: dict[str, set[str]]) -> None:
     state = {}
 
     def visit(node, trail):
@@ -309,9 +301,41 @@ def test_models_imports_point_one_way():
 
     for node in graph:
         visit(node, [])
+
+
+def test_models_imports_point_one_way():
+    """models/*.py import each other without a cycle, with no import inside a function to dodge one, and the model
+    modules (mamba, mamba2, transformer) take shared parts from shared modules, not from each other. Catches the old
+    build -> mamba -> hub -> hf -> build circle and transformer.py importing RMSNorm from mamba.py."""
+    graph = {}
+    for path in sorted((ROOT / "models").glob("*.py")):
+        name = "models" if path.stem == "__init__" else f"models.{path.stem}"
+        imports = _imports(path)
+        assert not [m for m, nested in imports if nested and m.startswith("models")], f"{name} imports in a function"
+        graph[name] = {m for m, _ in imports if m == "models" or m.startswith("models.")} - {name}
+    _assert_acyclic(graph)
     model_modules = {"models.mamba", "models.mamba2", "models.transformer"}
     for module in model_modules:
         assert not graph[module] & (model_modules - {module}), f"{module} imports another model module"
+
+
+# A package imports only packages of a lower layer at module level (imports inside handlers are lazy loads).
+LAYERS = {"kernels": 0, "tokenizer": 0, "models": 1, "pretrain": 2, "launch": 3, "eval": 4}
+
+
+def test_project_imports_are_acyclic_and_layered():
+    """Module-level imports across every package form no cycle, and each points down the layers kernels/tokenizer
+    <- models <- pretrain <- launch <- eval. Catches a circle between packages (e.g. pretrain importing eval at
+    module level while eval imports pretrain) that would only show as an ImportError in some import order."""
+    graph, wrong = {}, []
+    for pkg in LAYERS:
+        for path in sorted((ROOT / pkg).rglob("*.py")):
+            name = ".".join(path.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+            deps = {m for m, nested in _imports(path) if not nested and m.split(".")[0] in LAYERS}
+            graph[name] = deps - {name}
+            wrong += [f"{name} -> {d}" for d in deps if LAYERS[d.split(".")[0]] > LAYERS[pkg]]
+    assert wrong == []
+    _assert_acyclic(graph)
 
 
 def test_no_architecture_chains_outside_the_registry():
