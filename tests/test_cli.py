@@ -98,16 +98,8 @@ def test_one_flag_grammar_across_subcommands():
     """--dry-run is a switch, --out a folder, --nproc-per-node the process count, wherever they appear."""
     from pretrain.cli import build_parser
 
-    def options(parser, path=()):
-        sub = [a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction"]
-        if not sub:
-            yield path, parser
-        for action in sub:
-            for name, child in action.choices.items():
-                yield from options(child, (*path, name))
-
     seen = set()
-    for path, parser in options(build_parser()):
+    for path, parser in _commands(build_parser()):
         for a in parser._actions:
             for flag in a.option_strings:
                 seen.add(flag)
@@ -143,7 +135,7 @@ def test_bookkeeping_logs_go_to_the_log_file_not_the_terminal(tmp_path, monkeypa
 
 
 def _commands(parser, path=()):
-    """(path, parser, the module that declared its handler) for every leaf command."""
+    """(path, parser) for every leaf command."""
     sub = [a for a in parser._actions if a.__class__.__name__ == "_SubParsersAction"]
     if not sub:
         yield path, parser
