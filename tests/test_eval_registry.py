@@ -6,7 +6,6 @@ the card shows every kept configuration, labelled; help texts state our defaults
 from __future__ import annotations
 
 import json
-import os
 import re
 import shlex
 import shutil
@@ -18,7 +17,7 @@ import pytest
 import torch
 
 from eval.registry import Evaluation, Score, evaluations, get, register
-from tests.train_helpers import ROOT
+from tests.train_helpers import ROOT, shell_env
 
 pytest_plugins = ["tests.eval_fixtures"]
 PLUGIN = __name__  # this module, as POLAR_PLUGINS names it
@@ -52,12 +51,6 @@ NIAH_RULER = ["--lengths", "160", "--depths", "50", "--samples", "1", "--distrac
 RECENCY = ["--context", "24", "--target", "8", "--sizes", "4/24", "--positions", "3", "--windows", "4",
            "--data", "builtin"]
 LM = ["--tasks", "polar_lastword", "--limit", "2", "--device", "cpu"]
-
-
-def shell_env() -> dict[str, str]:
-    """A fresh shell's environment: PATH with `polar` on it, this checkout importable, nothing else of ours."""
-    return {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": os.environ["HOME"],
-            "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
 
 
 @pytest.fixture

@@ -4,6 +4,9 @@ with the eval results, bad folders are refused before any upload, uploads retry 
 from __future__ import annotations
 
 import json
+import re
+import shutil
+import subprocess
 
 import pytest
 import torch
@@ -14,7 +17,7 @@ from models.hf import from_pretrained, save_pretrained
 from pretrain.export import load_model
 from pretrain.metrics import read_jsonl
 from pretrain.publish import PublishError, build_folder, publish, upload, verify_folder
-from tests.train_helpers import ok, train, write_config
+from tests.train_helpers import losses, ok, shell_env, train, write_config
 from tokenizer import Tokenizer
 
 pytestmark = pytest.mark.slow
@@ -207,3 +210,43 @@ def test_cli_dry_run_is_a_switch_building_into_the_run(runs):
 
 def test_verify_accepts_a_complete_folder(runs, tmp_path):
     verify_folder(build_folder(runs["polar"], tmp_path / "hub", "org/x"))
+
+
+def test_the_cards_training_commands_reproduce_the_run_as_written(tmp_path):
+    """The card's first reproduce block (tokenizer, data, training), run as written by bash from a fresh
+    environment after the originals are moved away, rebuilds the same tokenizer, the same shards and the same
+    losses bit for bit. Catches a card naming a flag that no longer exists, a path it does not record (e.g. the
+    tokenizer's source or vocabulary), or a recorded config.yaml that does not rebuild the run."""
+    from pretrain.cli import main
+
+    tok, data = tmp_path / "tok", tmp_path / "data"
+    assert main(["tokenizer", "train", "--dataset", "builtin:shakespeare", "--vocab-size", "512",
+                 "--out", str(tok)]) == 0
+    assert main(["prepare", "--dataset", "builtin:shakespeare", "--tokenizer", str(tok), "--out", str(data)]) == 0
+    cfg = write_config(tmp_path, {"tokenizer": str(tok), "path": str(data)}, name="repro", schedule={"steps": 3},
+                       distributed={"zero_stage": 0}, model={"preset": "mamba-tiny"},
+                       checkpoint={"every": 3})
+    ok(train(cfg))
+    run = tmp_path / "runs" / "repro"
+    publish(run, "org/tiny", dry_run=True, out=tmp_path / "hub")
+    card = (tmp_path / "hub" / "README.md").read_text()
+    block = re.search(r"## Reproduce.*?```bash\n(.*?)```", card, re.S)[1]
+    commands = [line for line in block.splitlines() if line.strip()]
+    assert [c.split()[:2] for c in commands] == [["polar", "tokenizer"], ["polar", "prepare"],
+                                                 ["torchrun", "--standalone"]]
+    before = {"tok": json.loads((tok / "polar_tokenizer.json").read_text())["fingerprint"],
+              "shards": {k: [s["sha256"] for s in v["shards"]]
+                         for k, v in json.loads((data / "manifest.json").read_text())["splits"].items()},
+              "losses": losses(run)}
+    for path in (tok, data, run):
+        path.rename(path.with_name(path.name + ".orig"))
+    run.mkdir(parents=True)  # the recipe the card names stays where it says
+    shutil.copy(run.with_name("repro.orig") / "config.yaml", run / "config.yaml")
+    for command in commands:
+        out = subprocess.run(["bash", "-c", command], cwd=tmp_path, env=shell_env(), capture_output=True,
+                             text=True, timeout=600)
+        assert out.returncode == 0, (command, out.stderr[-3000:])
+    assert json.loads((tok / "polar_tokenizer.json").read_text())["fingerprint"] == before["tok"]
+    assert {k: [s["sha256"] for s in v["shards"]]
+            for k, v in json.loads((data / "manifest.json").read_text())["splits"].items()} == before["shards"]
+    assert losses(run) == before["losses"] and len(before["losses"]) == 3

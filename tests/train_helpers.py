@@ -44,6 +44,12 @@ def fault_env(**faults: int | list[int]) -> dict[str, str]:
                                                       for k, v in steps.items()}}
 
 
+def shell_env() -> dict[str, str]:
+    """A fresh shell's environment: PATH with `polar` on it, this checkout importable, nothing else of ours."""
+    return {"PATH": f"{Path(sys.executable).parent}:/usr/bin:/bin", "HOME": os.environ["HOME"],
+            "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+
 def train(config: Path, nproc: int = 1, *overrides: str, env: dict[str, str] | None = None
           ) -> subprocess.CompletedProcess:
     """`polar train` in fresh processes: plain python for one, torchrun for several; ``env`` adds variables
