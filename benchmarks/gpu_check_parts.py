@@ -104,13 +104,18 @@ def launched_bytes(fn) -> dict[str, int]:
 def bandwidth_columns(ctx, ms: float, ideal: int, moved: int | None) -> dict:
     """GB/s of the ideal and the moved bytes, as % of the copy bandwidth measured in this run and of the spec."""
     copy, spec = ctx.known.get("copy_gbps"), ctx.known.get("spec_gbps")
-    pct = lambda gbps, peak: round(100 * gbps / peak, 1) if gbps and peak else None
+    pct = lambda gbps, peak: sig(100 * gbps / peak, 3) if gbps and peak else None
     ideal_gbps = ideal / ms / 1e6
     moved_gbps = moved / ms / 1e6 if moved else None
-    return {"ideal MB": round(ideal / 1e6, 1), "moved MB": round(moved / 1e6, 1) if moved else None,
-            "GB/s ideal": round(ideal_gbps, 1), "% copy ideal": pct(ideal_gbps, copy),
-            "GB/s moved": round(moved_gbps, 1) if moved_gbps else None, "% copy moved": pct(moved_gbps, copy),
+    return {"ideal MB": sig(ideal / 1e6), "moved MB": sig(moved / 1e6) if moved else None,
+            "GB/s ideal": sig(ideal_gbps), "% copy ideal": pct(ideal_gbps, copy),
+            "GB/s moved": sig(moved_gbps) if moved_gbps else None, "% copy moved": pct(moved_gbps, copy),
             "% spec moved": pct(moved_gbps, spec)}
+
+
+def sig(x: float, digits: int = 4) -> float:
+    """``x`` to ``digits`` significant figures (the rehearsal's sizes are kilobytes, the device's gigabytes)."""
+    return float(f"{x:.{digits}g}")
 
 
 def part_bandwidth(ctx) -> dict:
@@ -179,7 +184,7 @@ def part_scan(ctx) -> dict:
                    sum(moved.values()) or None, ""))
         for name, ms, ideal, nbytes, config_text in passes:
             result["rows"].append({"shape": f"b{b} d{d} L{L}", "variant": variant, "pass": name,
-                                   "ms": round(ms, 4), **bandwidth_columns(ctx, ms, ideal, nbytes),
+                                   "ms": sig(ms), **bandwidth_columns(ctx, ms, ideal, nbytes),
                                    "BLOCK_D,CHUNK,warps": config_text})
         ctx.emit(result)
 
@@ -276,7 +281,7 @@ def _ratio_rows(op: str, shape: str, times: dict, peer: str) -> list[dict]:
         ms = {impl: t[kind] for impl, t in times.items() if isinstance(t, dict)}
         row = {"op": op, "shape": shape, "pass": kind}
         for impl in times:
-            row[f"{impl} ms"] = round(ms[impl], 4) if impl in ms else None
+            row[f"{impl} ms"] = sig(ms[impl]) if impl in ms else None
         for impl in (peer, "torch"):
             if "ours" in ms and impl in ms:
                 row[f"ours/{impl}"] = round(ms["ours"] / ms[impl], 3)
