@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 RESULTS = ROOT / "benchmarks" / "results"
 
 from byte_model import kernel_name, launch_bytes  # noqa: E402
+
 from kernels.triton_jit import capture  # noqa: E402
 
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
@@ -161,7 +162,8 @@ def markdown(rows: list[dict], arch: int, batch: int, seq: int) -> str:
              "| ld.global.v* | cp.async |",
              "|---|---|---|---|---|---|---:|---:|---:|---:|---:|---|---|"]
     for r in rows:
-        head = f"| {r['preset']} | {r['dtype']} | {'polar' if r['polar'] else 'base'} | {r['kernel']} | {r['settings']} | "
+        head = f"| {r['preset']} | {r['dtype']} | {'polar' if r['polar'] else 'base'} | {r['kernel']} | " \
+               f"{r['settings']} | "
         if not r["ok"]:
             lines.append(f"{head} | FAILED: {r['error']} | | | {r['read_mb']} | {r['written_mb']} | | |")
             continue

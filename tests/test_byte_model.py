@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 import byte_model  # noqa: E402
+
 from kernels.triton_jit import LazyKernel, capture  # noqa: E402
 
 

@@ -21,7 +21,8 @@ sys.path.insert(0, {str(ROOT / "benchmarks")!r})
 import peers
 functions, errors = peers.load(only="mamba_ssm")
 ssd = sys.modules["mamba_ssm.ops.triton.ssd_combined"]
-print(json.dumps(dict(functions=sorted(functions), errors=errors, init_ran=hasattr(sys.modules["mamba_ssm"], "__file__"),
+init_ran = hasattr(sys.modules["mamba_ssm"], "__file__")  # the bare package has none; a run __init__ would
+print(json.dumps(dict(functions=sorted(functions), errors=errors, init_ran=init_ran,
                       extension="selective_scan_cuda" in sys.modules, ssd_file=ssd.__file__)))
 """
 
