@@ -7,7 +7,7 @@ STAMP  := $(VENV)/.installed
 DATA   := data
 PYTEST_ARGS ?=
 
-.PHONY: setup demo test test-seeds lint bench gpu-check clean
+.PHONY: setup demo test test-seeds lint bench gpu-check triton36 peers clean
 
 setup: $(STAMP)
 
@@ -34,8 +34,27 @@ demo: $(STAMP)
 		echo "export exists: runs/demo-cpu/export (polar export runs/demo-cpu --force to redo it)"; \
 	else $(POLAR) export runs/demo-cpu; fi
 
-test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(PY) -m pytest $(PYTEST_ARGS)
+# The GPU machine's Triton (3.6), beside the project's: the offline sm_90 compile runs under both. Triton only
+# (--no-deps, ~190 MB download): it is put ahead of the venv's on PYTHONPATH; torch and numpy stay the venv's.
+DEVICE_TRITON := 3.6.0
+TRITON36 := .venv-triton36
+$(TRITON36)/.installed: $(STAMP)
+	rm -rf $(TRITON36)
+	$(PY) -m pip install -q --no-deps --target $(TRITON36) triton==$(DEVICE_TRITON)
+	touch $@
+triton36: $(TRITON36)/.installed
+
+# The peer packages the device run times beside ours (fla-core, mamba_ssm's Triton SSD), from the registry;
+# carry .peers to the GPU machine with the working tree.
+PEERS := .peers/.built
+$(PEERS): benchmarks/peers.py $(STAMP)
+	$(PY) benchmarks/peers.py --dir .peers
+	touch $@
+peers: $(PEERS)
+
+# POLAR_REQUIRE_BUILT: the tests that use the two builds above fail (not skip) when they are missing.
+test: $(STAMP) $(TRITON36)/.installed $(PEERS)
+	HF_HUB_OFFLINE=1 POLAR_REQUIRE_BUILT=1 $(PY) -m pytest $(PYTEST_ARGS)
 
 # Not in CI's path: every test that draws from POLAR_TEST_SEED, under SEEDS fresh seeds; lists any test whose
 # outcome depends on the seed, with the seed that replays it (docs/testing.md).
@@ -47,18 +66,20 @@ test-seeds: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .
 
-bench: $(STAMP)
+bench: $(STAMP) $(TRITON36)/.installed
 	$(PY) benchmarks/bench_model.py
 	$(PY) benchmarks/compile_kernels.py
+	PYTHONPATH=$(TRITON36) $(PY) benchmarks/compile_kernels.py
 	$(PY) benchmarks/bench_kernels.py
 	$(PY) benchmarks/bench_data.py
 	$(PY) benchmarks/bench_niah.py
 	OMP_NUM_THREADS=1 $(PY) benchmarks/bench_train.py
 
-# The one prepared device run: on a GPU machine with only PyTorch + Triton (no venv, no installs), < 8 min.
-# Writes benchmarks/results/gpu_check.{json,md}. `python3 benchmarks/gpu_check.py --cpu-rehearsal` rehearses it.
+# The one prepared device run: on a GPU machine with only PyTorch + Triton (no venv, no installs), < 7 min.
+# Writes gpu_check.{json,md} to $OUT (else benchmarks/results) after every part; carry .peers (make peers).
+# Plain `python3 benchmarks/gpu_check.py` is the same; `... --cpu-rehearsal` rehearses it on CPU.
 gpu-check:
-	PYTHONPATH=. PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py
+	PYTHONUNBUFFERED=1 python3 benchmarks/gpu_check.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(TRITON36) .peers .pytest_cache

@@ -3,12 +3,16 @@
 The real model (a preset, on PyTorch's ``meta`` device, kernels forced to Triton) runs one training step
 (forward with the chunked loss, then backward) while :func:`kernels.triton_jit.capture` records each kernel
 launch with its real arguments: the model's strides, the shipped block sizes, flags and ``num_warps``.
-Each distinct launch is then compiled by Triton's own compiler for ``GPUTarget("cuda", 90, 32)`` (Triton
-picks its bundled ``ptxas-blackwell`` for sm_90), and the cubin's resource usage is read with the bundled
+Each distinct launch is then compiled by Triton's own compiler for ``GPUTarget("cuda", 90, 32)`` with the
+``ptxas`` that Triton picks for sm_90 (3.9: its bundled ``ptxas-blackwell``, CUDA 13; 3.6, the device's: its
+bundled ``ptxas``, CUDA 12.8; the table names it), and the cubin's resource usage is read with the bundled
 ``cuobjdump``: registers per thread, local memory (spills; 0 means none), shared memory; the PTX is searched
-for vectorized global loads (``ld.global.v2/v4``) and asynchronous copies (``cp.async``).
+for vectorized global loads (``ld.global.v2/v4``) and asynchronous copies (``cp.async``). Beside them, the
+byte model of each launch (benchmarks/byte_model.py): MB read and written, counted from its tensor arguments.
 
-Writes benchmarks/results/compile_kernels.{json,md}; exits 1 when a kernel fails to compile or spills.
+Whichever Triton is importable compiles: ``make bench`` runs this once with the project's (3.9) and once with
+the device's 3.6 (``PYTHONPATH=.venv-triton36``, built by ``make triton36``). Writes
+benchmarks/results/compile_kernels_triton<major.minor>.{json,md}; exits 1 when a kernel fails to compile or spills.
 Run: PYTHONPATH=. .venv/bin/python benchmarks/compile_kernels.py [--presets mamba-130m ...] [--dtypes bf16 fp32]
 """
 
@@ -27,7 +31,10 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # so `kernels` and `models` import without PYTHONPATH
+sys.path.insert(0, str(ROOT / "benchmarks"))
 RESULTS = ROOT / "benchmarks" / "results"
+
+from byte_model import kernel_name, launch_bytes  # noqa: E402
 
 from kernels.triton_jit import capture  # noqa: E402
 
@@ -77,6 +84,15 @@ def compile_launch(kernel, args, kwargs, arch: int = 90):
     return triton.compile(ASTSource(jf, signature, constexprs, attrs), target=target, options=options.__dict__)
 
 
+def toolchain(arch: int = 90) -> str:
+    """The Triton version and the ptxas it compiles ``sm_<arch>`` with, e.g. "Triton 3.6.0, ptxas (CUDA 12.8)"."""
+    import triton
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    ptxas = get_ptxas(arch)
+    return f"Triton {triton.__version__}, {Path(ptxas.path).name} (CUDA {ptxas.version})"
+
+
 def _tool(name: str) -> str:
     import triton
 
@@ -117,8 +133,10 @@ def check(presets=PRESETS, dtypes=("bf16", "fp32"), batch: int = 8, seq: int = 2
         for dname in dtypes:
             for polar in (False, True):
                 for kernel, grid, args, kwargs in captured_launches(preset, DTYPES[dname], polar, batch, seq):
-                    row = dict(preset=preset, dtype=dname, polar=polar, kernel=kernel.fn.__name__.strip("_"),
-                               grid=list(grid), settings=_settings(kernel, args, kwargs))
+                    nbytes = launch_bytes(kernel, args, kwargs)
+                    row = dict(preset=preset, dtype=dname, polar=polar, kernel=kernel_name(kernel),
+                               grid=list(grid), settings=_settings(kernel, args, kwargs),
+                               read_mb=round(nbytes["read"] / 1e6, 2), written_mb=round(nbytes["written"] / 1e6, 2))
                     t0 = time.perf_counter()
                     try:
                         compiled = compile_launch(kernel, args, kwargs, arch)
@@ -135,21 +153,24 @@ def check(presets=PRESETS, dtypes=("bf16", "fp32"), batch: int = 8, seq: int = 2
     return rows
 
 
-def markdown(rows: list[dict], arch: int) -> str:
-    lines = [f"Triton kernels compiled offline for sm_{arch} (a training step and an inference forward at batch 8 x "
-             "2048; registers per thread, "
-             "spill = stack + local memory bytes, smem = shared memory bytes)", "",
-             "| preset | dtype | polar | kernel | settings | grid | regs | spill | smem | ld.global.v* | cp.async |",
-             "|---|---|---|---|---|---|---:|---:|---:|---|---|"]
+def markdown(rows: list[dict], arch: int, batch: int, seq: int) -> str:
+    lines = [f"Triton kernels compiled offline for sm_{arch} by {toolchain(arch)} (a training step and an inference "
+             f"forward at batch {batch} x {seq}; registers per thread, spill = stack + local memory bytes, smem = "
+             "shared memory bytes; read/written MB per launch from its tensor arguments, benchmarks/byte_model.py)",
+             "",
+             "| preset | dtype | polar | kernel | settings | grid | regs | spill | smem | read MB | written MB "
+             "| ld.global.v* | cp.async |",
+             "|---|---|---|---|---|---|---:|---:|---:|---:|---:|---|---|"]
     for r in rows:
+        head = f"| {r['preset']} | {r['dtype']} | {'polar' if r['polar'] else 'base'} | {r['kernel']} | " \
+               f"{r['settings']} | "
         if not r["ok"]:
-            lines.append(f"| {r['preset']} | {r['dtype']} | {r['polar']} | {r['kernel']} | {r['settings']} | | "
-                         f"FAILED: {r['error']} | | | | |")
+            lines.append(f"{head} | FAILED: {r['error']} | | | {r['read_mb']} | {r['written_mb']} | | |")
             continue
         yes = lambda v: "yes" if v else "no"
-        lines.append(f"| {r['preset']} | {r['dtype']} | {'polar' if r['polar'] else 'base'} | {r['kernel']} | "
-                     f"{r['settings']} | {'x'.join(map(str, r['grid']))} | {r['registers']} | {r['spill_bytes']} | "
-                     f"{r['shared_bytes']} | {yes(r['vector_loads'])} | {yes(r['async_loads'])} |")
+        lines.append(f"{head}{'x'.join(map(str, r['grid']))} | {r['registers']} | {r['spill_bytes']} | "
+                     f"{r['shared_bytes']} | {r['read_mb']} | {r['written_mb']} | {yes(r['vector_loads'])} | "
+                     f"{yes(r['async_loads'])} |")
     return "\n".join(lines)
 
 
@@ -170,12 +191,16 @@ def main(argv=None) -> int:
     p.add_argument("--arch", type=int, default=90, help="compute capability to compile for (90 = H100/H200)")
     p.add_argument("--out-dir", type=Path, default=RESULTS)
     args = p.parse_args(argv)
+    import triton
+
     rows = check(args.presets, args.dtypes, args.batch, args.seq, args.arch)
-    table = markdown(rows, args.arch)
+    table = markdown(rows, args.arch, args.batch, args.seq)
     print(table)
     args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "compile_kernels.json").write_text(json.dumps(dict(arch=args.arch, rows=rows), indent=2) + "\n")
-    (args.out_dir / "compile_kernels.md").write_text(table + "\n")
+    stem = f"compile_kernels_triton{'.'.join(triton.__version__.split('.')[:2])}"
+    report = dict(arch=args.arch, triton=triton.__version__, toolchain=toolchain(args.arch), rows=rows)
+    (args.out_dir / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
+    (args.out_dir / f"{stem}.md").write_text(table + "\n")
     bad = failures(rows)
     for line in bad:
         print(f"FAIL {line}", file=sys.stderr)

@@ -1,391 +1,249 @@
-"""One prepared device run (`make gpu-check`): everything the GPU path must show, in one JSON + markdown report.
+"""One prepared device run (`make gpu-check`): every part in its own process under its own time budget, the
+report written and printed after each part, so the run cannot come back empty.
 
-Runs on a bare GPU machine with PyTorch and Triton (pytest, transformers, sentencepiece, safetensors if
-there); needs no DeepSpeed, mamba_ssm, datasets or lm-eval, and skips what is absent with a note. Parts:
+Runs on a bare GPU machine with PyTorch and Triton (pytest, transformers if there); needs no DeepSpeed,
+mamba_ssm, causal_conv1d or lm-eval. The peers (fla-core, mamba_ssm's Triton SSD) come from the carried
+``.peers/`` folder (benchmarks/peers.py). Parts, in order, with their budgets (:data:`PARTS`), measured by
+benchmarks/gpu_check_parts.py:
 
-1. ``scan``: the Triton selective scan, forward and backward timed separately, at batch 8 and batch 1 ×
-   d_inner 1536 × L 2048 (mamba-130m), baseline (N 16) and polarized (1 + 16 + 1), bf16, on tensors with
-   the mixer's real strides; ms, GB/s of the ideal bytes (each input read once, each output written once) and
-   % of the device's HBM bandwidth; plus a few (BLOCK_D, CHUNK, num_warps) alternatives to the shipped table.
-2. ``train``: one mamba-130m-polar bf16 training step at batch 8 × 2048 on the model alone (forward with the
-   chunked loss, backward, AdamW; DeepSpeed is not on the device): tokens/s, MFU (6·params·tokens/s over
-   the bf16 dense peak) and the top CUDA kernels from torch.profiler.
-3. ``niah``: prefill throughput (tokens/s) of mamba-130m-polar at 32k and 128k tokens (eval.niah.prefill).
-4. ``probe``: a forward-only scan past 2^31 elements (int64 offsets): the last channels must equal the same
-   scan run on those channels alone.
-5. ``tests``: the ``gpu``-marked tests (compiled kernels vs the PyTorch references), via pytest, in the time
-   left of the 8-minute budget.
+1. ``bandwidth``: the device's own copy bandwidth (every bandwidth row is also shown as % of it).
+2. ``scan``: our Triton scan, inference forward, training forward and backward timed separately (b 8 and 1 ×
+   d_inner 1536 × L 2048, baseline and polarized, bf16, the mixer's strides), ideal and moved bytes, the goals;
+   the PyTorch reference; a few tile alternatives.
+3. ``peers``: conv, add+RMSNorm, linear+CE: ours / fla-core 0.6.0 / PyTorch, same shapes, dtype and process.
+4. ``ssd``: Mamba-2's SSD, our PyTorch path / mamba_ssm 2.3.2.post1's Triton kernels.
+5. ``train``: one mamba-130m-polar bf16 training step at 8 × 2048: tokens/s, MFU, top kernels.
+6. ``niah``: prefill throughput at 32k and 128k tokens.
+7. ``mqar``: the headline cells of configs/mqar/gpu-minutes.yaml while its budget lasts.
+8. ``tests``: the ``gpu``-marked kernel tests.
+9. ``probe``: a forward scan just past 2^31 elements (bounded; last).
 
-``--cpu-rehearsal`` runs the same code on CPU at tiny shapes (kernels in the Triton interpreter where a part
-times a kernel, the PyTorch path for the model), so the device run cannot fail for a reason a CPU catches;
-the test suite runs it. Writes benchmarks/results/gpu_check.{json,md} (rehearsal: --out-dir).
-Run: PYTHONPATH=. python benchmarks/gpu_check.py [--cpu-rehearsal] [--skip tests,probe]
+A part that raises is recorded with its traceback; one that passes its budget is killed (its process group)
+and keeps the rows it emitted. The whole run ends by itself within :data:`TOTAL_S` (under 7 minutes).
+Writes gpu_check.{json,md} to ``--out-dir`` (default ``$OUT`` when set, else benchmarks/results) after every
+part, nothing else there. ``--cpu-rehearsal`` runs the same parts at tiny shapes on CPU (the Triton
+interpreter for our kernels) with budgets × :data:`REHEARSAL_SCALE`; the test suite runs it.
+Run: python3 benchmarks/gpu_check.py [--cpu-rehearsal] [--skip mqar,tests] [--out-dir DIR]
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
+import importlib.util
 import json
 import os
 import platform
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
-
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))  # so `kernels` and `models` import without PYTHONPATH
 RESULTS = ROOT / "benchmarks" / "results"
-START = time.perf_counter()
+PARTS_FILE = Path(__file__).resolve().parent / "gpu_check_parts.py"
+TOTAL_S = 400  # the whole run, every part's process start included; 20 s below the 7-minute promise
+REHEARSAL_SCALE = 3  # CPU rehearsal: the interpreter and a shared CI machine are slower than any GPU
 
-PEAK_TFLOPS_BF16 = {"H200": 989, "H100": 989, "A100": 312, "L40S": 362, "L4": 121}  # dense, spec sheets
-PARTS = ("scan", "train", "niah", "probe", "mqar", "tests")  # figures first; the tests get the time left
-BUDGET_S = 450  # the whole run must end within 8 minutes, compilation included
-MQAR_BUDGET_S = 240  # configs/mqar/gpu-minutes.yaml's headline cells get at most this (and leave 60 s for the tests)
-# The rehearsal's MQAR: the same protocol and code path at a size the interpreter-free CPU runs in seconds.
-MQAR_REHEARSAL = {"model.d_model": 32, "model.vocab_size": 64, "data.vocab_size": 64, "optim.epochs": 1,
-                  "data.train": [{"seq_len": 32, "num_kv_pairs": 4, "num_examples": 64}],
-                  "data.eval": [{"seq_len": 32, "num_kv_pairs": 4, "num_examples": 16}],
-                  "data.batch_size": 16, "data.eval_batch_size": 16, "sweep.n_layers": [1]}
+
+@dataclass(frozen=True)
+class Part:
+    """A named measurement: ``target`` ("file.py:function") runs in its own process for at most ``budget_s``."""
+
+    name: str
+    budget_s: float
+    target: str = ""
+
+    def __post_init__(self):
+        if not self.target:
+            object.__setattr__(self, "target", f"{PARTS_FILE}:part_{self.name}")
+
+
+PARTS = (Part("bandwidth", 20), Part("scan", 75), Part("peers", 55), Part("ssd", 40), Part("train", 45),
+         Part("niah", 30), Part("mqar", 35), Part("tests", 50), Part("probe", 30))
 
 
 @dataclass
-class Shapes:
-    """Every size the check uses; the rehearsal shrinks them all."""
+class Context:
+    """What a part's process gets: the mode, its deadline, folders, and figures of earlier parts."""
 
-    scan_batches: tuple = (8, 1)
-    d_inner: int = 1536
-    seq: int = 2048
-    n_state: int = 16
-    preset: str = "mamba-130m-polar"
-    train_batch: int = 8
-    train_seq: int = 2048
-    niah_lengths: tuple = (32768, 131072)
-    niah_chunk: int = 32768
-    probe: tuple = (1, 5120, 2**19)  # b·d·L = 2.7e9 > 2^31
-    repeat: int = 10
-    warmup: bool = True  # one untimed call first (it compiles the kernels)
-    sweep: tuple = ((16, 64, 8), (16, 32, 4), (8, 64, 8), (32, 32, 8))  # (BLOCK_D, CHUNK, warps), both passes
-    test_timeout: int = 240
+    rehearsal: bool
+    deadline: float  # time.time() at which the runner kills the part
+    result_path: Path
+    scratch: Path  # for files the report does not need (only --out-dir comes back from the device)
+    peers: Path
+    known: dict = field(default_factory=dict)
 
+    @property
+    def device(self):
+        import torch
 
-REHEARSAL = Shapes(scan_batches=(1,), d_inner=16, seq=37, n_state=4, preset="mamba-tiny-polar", train_batch=2,
-                   train_seq=32, niah_lengths=(64, 96), niah_chunk=48, probe=(1, 32, 40), repeat=1, warmup=False,
-                   sweep=((8, 16, 4),), test_timeout=240)
+        return torch.device("cpu" if self.rehearsal else "cuda")
 
+    def time_left(self) -> float:
+        return self.deadline - time.time()
 
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"cpu ({platform.processor() or 'cpu'}, {torch.get_num_threads()} threads; rehearsal)"
+    def emit(self, result: dict) -> None:
+        """Record the part's result so far (what the runner reports if the part is stopped)."""
+        tmp = self.result_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(result, default=str))
+        os.replace(tmp, self.result_path)
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def timed_ms(fn, device, repeat: int, warmup: bool = True) -> float:
-    """Median milliseconds of ``fn()``, after one warm-up call (which also compiles) when ``warmup``."""
-    if warmup:
-        fn()
-    times = []
-    for _ in range(repeat):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return sorted(times)[len(times) // 2]
-
-
-def peak_gbps(device) -> float | None:
-    sys.path.insert(0, str(ROOT / "benchmarks"))
-    from bench_kernels import peak_bandwidth
-
-    return peak_bandwidth(device)
-
-
-def mixer_inputs(b, d, L, N, n_ones, n_zeros, dtype, device, dt_rank=48):
-    """Scan inputs with the strides the Mamba mixer produces: (b, L, ·) buffers seen as (b, ·, L)."""
-    nt = n_ones + N + n_zeros
-    xz = torch.randn(b, L, 2 * d, device=device, dtype=dtype)
-    u = torch.randn(b, L, d, device=device, dtype=dtype).transpose(1, 2)  # the conv's output (its own buffer)
-    z = xz[..., d:].transpose(1, 2)
-    proj = torch.randn(b, L, dt_rank + 2 * nt, device=device, dtype=dtype)
-    delta = (torch.randn(b, L, d, device=device, dtype=dtype) * 0.5 - 3).transpose(1, 2)
-    B, C = proj[..., dt_rank : dt_rank + nt].transpose(1, 2), proj[..., dt_rank + nt :].transpose(1, 2)
-    A = -torch.exp(torch.randn(d, N, device=device) * 0.5)
-    D, bias = torch.randn(d, device=device), torch.randn(d, device=device) * 0.3
-    return [u, delta, A, B, C, D, z, bias]
-
-
-def part_tests(shapes: Shapes, device, rehearsal: bool) -> dict:
+def run_child(target: str, ctx: Context) -> int:
+    """In a part's process: run ``target(ctx)`` and record its result, or its traceback."""
+    file, func = target.rsplit(":", 1)
+    spec = importlib.util.spec_from_file_location(Path(file).stem, file)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
     try:
-        import pytest  # noqa: F401
-    except ImportError:
-        return dict(status="skipped", note="pytest is not installed here (carry it as a wheel to run these)")
-    timeout = max(30, min(shapes.test_timeout, BUDGET_S - (time.perf_counter() - START)))
-    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", "tests/test_kernels_scan.py",
-           "tests/test_kernels_ops.py", "tests/test_kernels_dispatch.py"]
-    env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    t0 = time.perf_counter()
-    try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired as e:
-        out = (e.stdout or b"").decode() if isinstance(e.stdout, bytes) else (e.stdout or "")
-        return dict(status="failed", note=f"stopped after {timeout:.0f} s (the run's 8-minute budget)",
-                    summary=out.strip().splitlines()[-1] if out.strip() else "", seconds=round(timeout), failures=[])
-    lines = proc.stdout.strip().splitlines()
-    return dict(status="ok" if proc.returncode in (0, 5) else "failed", returncode=proc.returncode,
-                summary=lines[-1] if lines else proc.stderr[-500:], seconds=round(time.perf_counter() - t0, 1),
-                failures=[x for x in lines if x.startswith("FAILED")][:20])
+        spec.loader.exec_module(module)
+        result = getattr(module, func)(ctx)
+        ctx.emit({"status": "ok", **result})
+        return 0
+    except BaseException:
+        partial = json.loads(ctx.result_path.read_text()) if ctx.result_path.exists() else {}
+        ctx.emit({**partial, "status": "error", "error": traceback.format_exc()[-1500:]})
+        return 1
 
 
-def scan_bytes(b, d, L, nt, es):
-    """Ideal bytes: forward reads u, Δ, z, B, C and writes y; backward reads u, Δ, z, B, C, gy and writes
-    gu, gΔ, gz, gB, gC."""
-    return (4 * b * d * L + 2 * b * nt * L) * es, (7 * b * d * L + 4 * b * nt * L) * es
+def _tail(path: Path, chars: int = 1200) -> str:
+    return path.read_text(errors="replace")[-chars:] if path.exists() else ""
 
 
-def part_scan(shapes: Shapes, device, rehearsal: bool) -> dict:
-    from kernels import scan_triton
-
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    es = torch.finfo(dtype).bits // 8
-    peak = peak_gbps(device)
-    rows = []
-
-    def measure(b, n1, n0, label, config=None):
-        d, L, N = shapes.d_inner, shapes.seq, shapes.n_state
-        inputs = mixer_inputs(b, d, L, N, n1, n0, dtype, device)
-        kw = dict(delta_softplus=True, n_ones=n1, n_zeros=n0)
-        # every input requires a gradient, as in training (views keep the mixer's strides)
-        leaves = [t.requires_grad_() for t in inputs]
-        saved = dict(scan_triton.CONFIGS)
-        if config is not None:
-            for key in saved:
-                scan_triton.CONFIGS[key] = config
+def run_part(part: Part, timeout: float, rehearsal: bool, peers: Path, scratch: Path, known: dict) -> dict:
+    """Run one part in its own process group; kill the group at ``timeout`` seconds."""
+    result_path, log = scratch / f"{part.name}.json", scratch / f"{part.name}.log"
+    context = scratch / f"{part.name}.context.json"
+    context.write_text(json.dumps(known))
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child", part.target, "--result", str(result_path),
+           "--context", str(context), "--deadline", str(time.time() + timeout), "--peers", str(peers),
+           "--scratch", str(scratch)] + (["--cpu-rehearsal"] if rehearsal else [])
+    with open(log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
         try:
-            fwd = lambda: scan_triton.selective_scan(*leaves, **kw)
-            y = fwd()
-            gy = torch.randn_like(y)
-            fwd_ms = timed_ms(fwd, device, shapes.repeat, shapes.warmup)
-            bwd = lambda: torch.autograd.grad(y, leaves, gy, retain_graph=True)
-            bwd_ms = timed_ms(bwd, device, shapes.repeat, shapes.warmup)
-        finally:
-            scan_triton.CONFIGS.update(saved)
-        fb, bb = scan_bytes(b, d, L, n1 + N + n0, es)
-        for kind, ms, nbytes in (("fwd", fwd_ms, fb), ("bwd", bwd_ms, bb)):
-            gbps = nbytes / ms / 1e6
-            rows.append(dict(shape=f"b{b} d{d} L{L}", variant=label, pass_=kind, ms=float(f"{ms:.4g}"),
-                             gbps=float(f"{gbps:.4g}"), pct_peak=round(100 * gbps / peak, 1) if peak else None,
-                             config=list(config or scan_triton.config("train" if kind == "fwd" else kind, dtype, d,
-                                                                      None))))
-
-    for b in shapes.scan_batches:
-        measure(b, 0, 0, "baseline N16" if not rehearsal else "baseline")
-        measure(b, 1, 1, "polar 1+16+1" if not rehearsal else "polar")
-    for config in shapes.sweep:  # alternatives to the shipped table, batch 8 polarized
-        measure(shapes.scan_batches[0], 1, 1, f"polar, sweep {config}", tuple(config))
-    return dict(status="ok", dtype=str(dtype), peak_gbps=peak, rows=rows)
-
-
-def part_train(shapes: Shapes, device, rehearsal: bool) -> dict:
-    from models import MambaLM, ModelConfig
-
-    note = "model alone (DeepSpeed is not installed here)"
-    try:
-        import deepspeed  # noqa: F401
-
-        note = "model alone (the trainer's DeepSpeed engine is measured by benchmarks/bench_train.py)"
-    except ImportError:
-        pass
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    cfg = ModelConfig.preset(shapes.preset)
-    model = MambaLM(cfg).to(device=device, dtype=dtype)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    ids = torch.randint(0, cfg.vocab_size, (shapes.train_batch, shapes.train_seq + 1), device=device)
-
-    def step():
-        opt.zero_grad(set_to_none=True)
-        model(ids[:, :-1], labels=ids[:, 1:], return_logits=False).loss.backward()
-        opt.step()
-
-    ms = timed_ms(step, device, max(1, shapes.repeat // 2), shapes.warmup)
-    from torch.profiler import ProfilerActivity, profile
-
-    activities = [ProfilerActivity.CUDA] if device.type == "cuda" else [ProfilerActivity.CPU]
-    with profile(activities=activities) as prof:
-        step()
-        sync(device)
-    attr = "cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
-    events = sorted(prof.key_averages(), key=lambda e: getattr(e, attr, 0) or 0, reverse=True)
-    total = sum(getattr(e, attr, 0) or 0 for e in events if not e.key.startswith("ProfilerStep")) or 1
-    top = [dict(kernel=e.key[:90], ms=round((getattr(e, attr, 0) or 0) / 1e3, 3), calls=e.count)
-           for e in events[:12]]
-    tokens = shapes.train_batch * shapes.train_seq
-    params = model.num_parameters()
-    tflops = 6 * params * tokens / (ms / 1e3) / 1e12
-    peak = next((v for k, v in PEAK_TFLOPS_BF16.items() if k in device_name(device)), None)
-    return dict(status="ok", note=note, preset=shapes.preset, params=params, batch=shapes.train_batch,
-                seq=shapes.train_seq, step_ms=round(ms, 2), tokens_per_s=round(tokens / ms * 1e3),
-                tflops=round(tflops, 2), mfu=round(tflops / peak, 4) if peak else None, peak_tflops=peak,
-                top_kernels=top, profiled_total_ms=round(total / 1e3, 2))
-
-
-def part_niah(shapes: Shapes, device, rehearsal: bool) -> dict:
-    from eval.niah import prefill
-    from models import MambaLM, ModelConfig
-
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    cfg = ModelConfig.preset(shapes.preset)
-    model = MambaLM(cfg).to(device=device, dtype=dtype).eval()
-    rows = []
-    for length in shapes.niah_lengths:
-        ids = torch.randint(0, cfg.vocab_size, (1, length), device=device)
-        with torch.no_grad():
-            ms = timed_ms(lambda ids=ids: prefill(model, ids, shapes.niah_chunk), device, 1)
-        rows.append(dict(tokens=length, chunk=shapes.niah_chunk, seconds=round(ms / 1e3, 3),
-                         tokens_per_s=round(length / ms * 1e3)))
-    return dict(status="ok", preset=shapes.preset, rows=rows)
-
-
-def part_probe(shapes: Shapes, device, rehearsal: bool) -> dict:
-    from kernels import scan_triton
-
-    b, d, L = shapes.probe
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    u, delta, A, B, C, D, z, bias = mixer_inputs(b, d, L, 16 if not rehearsal else 4, 1, 1, dtype, device)
-    kw = dict(delta_softplus=True, n_ones=1, n_zeros=1)
-    with torch.no_grad():
-        t0 = time.perf_counter()
-        y = scan_triton.selective_scan(u, delta, A, B, C, D, z, bias, **kw)
-        sync(device)
-        seconds = time.perf_counter() - t0
-        tail = slice(d - 16, d)  # the channels whose offsets pass 2^31 in the big run
-        part = lambda t: t[:, tail].contiguous()
-        want = scan_triton.selective_scan(part(u), part(delta), A[tail], B, C, D[tail], part(z), bias[tail], **kw)
-        err = (y[:, tail].float() - want.float()).abs().max().item()
-    elements = b * d * L
-    ok = err == 0.0 and bool(torch.isfinite(y[:, tail]).all())
-    return dict(status="ok" if ok else "failed", shape=f"b{b} d{d} L{L}", elements=elements,
-                past_2_31=elements > 2**31, seconds=round(seconds, 3), max_abs_diff_last_channels=err)
-
-
-def part_mqar(shapes: Shapes, device, rehearsal: bool, out_dir: Path = RESULTS) -> dict:
-    """The headline MQAR cells of configs/mqar/gpu-minutes.yaml (the paper's protocol shrunk: default vs both
-    polarized, exact and reference zero channel, 4 layers), one after another while the budget lasts."""
-    from eval.mqar import load_mqar_config, train_cell
-
-    config = ROOT / "configs" / "mqar" / "gpu-minutes.yaml"
-    if not config.is_file():
-        return dict(status="skipped", note=f"{config.relative_to(ROOT)} is not in this checkout")
-    overrides = {"run.out_dir": str(out_dir / "mqar"), **(MQAR_REHEARSAL if rehearsal else {})}
-    cfg = load_mqar_config(config, overrides)
-    budget = min(MQAR_BUDGET_S, BUDGET_S - 60 - (time.perf_counter() - START))
-    t0, rows, left = time.perf_counter(), [], []
-    for variant in cfg.sweep.variants:
-        for n_layer in cfg.sweep.n_layers:
-            if time.perf_counter() - t0 > budget:
-                left.append(f"{variant}-L{n_layer}")
-                continue
-            r = train_cell(cfg, variant, n_layer, force=True)
-            rows.append(dict(cell=f"{variant}-L{n_layer}", average=round(100 * r["accuracy"]["average"], 2),
-                             epochs=r.get("epochs"), seconds=r["train_seconds"], tokens_per_s=r["tokens_per_second"]))
-    note = f"not run (budget of {budget:.0f} s spent): {', '.join(left)}" if left else ""
-    return dict(status="ok", rows=rows, note=note, seconds=round(time.perf_counter() - t0, 1))
+            proc.wait(timeout=timeout)
+            status = None
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)  # the part and anything it started (pytest)
+            proc.wait()
+            status = "timeout"
+    result = json.loads(result_path.read_text()) if result_path.exists() else {}
+    if status == "timeout":
+        result.update(status="timeout", note=f"stopped at its budget of {timeout:.0f} s; rows measured before are "
+                                             "kept", log_tail=_tail(log))
+    elif not result:  # died without a word (a crash in native code)
+        result = dict(status="error", error=f"exit code {proc.returncode}, no result\n{_tail(log)}")
+    elif result["status"] == "error":
+        result["log_tail"] = _tail(log)
+    return result
 
 
 def markdown(report: dict) -> str:
+    """The report as markdown: one section per part (budget and elapsed), its summary, note and rows."""
     lines = [f"# GPU check: {report['device']}", "",
-             f"torch {report['torch']}, triton {report['triton']}, {report['seconds']:.0f} s in all"
-             + (" (CPU rehearsal: tiny shapes, not figures)" if report["rehearsal"] else ""), ""]
+             f"torch {report['torch']}, triton {report['triton']}; {report['seconds']:.0f} s of the run's "
+             f"{report['total_budget_s']:.0f} s" + (" (CPU rehearsal: tiny shapes, not figures)"
+                                                     if report["rehearsal"] else ""), ""]
     for name, part in report["parts"].items():
-        lines.append(f"## {name}: {part['status']}")
-        if part.get("note"):
-            lines.append(f"\n{part['note']}")
-        if part["status"] == "error":
-            lines.append(f"\n```\n{part['error']}\n```")
-        if name == "tests" and "summary" in part:
-            lines += ["", f"`{part['summary']}` ({part['seconds']} s)", *[f"- {f}" for f in part["failures"]]]
-        if name == "scan" and part["status"] == "ok":
-            lines += ["", "| shape | variant | pass | ms | GB/s (ideal bytes) | % HBM peak | BLOCK_D, CHUNK, warps |",
-                      "|---|---|---|---:|---:|---:|---|"]
-            lines += [f"| {r['shape']} | {r['variant']} | {r['pass_']} | {r['ms']} | {r['gbps']} | "
-                      f"{r['pct_peak'] if r['pct_peak'] is not None else '—'} | {r['config']} |" for r in part["rows"]]
-        if name == "train" and part["status"] == "ok":
-            lines += ["", f"{part['preset']} ({part['params']:,} params), batch {part['batch']} × {part['seq']}: "
-                      f"{part['step_ms']} ms/step, {part['tokens_per_s']:,} tokens/s, {part['tflops']} TFLOP/s, "
-                      f"MFU {part['mfu'] if part['mfu'] is not None else '—'} (peak {part['peak_tflops']})", "",
-                      "| top kernel | ms | calls |", "|---|---:|---:|"]
-            lines += [f"| `{k['kernel']}` | {k['ms']} | {k['calls']} |" for k in part["top_kernels"]]
-        if name == "mqar" and part["status"] == "ok":
-            lines += ["", "| cell | average accuracy % | epochs | s | tokens/s |", "|---|---:|---:|---:|---:|"]
-            lines += [f"| {r['cell']} | {r['average']} | {r['epochs']} | {r['seconds']} | {r['tokens_per_s']:,} |"
-                      for r in part["rows"]]
-        if name == "niah" and part["status"] == "ok":
-            lines += ["", "| tokens | chunk | s | tokens/s |", "|---:|---:|---:|---:|"]
-            lines += [f"| {r['tokens']} | {r['chunk']} | {r['seconds']} | {r['tokens_per_s']:,} |"
-                      for r in part["rows"]]
-        if name == "probe" and "shape" in part:
-            lines += ["", f"{part['shape']} = {part['elements']:,} elements (past 2^31: {part['past_2_31']}), "
-                      f"{part['seconds']} s; max |Δ| of the last 16 channels vs the same scan on them alone: "
-                      f"{part['max_abs_diff_last_channels']}"]
+        timing = f" ({part['elapsed_s']} s of {part['budget_s']} s)" if "elapsed_s" in part else ""
+        lines.append(f"## {name}: {part['status']}{timing}")
+        lines += [f"\n{part[k]}" for k in ("summary", "note") if part.get(k)]
+        rows = part.get("rows") or []
+        if rows:
+            cols = list(dict.fromkeys(k for r in rows for k in r))
+            cell = lambda v: "—" if v is None else str(v).replace("|", "\\|")
+            lines += ["", "| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+            lines += ["| " + " | ".join(cell(r.get(c)) for c in cols) + " |" for r in rows]
+        for key in ("error", "log_tail"):
+            if part.get(key):
+                lines.append(f"\n```\n{part[key].strip()}\n```")
         lines.append("")
     return "\n".join(lines)
+
+
+def write_report(report: dict, out_dir: Path) -> str:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "gpu_check.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    text = markdown(report)
+    (out_dir / "gpu_check.md").write_text(text + "\n")
+    return text
+
+
+def run(parts, out_dir: Path, total_s: float, rehearsal: bool = False, peers: Path = ROOT / ".peers",
+        skip=frozenset()) -> int:
+    """Every part in order, each under min(its budget, the run's time left); the report after each. Returns the
+    exit code: 1 when a part raised, failed or ran out of time."""
+    start = time.time()
+    import torch
+    import triton
+
+    device = f"cpu ({platform.processor() or 'cpu'}; rehearsal)" if rehearsal else "CUDA device"
+    report = dict(device=device, rehearsal=rehearsal, torch=torch.__version__, triton=triton.__version__,
+                  total_budget_s=total_s, seconds=0.0, known={}, parts={})
+    print(f"[gpu-check] {len(parts)} parts, each in its own process: "
+          + ", ".join(f"{p.name} {p.budget_s:.0f} s" for p in parts) + f"; the run ends within {total_s:.0f} s",
+          flush=True)
+    scratch = Path(tempfile.mkdtemp(prefix="gpu-check-"))
+    for part in parts:
+        left = total_s - (time.time() - start)
+        timeout = min(part.budget_s, left - 2)
+        if part.name in skip or timeout < 3:
+            report["parts"][part.name] = dict(status="skipped", note="--skip" if part.name in skip else
+                                              f"no time left ({left:.0f} s of the run)")
+            continue
+        print(f"[gpu-check] {part.name}: budget {timeout:.0f} s ...", flush=True)
+        t0 = time.time()
+        result = run_part(part, timeout, rehearsal, peers, scratch, report["known"])
+        result.update(budget_s=round(timeout), elapsed_s=round(time.time() - t0, 1))
+        report["known"].update(result.pop("known", {}))
+        report["device"] = report["known"].get("device", report["device"])
+        report["parts"][part.name] = result
+        report["seconds"] = time.time() - start
+        print(f"[gpu-check] {part.name}: {result['status']} in {result['elapsed_s']} s (budget {timeout:.0f} s)",
+              flush=True)
+        print(write_report(report, out_dir), flush=True)
+    report["seconds"] = time.time() - start
+    write_report(report, out_dir)  # also when every part was skipped
+    bad = [n for n, p in report["parts"].items() if p["status"] in ("error", "failed", "timeout")]
+    print(f"[gpu-check] done in {time.time() - start:.0f} s" + (f"; not ok: {', '.join(bad)}" if bad else ""),
+          flush=True)
+    return 1 if bad else 0
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     p.add_argument("--cpu-rehearsal", action="store_true", help="tiny shapes on CPU (Triton interpreter)")
-    p.add_argument("--skip", default="", help=f"comma-separated parts to skip, of {','.join(PARTS)}")
-    p.add_argument("--out-dir", type=Path, default=RESULTS)
+    p.add_argument("--skip", default="", help=f"comma-separated parts to skip, of {','.join(x.name for x in PARTS)}")
+    out = os.environ.get("OUT")
+    p.add_argument("--out-dir", type=Path, default=Path(out) if out else RESULTS,
+                   help="where gpu_check.{json,md} go (default: $OUT when set, else benchmarks/results)")
+    p.add_argument("--peers", type=Path, default=ROOT / ".peers", help="the carried peer folder (benchmarks/peers.py)")
+    # a part's own process (started by the runner)
+    for hidden in ("--child", "--result", "--context", "--deadline", "--scratch"):
+        p.add_argument(hidden, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
-    skip = {s for s in args.skip.split(",") if s}
-    if unknown := skip - set(PARTS):
-        p.error(f"--skip: unknown part(s) {', '.join(sorted(unknown))}; choose from {', '.join(PARTS)}")
-    if args.cpu_rehearsal:
+    if args.cpu_rehearsal:  # read when a kernel launches; the parts' processes inherit it
         os.environ["TRITON_INTERPRET"] = "1"
-        device, shapes = torch.device("cpu"), REHEARSAL
-    elif not torch.cuda.is_available():
-        p.error("no CUDA device here: run on a GPU machine, or pass --cpu-rehearsal")
-    else:
-        device, shapes = torch.device("cuda"), Shapes()
-    import triton
+    if args.child:
+        ctx = Context(args.cpu_rehearsal, float(args.deadline), Path(args.result), Path(args.scratch), args.peers,
+                      json.loads(Path(args.context).read_text()))
+        return run_child(args.child, ctx)
+    skip = {s for s in args.skip.split(",") if s}
+    if unknown := skip - {x.name for x in PARTS}:
+        p.error(f"--skip: unknown part(s) {', '.join(sorted(unknown))}; choose from {', '.join(x.name for x in PARTS)}")
+    if not args.cpu_rehearsal:
+        import torch
 
-    t0 = START
-    report = dict(device=device_name(device), rehearsal=args.cpu_rehearsal, torch=torch.__version__,
-                  triton=triton.__version__, parts={})
-    parts = dict(scan=part_scan, train=part_train, niah=part_niah, probe=part_probe,
-                 mqar=functools.partial(part_mqar, out_dir=args.out_dir), tests=part_tests)
-    for name, fn in parts.items():
-        if name in skip:
-            report["parts"][name] = dict(status="skipped", note="--skip")
-            continue
-        t = time.perf_counter()
-        print(f"[gpu-check] {name} ...", flush=True)
-        try:
-            report["parts"][name] = fn(shapes, device, args.cpu_rehearsal)
-        except Exception:  # one part failing must not lose the others' figures
-            report["parts"][name] = dict(status="error", error=traceback.format_exc()[-1500:])
-        report["parts"][name]["part_seconds"] = round(time.perf_counter() - t, 1)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-    report["seconds"] = time.perf_counter() - t0
-    args.out_dir.mkdir(parents=True, exist_ok=True)
-    (args.out_dir / "gpu_check.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    text = markdown(report)
-    (args.out_dir / "gpu_check.md").write_text(text + "\n")
-    print(text)
-    bad = [n for n, part in report["parts"].items() if part["status"] in ("error", "failed")]
-    return 1 if bad else 0
+        if not torch.cuda.is_available():
+            p.error("no CUDA device here: run on a GPU machine, or pass --cpu-rehearsal")
+    scale = REHEARSAL_SCALE if args.cpu_rehearsal else 1
+    return run([Part(x.name, x.budget_s * scale, x.target) for x in PARTS], args.out_dir, TOTAL_S * scale,
+               args.cpu_rehearsal, args.peers, skip)
 
 
 if __name__ == "__main__":
