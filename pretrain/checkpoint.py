@@ -155,8 +155,9 @@ def fsync_tree(path: Path) -> None:
 
 
 def atomic_write(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` so that a crash leaves the old or the new content, both on disk."""
-    tmp = path.with_name(path.name + ".tmp")
+    """Replace ``path`` with ``text`` so that a crash leaves the old or the new content, both on disk. The
+    temporary name is the writer's own (two processes writing one file never share it)."""
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     with open(tmp, "w") as f:
         f.write(text)
         f.flush()
