@@ -9,6 +9,7 @@ from transformers import MambaConfig, MambaForCausalLM
 from models import MambaLM, ModelConfig
 from models.hf import from_pretrained, save_pretrained, to_hf_state_dict
 from models.typed_config import ConfigError
+from tests.hf_helpers import assert_same_greedy
 
 VARIANTS = {
     "baseline": {},
@@ -46,12 +47,8 @@ def test_stock_transformers_greedy_generate_matches(variant, tmp_path):
     save_pretrained(ours, tmp_path)
     theirs = MambaForCausalLM.from_pretrained(tmp_path).eval()
     prompt = torch.randint(0, 509, (1, 6))
-    expected = theirs.generate(prompt, max_new_tokens=10, do_sample=False, attention_mask=torch.ones_like(prompt))
-    # Same stopping rule on both sides: transformers stops at the exported eos id (0), so ours must too; without
-    # it a draw whose greedy path meets token 0 compares a stopped sequence with a continued one.
-    eos = theirs.generation_config.eos_token_id
-    assert eos == 0
-    assert torch.equal(ours.generate(prompt, 10, eos_token_id=eos), expected)
+    assert theirs.generation_config.eos_token_id == 0  # the exported id: a greedy path may well meet it
+    assert_same_greedy(ours, theirs, prompt, 10)
 
 
 def test_export_expands_a_log_to_exact_polar_channels(tmp_path):

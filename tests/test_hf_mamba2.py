@@ -12,6 +12,7 @@ from models.hf import from_pretrained, save_pretrained
 from models.hf_mamba2 import POLAR_MODEL_TYPE
 from models.mamba2 import Mamba2LM
 from models.typed_config import ConfigError
+from tests.hf_helpers import assert_same_greedy
 from tests.test_mamba2 import POLAR, perturbed
 
 VOCAB = 211
@@ -38,8 +39,7 @@ def test_stock_checkpoint_loads_with_equal_logits_and_generation(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, rtol=1e-4, atol=1e-4)
     prompt = ids[:1, :5]
-    expected = theirs.generate(prompt, max_new_tokens=12, do_sample=False, attention_mask=torch.ones_like(prompt))
-    assert torch.equal(ours.generate(prompt, 12), expected)
+    assert_same_greedy(ours, theirs, prompt, 12)
 
 
 def test_our_export_loads_in_stock_transformers(tmp_path):
@@ -52,8 +52,7 @@ def test_our_export_loads_in_stock_transformers(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(back(ids).logits, theirs(ids).logits, rtol=1e-4, atol=1e-4)
     prompt = ids[:1, :4]
-    expected = back.generate(prompt, max_new_tokens=8, do_sample=False, attention_mask=torch.ones_like(prompt))
-    assert torch.equal(ours.generate(prompt, 8), expected)
+    assert_same_greedy(ours, back, prompt, 8)
 
 
 @pytest.mark.parametrize("variant", [{}, POLAR])

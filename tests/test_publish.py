@@ -51,7 +51,8 @@ def test_dry_run_folder_loads_in_stock_transformers(runs, data, tmp_path, varian
         torch.testing.assert_close(ours(ids).logits, theirs(ids).logits, rtol=1e-4, atol=1e-5)
     prompt = torch.tensor([ours_tok.encode("ROMEO:")])
     hf_out = theirs.generate(prompt, max_new_tokens=12, do_sample=False, attention_mask=torch.ones_like(prompt))
-    assert hf_tok.decode(hf_out[0]) == ours_tok.decode(ours.generate(prompt, 12)[0].tolist())
+    eos = theirs.generation_config.eos_token_id  # stock generate stops there: ours too (tests/hf_helpers.py)
+    assert hf_tok.decode(hf_out[0]) == ours_tok.decode(ours.generate(prompt, 12, eos_token_id=eos)[0].tolist())
     if variant == "polar":
         assert json.loads((folder / "config.json").read_text())["polar_mamba"]["polarize"]["ones"] == 1
 
