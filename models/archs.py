@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from models import mamba, mamba2
 from models.hf_llama import LlamaAdapter
 from models.hf_mamba import MambaAdapter
 from models.hf_mamba2 import Mamba2Adapter
@@ -72,6 +73,7 @@ register_arch(ArchSpec(
     flops_per_token=mamba_flops_per_token,
     activations_per_token=mamba_activations_per_token,
     info_columns=lambda cfg: {"N (+1/+0)": _polar_channels(cfg)},
+    add_polar_channels=mamba.add_polar_channels,
 ))
 
 
@@ -127,6 +129,7 @@ register_arch(ArchSpec(
     flops_per_token=mamba2_flops_per_token,
     activations_per_token=mamba2_activations_per_token,
     info_columns=lambda cfg: {"heads x dim": f"{cfg.n_heads}x{cfg.ssm.head_dim}", "N (+1/+0)": _polar_channels(cfg)},
+    add_polar_channels=mamba2.add_polar_channels,
 ))
 
 

@@ -20,7 +20,16 @@ import torch.nn.functional as F
 
 from kernels import dispatch
 from models.lm import CausalLM, Mixer, MixerBlock
-from models.ssm import LayerState, SSMConfig, SSMModelConfig, inverse_softplus_dt, reset_projections
+from models.ssm import (
+    LayerState,
+    SSMConfig,
+    SSMModelConfig,
+    grow_channels,
+    inverse_softplus_dt,
+    random_rows,
+    reset_projections,
+    zero_rows,
+)
 from models.typed_config import ConfigError, bounded
 
 
@@ -176,3 +185,15 @@ class MambaLM(CausalLM):
         if self.config.init == "zoology":
             for layer in self.backbone.layers:
                 layer.mixer.zoology_init()
+
+
+def add_polar_channels(sd: dict[str, torch.Tensor], src: MambaConfig, dst: MambaConfig,
+                       generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """``sd`` (a ``src`` model's) with ``dst``'s extra polar channels (models/polarize.py has the why): x_proj
+    gains their B rows, drawn on the scale of the learned channels' B rows, and all-zero C rows."""
+    out = dict(sd)
+    r, ns = src.dt_rank, src.d_state_total
+    for key in (k for k in sd if k.endswith("mixer.x_proj.weight")):
+        w = grow_channels(sd[key], src, dst, r + ns, 1, zero_rows, zero_rows)  # C first: B's growth moves it
+        out[key] = grow_channels(w, src, dst, r, 1, random_rows(generator), random_rows(generator))
+    return out

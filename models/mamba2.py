@@ -23,7 +23,17 @@ import torch.nn.functional as F
 
 from kernels import dispatch
 from models.lm import CausalLM, Mixer, MixerBlock
-from models.ssm import LayerState, SSMConfig, SSMModelConfig, inverse_softplus_dt, reset_projections
+from models.ssm import (
+    LayerState,
+    SSMConfig,
+    SSMModelConfig,
+    grow_channels,
+    inverse_softplus_dt,
+    mean_rows,
+    random_rows,
+    reset_projections,
+    zero_rows,
+)
 from models.typed_config import ConfigError, bounded
 
 A_INIT_RANGE = (1.0, 16.0)  # mamba_ssm's Mamba2: A = -U(1, 16) per head
@@ -154,3 +164,27 @@ class Mamba2LM(CausalLM):
     """Mamba-2 language model: the skeleton over pre-norm blocks of :class:`Mamba2Mixer`."""
 
     block = functools.partial(MixerBlock, mixer=Mamba2Mixer)
+
+
+def add_polar_channels(sd: dict[str, torch.Tensor], src: Mamba2Config, dst: Mamba2Config,
+                       generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """``sd`` (a ``src`` model's) with ``dst``'s extra polar channels in every B/C group (models/polarize.py has
+    the why). in_proj: the new B rows drawn on the scale of the learned B rows, the new C rows (and biases)
+    zero. conv1d: every new channel gets the mean filter of its group's learned B (or C) channels, the new B
+    channels their mean bias and the new C channels bias 0, so C = SiLU(conv(0) + 0) = 0 exactly while
+    dC/d(in_proj row) = SiLU'(0)·filter is not zero."""
+    out = dict(sd)
+    di, g, bc = src.d_inner, src.ssm.n_groups, src.ssm.n_groups * src.d_state_total
+    rand = random_rows(generator)
+    for key in sd:
+        if key.endswith(("mixer.in_proj.weight", "mixer.in_proj.bias")):
+            b, c, fill_b, fill_c = 2 * di, 2 * di + bc, rand, zero_rows
+        elif key.endswith("mixer.conv1d.weight"):
+            b, c, fill_b, fill_c = di, di + bc, mean_rows, mean_rows
+        elif key.endswith("mixer.conv1d.bias"):
+            b, c, fill_b, fill_c = di, di + bc, mean_rows, zero_rows
+        else:
+            continue
+        t = grow_channels(sd[key], src, dst, c, g, fill_c, fill_c)  # C first: B's growth moves it
+        out[key] = grow_channels(t, src, dst, b, g, fill_b, fill_b)
+    return out

@@ -33,7 +33,10 @@ class ArchSpec:
     builds the LM from such a config; ``presets`` maps preset names to config dicts (``arch`` is filled in);
     ``flops_per_token(cfg, seq_len)`` counts forward FLOPs per token (``seq_len``: the attention context, None
     to leave attention scores out); ``activations_per_token(cfg)`` counts the elements one token's forward pass
-    keeps for backward, all layers; ``info_columns(cfg)`` gives ``polar info``'s arch-specific columns."""
+    keeps for backward, all layers; ``info_columns(cfg)`` gives ``polar info``'s arch-specific columns;
+    ``add_polar_channels(state_dict, src_cfg, dst_cfg, generator)`` (optional: an architecture without polar
+    channels has none) adds the polar channels ``dst_cfg`` has beyond ``src_cfg`` without changing the
+    function (:mod:`models.polarize`)."""
 
     name: str
     title: str
@@ -44,6 +47,7 @@ class ArchSpec:
     flops_per_token: Callable[[Any, int | None], int]
     activations_per_token: Callable[[Any], int]
     info_columns: Callable[[Any], dict[str, str]]
+    add_polar_channels: Callable[..., dict[str, Any]] | None = None
 
     def __post_init__(self):
         where = f"architecture {self.name!r}"
@@ -57,6 +61,8 @@ class ArchSpec:
         for key in ("model", "flops_per_token", "activations_per_token", "info_columns"):
             if not callable(getattr(self, key)):
                 raise TypeError(f"{where}: {key} must be callable")
+        if self.add_polar_channels is not None and not callable(self.add_polar_channels):
+            raise TypeError(f"{where}: add_polar_channels must be callable or None")
 
 
 _ARCHS: dict[str, ArchSpec] = {}

@@ -10,6 +10,7 @@ the ``ssm.d_state`` learned channels; B and C cover all of them, in the order [o
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Literal
 
@@ -98,3 +99,39 @@ def reset_projections(mixer: nn.Module, cfg: SSMModelConfig, *linears: nn.Linear
     mixer.conv1d.reset_parameters()
     if cfg.rescale_prenorm_residual:
         mixer.out_proj.weight /= math.sqrt(cfg.n_layer)
+
+
+Fill = Callable[[torch.Tensor, int], torch.Tensor]
+
+
+def grow_channels(t: torch.Tensor, src: SSMModelConfig, dst: SSMModelConfig, start: int, groups: int,
+                  fill_ones: Fill, fill_zeros: Fill) -> torch.Tensor:
+    """``t`` with its ``groups`` blocks of ``src.d_state_total`` state channels (along dim 0, from row ``start``)
+    widened to ``dst``'s: each block's source channels stay in order and the new ones channels go first, the
+    new zeros channels last (the [ones, learned, zeros] layout). ``fill_*(learned, n)`` gives the n new rows
+    from the block's learned-channel rows."""
+    ns, n = src.d_state_total, src.ssm.d_state
+    learned = slice(src.polarize.ones, src.polarize.ones + n)
+    parts = [t[:start]]
+    for g in range(groups):
+        block = t[start + g * ns : start + (g + 1) * ns]
+        parts += [fill_ones(block[learned], dst.polarize.ones - src.polarize.ones), block,
+                  fill_zeros(block[learned], dst.polarize.zeros - src.polarize.zeros)]
+    return torch.cat([*parts, t[start + groups * ns :]])
+
+
+def zero_rows(learned: torch.Tensor, n: int) -> torch.Tensor:
+    return learned.new_zeros(n, *learned.shape[1:])
+
+
+def mean_rows(learned: torch.Tensor, n: int) -> torch.Tensor:
+    """n copies of the learned channels' mean row (e.g. their average conv filter)."""
+    return learned.mean(0, keepdim=True).expand(n, *learned.shape[1:])
+
+
+def random_rows(generator: torch.Generator) -> Fill:
+    """Rows N(0, s²) with s the RMS of the learned channels' rows: new inputs on the trained channels' scale."""
+    def fill(learned: torch.Tensor, n: int) -> torch.Tensor:
+        rms = learned.float().pow(2).mean().sqrt()
+        return (torch.randn(n, *learned.shape[1:], generator=generator) * rms).to(learned.dtype)
+    return fill

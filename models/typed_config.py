@@ -143,6 +143,17 @@ def to_dict(obj: Any) -> dict[str, Any]:
     return dataclasses.asdict(obj)
 
 
+def differences(a: dict[str, Any], b: dict[str, Any], prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """(dotted key, value in ``a``, value in ``b``) for every leaf where two nested config dicts differ."""
+    out = []
+    for k in sorted(set(a) | set(b)):
+        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
+            out += differences(a[k], b[k], f"{prefix}{k}.")
+        elif a.get(k) != b.get(k):
+            out.append((f"{prefix}{k}", a.get(k), b.get(k)))
+    return out
+
+
 def parse_scalar(text: str) -> Any:
     """Parse a CLI override value with YAML rules (``1e-3`` -> float, ``true`` -> bool, ``[1,2]`` -> list)."""
     value = yaml.safe_load(text)

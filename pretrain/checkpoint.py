@@ -36,6 +36,7 @@ import numpy as np
 import torch
 
 from models.config import ModelConfig
+from models.typed_config import differences
 from pretrain.console import import_deepspeed, output_to_log
 
 TAG_RE = re.compile(r"^step_(\d{8})$")
@@ -298,7 +299,8 @@ def check_compatible(saved: dict[str, Any], meta: dict[str, Any], where: Path) -
     # saved configs are compared in today's layout (an older layout of the same model is the same model)
     old_model, new_model = ModelConfig.from_dict(saved["config"]["model"]).to_dict(), meta["config"]["model"]
     if old_model != new_model:
-        diffs = _diff(old_model, new_model)
+        diffs = "; ".join(f"{k}: {a!r} in the checkpoint vs {b!r} now"
+                          for k, a, b in differences(old_model, new_model, "model."))
         raise CheckpointError(
             f"{where} was trained with a different model config ({diffs}): restore the original model "
             f"settings or start a new run (run.name)"
@@ -315,16 +317,6 @@ def check_compatible(saved: dict[str, Any], meta: dict[str, Any], where: Path) -
             f"{where} was trained with tokenizer {saved.get('tokenizer_fingerprint')}, the data now has "
             f"{meta.get('tokenizer_fingerprint')}: use the original data/tokenizer or start a new run (run.name)"
         )
-
-
-def _diff(a: dict[str, Any], b: dict[str, Any], prefix: str = "model.") -> str:
-    out = []
-    for k in sorted(set(a) | set(b)):
-        if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
-            out.append(_diff(a[k], b[k], f"{prefix}{k}."))
-        elif a.get(k) != b.get(k):
-            out.append(f"{prefix}{k}: {a.get(k)!r} in the checkpoint vs {b.get(k)!r} now")
-    return "; ".join(x for x in out if x)
 
 
 def universal_tag(ckpt_dir: Path, tag: str, rank: int) -> str:
