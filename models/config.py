@@ -10,8 +10,8 @@ section) still load: their foreign fields are dropped.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields, is_dataclass
-from typing import Any, Literal, get_type_hints
+from dataclasses import dataclass, field, fields, is_dataclass
+from typing import Any, ClassVar, Literal, get_type_hints
 
 from models.plugins import load_plugins
 from models.registry import PRESETS, get_arch, registered_archs
@@ -30,7 +30,23 @@ def _keep_known(cls: type, data: dict[str, Any]) -> dict[str, Any]:
 
 
 @dataclass
+class InitFromConfig:
+    """``model.init_from``: the checkpoint a new run starts from (pretrain/init_from.py). ``path``: a run directory,
+    an export, a stock transformers or mamba_ssm folder, or a Hub id ORG/NAME; ``step``: a run's checkpoint
+    (default its latest); ``revision``: a Hub revision. The trainer records the revision it read (a run's tag, a
+    Hub commit) and ``sha256`` (of the weights as loaded); a recipe that sets ``sha256`` requires that source."""
+
+    path: str | None = None
+    step: int | None = bounded(None, ge=0)
+    revision: str | None = None
+    sha256: str | None = None
+
+
+@dataclass
 class ModelConfig:
+    # fields that only shape a fresh initialisation: a run started from a checkpoint may set them differently
+    INIT_ONLY: ClassVar[tuple[str, ...]] = ("initializer_range", "rescale_prenorm_residual", "init_from")
+
     arch: str = "mamba"  # a registered architecture: mamba, mamba2, transformer, or a plugin's (POLAR_PLUGINS)
     d_model: int = bounded(768, gt=0)
     n_layer: int = bounded(24, gt=0)
@@ -42,6 +58,8 @@ class ModelConfig:
     initializer_range: float = bounded(0.02, gt=0)
     rescale_prenorm_residual: bool = True
     final_norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"  # layernorm: the paper's MQAR model (not HF-exportable)
+    # a checkpoint to start from instead of random weights: `init_from: PATH` or {path, step, revision, sha256}
+    init_from: InitFromConfig | str = field(default_factory=InitFromConfig)
 
     def __new__(cls, *args: Any, **kwargs: Any):
         # ModelConfig(...) builds its architecture's class, so ModelConfig(vocab_size=64) is a Mamba's config
@@ -50,6 +68,8 @@ class ModelConfig:
         return super().__new__(cls)
 
     def __post_init__(self):
+        if isinstance(self.init_from, str):
+            self.init_from = InitFromConfig(path=self.init_from)
         check_bounds(type(self), vars(self), "model")  # also when built directly: the checks below divide by these
         if get_arch(self.arch).config is not type(self):
             raise ConfigError(f"model.arch: {self.arch!r} is configured by {get_arch(self.arch).config.__name__}, "

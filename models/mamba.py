@@ -40,6 +40,7 @@ class MambaSSMConfig(SSMConfig):
 
 @dataclass
 class MambaConfig(SSMModelConfig):
+    INIT_ONLY = (*SSMModelConfig.INIT_ONLY, "init")
     arch: str = "mamba"
     ssm: MambaSSMConfig = field(default_factory=MambaSSMConfig)
     # mamba_ssm: its init (Δ from [dt_min, dt_max]). zoology: the polarization paper's MQAR code

@@ -59,6 +59,7 @@ class SSMConfig:
 class SSMModelConfig(ModelConfig):
     """A state-space LM's config: the shared fields plus ``ssm`` and ``polarize``."""
 
+    INIT_ONLY = (*ModelConfig.INIT_ONLY, "ssm.dt_min", "ssm.dt_max", "ssm.dt_init_floor")
     ssm: SSMConfig = field(default_factory=SSMConfig)
     polarize: PolarizeConfig = field(default_factory=PolarizeConfig)
 

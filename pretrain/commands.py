@@ -90,13 +90,16 @@ def finished_run_report(cfg) -> str | None:
     from models.config import ModelConfig
     from pretrain import checkpoint as ckpt
     from pretrain.export import checkpoint_location
+    from pretrain.init_from import adopt_recorded_source
     from pretrain.metrics import loss_summary
     from pretrain.schedule import make_budget
 
     loc = checkpoint_location(cfg.run.dir)
     if loc is None:
         return None
-    if ModelConfig.from_dict(ckpt.read_state(*loc)["config"]["model"]).to_dict() != cfg.to_dict()["model"]:
+    saved = ckpt.read_state(*loc)["config"]["model"]
+    adopt_recorded_source(cfg.model, saved)
+    if ModelConfig.from_dict(saved).to_dict() != cfg.to_dict()["model"]:
         return None  # not this run's model: the trainer refuses it with the difference named
     step = ckpt.step_of(loc[1])
     with torch.device("meta"):

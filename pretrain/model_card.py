@@ -170,6 +170,9 @@ def render_card(repo_id: str, state: dict[str, Any], run_dir: Path, params: int,
         f"| precision / parallelism | {cfg['precision']['dtype']}, DeepSpeed ZeRO-{cfg['distributed']['zero_stage']} |",
         f"| hardware | {hardware} |",
     ]
+    if (init := model.get("init_from") or {}).get("path"):  # model.init_from: continued from a checkpoint
+        lines.append(f"| initialised from | `{init['path']}` (revision {init['revision'] or 'local'}, weights sha256 "
+                     f"`{init['sha256']}`) |")
     if train:
         lines.append(f"| training loss at step {train['step']} | {train['loss']:.4f} |")
     if val:

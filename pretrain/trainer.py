@@ -40,6 +40,7 @@ from pretrain.config import TrainConfig, resolve_precision
 from pretrain.data import DistributedSampleLoader, PackedDataset, TokenShards
 from pretrain.engine import build_engine, grad_accumulation_steps, init_distributed, set_lr
 from pretrain.hooks import FINISHED, registered_callbacks
+from pretrain.init_from import adopt_recorded_source, initial_weights
 from pretrain.metrics import MetricsSink, peak_flops, train_flops_per_token
 from pretrain.runlock import RunLock
 from pretrain.schedule import lr_at, make_budget
@@ -83,17 +84,23 @@ class Trainer:
         train_tokens.check_vocab(cfg.model.vocab_size)
         self.train_data = PackedDataset(train_tokens, cfg.data.seq_len, cfg.model.vocab_size)
         self.val_data = self._val_dataset(expected_fp)
+        ckpt_dir = self.checkpointer.dir
+        resume_tag = self._broadcast(self.checkpointer.resume_tag() if self.is_main else None)  # decided, logged once
+        fingerprint = train_tokens.manifest["tokenizer"]["fingerprint"]
+        init_weights = None
+        if resume_tag is not None:  # a resumed run's weights are its own checkpoint's, never the source's again
+            adopt_recorded_source(cfg.model, ckpt.read_state(ckpt_dir, resume_tag)["config"]["model"])
+        elif cfg.model.init_from.path:
+            init_weights, cfg.model.init_from = initial_weights(cfg.model, fingerprint, cfg.run.seed)
         manifest = Path(cfg.data.path) / "manifest.json"
         self.meta = {
             "config": cfg.to_dict(),
-            "tokenizer_fingerprint": train_tokens.manifest["tokenizer"]["fingerprint"],
+            "tokenizer_fingerprint": fingerprint,
             "manifest_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest(),
             "world_size": self.env.world_size,
             "hardware": f"{self.env.world_size} x "
                         f"{torch.cuda.get_device_name() if self.env.device.type == 'cuda' else 'CPU process'}",
         }
-        ckpt_dir = self.checkpointer.dir
-        resume_tag = self._broadcast(self.checkpointer.resume_tag() if self.is_main else None)  # decided, logged once
         resize = False
         if resume_tag is not None:  # refuse before anything is built or written
             saved = ckpt.read_state(ckpt_dir, resume_tag)
@@ -104,6 +111,10 @@ class Trainer:
             resize = saved["world_size"] != self.env.world_size and cfg.distributed.zero_stage in (1, 2)
 
         model = build_model(cfg.model)
+        if init_weights is not None:
+            model.load_state_dict(init_weights)
+            self.print(f"initialised from {cfg.model.init_from.path} ({cfg.model.init_from.revision or 'local'}, "
+                       f"weights sha256 {cfg.model.init_from.sha256[:12]})")
         self.budget = make_budget(cfg, model.num_parameters())
         self.grad_accum = grad_accumulation_steps(cfg, self.env.world_size)
         self.engine = build_engine(cfg, model, self.env, load_universal=resize)
