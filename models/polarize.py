@@ -29,7 +29,7 @@ from models.typed_config import ConfigError, differences
 
 def check_polarizable(src: ModelConfig, dst: ModelConfig) -> None:
     """Refuse (one line naming the field) a ``dst`` that differs from ``src`` other than by more polar channels."""
-    if type(src) is not type(dst):
+    if type(src) is not type(dst):  # another architecture
         raise ConfigError(f"model.arch: the source is {src.arch!r}, the config asks for {dst.arch!r}")
     a, b = src.to_dict(), dst.to_dict()
     for key, was, now in differences({k: v for k, v in a.items() if k != "polarize"},

@@ -61,7 +61,7 @@ def _aligned(src: ModelConfig, dst: ModelConfig, where: str) -> ModelConfig:
     """``dst`` with the source's polar channels, after refusing any difference but init-only fields, polar
     channels and the vocabulary padding (which must give the source's rows)."""
     ignore = {*type(dst).INIT_ONLY, "polarize", "vocab_size", "pad_vocab_size_multiple"}
-    if src.arch != dst.arch:
+    if type(src) is not type(dst):  # another architecture
         raise ConfigError(f"model.arch: {where} is {src.arch!r}, the config asks for {dst.arch!r}")
     for key, was, now in differences(src.to_dict(), dst.to_dict()):
         if key not in ignore and key.split(".")[0] not in ignore:
