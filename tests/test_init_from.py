@@ -18,6 +18,7 @@ from pretrain import checkpoint as ckpt
 from pretrain.data import DistributedSampleLoader, PackedDataset, TokenShards
 from pretrain.export import load_model
 from pretrain.init_from import initial_weights, weights_sha256
+from tests.test_polarize import assert_polarized_logits_equal
 from tests.train_helpers import fault_env, losses, ok, preempted, train, write_config
 
 pytestmark = pytest.mark.slow
@@ -40,6 +41,13 @@ def first_step_loss(model, data: dict) -> float:
     loader = DistributedSampleLoader(PackedDataset(tokens, 32, model.config.vocab_size), 4, 0, 1, 7)
     with torch.no_grad():
         return sum(model(x, labels=y).loss.item() for x, y in (next(loader) for _ in range(4))) / 4
+
+
+@pytest.mark.parametrize("dtype, rel", [(torch.float32, 2e-6), (torch.float64, 1e-13)])
+def test_polarizing_one_of_our_runs_keeps_its_logits(source, dtype, rel, rng):
+    """Catches a polarization that holds for stock layouts but not for a checkpoint our trainer wrote (ZeRO
+    consolidation, tied head); tolerances as in tests/test_polarize.py."""
+    assert_polarized_logits_equal(load_model(source["run"]).eval().to(dtype), rng, rel)
 
 
 @pytest.mark.parametrize("stage", [0, 1, 2])

@@ -73,14 +73,18 @@ def test_polarized_logits_are_the_sources(kind, dtype, rel, rng, tmp_path):
     difference left is the projection GEMM (x_proj / in_proj) gaining rows: BLAS picks its blocking, hence the
     rounding of the very same dot products, by the output width, which moved the projections by ~1 ulp for
     some widths (fp32 logits then differed by up to 7e-7 of their scale over 75 draws; in fp64 by 0)."""
-    src_model = source(kind, rng, tmp_path).to(dtype)
+    assert_polarized_logits_equal(source(kind, rng, tmp_path).to(dtype), rng, rel)
+
+
+def assert_polarized_logits_equal(src_model, rng, rel: float) -> None:
+    """``src_model`` with 1-2 more polar channels gives its logits, within ``rel`` of their scale."""
     dst = more_channels(src_model.config, rng)
     polar = polarize(src_model, dst, torch.Generator().manual_seed(rng.randrange(2**31))).eval()
     assert polar.config.d_state_total > src_model.config.d_state_total
     ids = torch.randint(0, src_model.config.vocab_size, (2, rng.randint(9, 40)))
     with torch.no_grad():
         expected, got = src_model(ids).logits, polar(ids).logits
-    assert got.dtype == dtype
+    assert got.dtype == expected.dtype
     assert (got - expected).abs().max() <= rel * expected.abs().max()
 
 
