@@ -1,5 +1,6 @@
 """What the state-space family (Mamba-1, Mamba-2) shares: its config sections, the recurrent layer state,
-and mamba_ssm's Δ initialisation and projection resets.
+mamba_ssm's Δ initialisation and projection resets, and the row surgery that adds polar channels to trained
+B/C weights (:func:`grow_channels`, used by each architecture's ``add_polar_channels``; models/polarize.py).
 
 Polarization (Wang et al. 2025, §4): ``polarize.ones`` state channels whose transition is fixed at
 A_t = 1 (never forget) and ``polarize.zeros`` channels fixed at A_t = 0 (no memory) are added beside

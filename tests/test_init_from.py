@@ -18,6 +18,7 @@ from pretrain import checkpoint as ckpt
 from pretrain.data import DistributedSampleLoader, PackedDataset, TokenShards
 from pretrain.export import load_model
 from pretrain.init_from import initial_weights, weights_sha256
+from pretrain.model_card import StepResults, render_card
 from tests.test_polarize import assert_polarized_logits_equal
 from tests.train_helpers import fault_env, losses, ok, preempted, train, write_config
 
@@ -50,7 +51,7 @@ def test_polarizing_one_of_our_runs_keeps_its_logits(source, dtype, rel, rng):
     assert_polarized_logits_equal(load_model(source["run"]).eval().to(dtype), rng, rel)
 
 
-@pytest.mark.parametrize("stage", [0, 1, 2])
+@pytest.mark.parametrize("stage", [0, 1, 2, 3])
 def test_first_step_sees_the_sources_function(stage, source, data, tmp_path):
     """Catches an init_from that is ignored (random weights), loaded before the ZeRO engine re-initialises them, or
     polarized so that the function changes: the first step's loss is the source's loss on that batch (the polar
@@ -84,7 +85,10 @@ def test_resume_is_bitwise_and_never_reads_the_source_again(source, data, tmp_pa
     recorded = yaml.safe_load((tmp_path / "runs" / "split" / "config.yaml").read_text())["model"]["init_from"]
     assert recorded == {"path": str(src), "step": None, "revision": "step_00000003", "sha256": sha}
     ckpt_dir = tmp_path / "runs" / "split" / "checkpoints"
-    assert ckpt.read_state(ckpt_dir, ckpt.latest_tag(ckpt_dir))["config"]["model"]["init_from"] == recorded
+    state = ckpt.read_state(ckpt_dir, ckpt.latest_tag(ckpt_dir))
+    assert state["config"]["model"]["init_from"] == recorded
+    card = render_card("org/x", {**state, "step": 8}, tmp_path / "runs" / "split", 1000, StepResults(), "mit", "cpu")
+    assert f"| initialised from | `{src}` (revision step_00000003, weights sha256 `{sha}`) |" in card
 
 
 def test_refusals_name_the_difference_and_write_nothing(source, data, tmp_path):
