@@ -120,8 +120,8 @@ def resource_usage(compiled) -> dict:
 def _settings(kernel, args, kwargs) -> str:
     """The launch's constexpr block sizes / flags, for the table."""
     names = [p.name for p in kernel.compiled.params]
-    shown = {k: v for k, v in kwargs.items() if k.startswith("BLOCK") or k in ("CHUNK", "K", "N_ONES", "N_SCAN",
-                                                                              "N_ZEROS", "num_warps")}
+    keys = ("CHUNK", "K", "N_ONES", "N_SCAN", "N_ZEROS", "SAVE", "SEG_CHUNKS", "num_warps", "maxnreg")
+    shown = {k: v for k, v in kwargs.items() if k.startswith("BLOCK") or k in keys}
     shown.update({n: a for n, a in zip(names, args, strict=False) if n.startswith("BLOCK")})
     return " ".join(f"{k}={v}" for k, v in sorted(shown.items()))
 

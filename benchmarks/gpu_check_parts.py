@@ -151,7 +151,7 @@ def mixer_inputs(b, d, L, N, n_ones, n_zeros, dtype, device, dt_rank=48):
 
 def part_scan(ctx) -> dict:
     """Our Triton scan at mamba-130m's shapes: inference forward (no saved states), training forward (saves
-    chunk states and the pre-gate y) and backward, each timed alone; then the PyTorch reference and a few
+    the fp32 state every 256 steps) and backward, each timed alone; then the PyTorch reference and a few
     (BLOCK_D, CHUNK, warps) alternatives to the shipped table, batch 8 polarized."""
     from kernels import scan_ref, scan_triton
 

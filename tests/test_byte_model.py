@@ -39,11 +39,12 @@ def test_every_shipped_kernel_has_an_entry_naming_its_real_arguments():
 
 
 def test_a_training_scan_launch_counts_each_tensor_once():
-    """Catches a byte count that misses what the training forward saves (chunk states, pre-gate y) or counts an
-    output as read: the launch's bytes equal the hand count of its tensors."""
+    """Catches a byte count that misses what the training forward saves (the fp32 state every SAVE_STEPS steps and
+    the two carried-state slots) or counts an output as read, and a forward that saves more than that (a pre-gate
+    y, a state per chunk): the launch's bytes equal the hand count of its tensors."""
     from kernels import scan_triton
 
-    b, d, L, N, es = 2, 32, 100, 16, 2
+    b, d, L, N, es = 2, 32, 600, 16, 2
     nt, S = N + 2, N + 1  # 1 ones + 16 learned + 1 zeros; the carried state holds ones + learned
     with torch.device("meta"):
         u, delta, z = (torch.empty(b, L, d, dtype=torch.bfloat16).transpose(1, 2).requires_grad_() for _ in range(3))
@@ -52,10 +53,10 @@ def test_a_training_scan_launch_counts_each_tensor_once():
     with capture() as launches:
         scan_triton.selective_scan(u, delta, A, B, C, D, z, bias, delta_softplus=True, n_ones=1, n_zeros=1)
     (kernel, _, args, kwargs), = launches
-    chunk = kwargs["CHUNK"]
-    n_chunks = -(-L // chunk)
+    n_saved = -(-L // scan_triton.SAVE_STEPS)
+    assert n_saved == 3 and scan_triton.SAVE_STEPS % kwargs["CHUNK"] == 0
     read = 3 * b * d * L * es + 2 * b * nt * L * es + (d * N + 2 * d) * 4
-    written = 2 * b * d * L * es + b * (n_chunks + 1) * S * d * 4  # y, pre-gate y; fp32 state per chunk start
+    written = b * d * L * es + (n_saved + 2) * b * S * d * 4  # y; fp32 states: saved ones and two carried slots
     assert byte_model.launch_bytes(kernel, args, kwargs) == dict(read=read, written=written)
 
 
