@@ -91,15 +91,76 @@ def _load_dt(dt_tile, bias, mask, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr
     return tl.where(mask, dt, 0.0)
 
 
+@triton.jit
+def _decays(A_ptr, s_Ad, s_An, offs_d, mask_d, nn, N_ONES: tl.constexpr, S: tl.constexpr):
+    """The (S_PAD, BLOCK_D) tile of A for the carried channels: 0 for ones channels (a = exp(0·Δ) = 1) and padding."""
+    rows = (nn >= N_ONES) & (nn < S)
+    return tl.load(A_ptr + offs_d[None, :] * s_Ad + (nn[:, None] - N_ONES) * s_An,
+                   mask=rows[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+
+
 @jit(do_not_specialize=_NOT_SPECIALIZED)
-def _scan_fwd_kernel(
-    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, y_ptr, state_ptr, hseg_ptr,
+def _scan_seg_kernel(
+    u_ptr, dt_ptr, A_ptr, B_ptr, bias_ptr, H_ptr, sdt_ptr,
     d, L, n_chunks,
+    s_ub, s_ud, s_ul, s_tb, s_td, s_tl, s_Ad, s_An, s_Bb, s_Bn, s_Bl,
+    N_ONES: tl.constexpr, N_SCAN: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SEG_CHUNKS: tl.constexpr, S_PAD: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """The state-passing pass of an L-split forward: per (batch, channel block, segment of SEG_CHUNKS chunks), the
+    segment's end state from a zero start, H, and its Σ Δ (its decay is exp(A ΣΔ)). The forward's programs for
+    later segments fold these into their start states. Each chunk adds exp(A Σ_{s>t} Δ_s) Δ_t B_t u_t summed over
+    t (the scan-free sweep of the backward); the carried channels are one (S_PAD, BLOCK_D) register tile."""
+    pid_b = tl.program_id(0).to(tl.int64)
+    d0 = tl.program_id(1).to(tl.int64) * BLOCK_D
+    seg = tl.program_id(2)
+    dd = tl.arange(0, BLOCK_D)
+    offs_d = tl.program_id(1) * BLOCK_D + dd
+    mask_d = offs_d < d
+    tt = tl.arange(0, CHUNK)
+    nn = tl.arange(0, S_PAD)
+    S = N_ONES + N_SCAN
+    bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    A2 = _decays(A_ptr, s_Ad, s_An, offs_d, mask_d, nn, N_ONES, S)
+    H = tl.zeros((S_PAD, BLOCK_D), dtype=tl.float32)
+    sdt = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    c_lo = seg * SEG_CHUNKS
+    for c in range(c_lo, tl.minimum(c_lo + SEG_CHUNKS, n_chunks)):
+        t0 = tl.cast(c, tl.int64) * CHUNK
+        mask_t = t0 + tt < L
+        mask = mask_d[:, None] & mask_t[None, :]
+        dt = _load_dt(dt_ptr + (pid_b * s_tb + d0 * s_td + t0 * s_tl) + dd[:, None] * s_td + tt[None, :] * s_tl,
+                      bias, mask, HAS_BIAS, SOFTPLUS)
+        w = dt * tl.load(u_ptr + (pid_b * s_ub + d0 * s_ud + t0 * s_ul) + dd[:, None] * s_ud + tt[None, :] * s_ul,
+                         mask=mask, other=0.0).to(tl.float32)
+        total = tl.sum(dt, axis=1)
+        after = total[:, None] - tl.cumsum(dt, axis=1)  # Σ_{s>t} Δ_s within the chunk
+        B_row = B_ptr + pid_b * s_Bb + (t0 + tt) * s_Bl
+        local = tl.zeros((S_PAD, BLOCK_D), dtype=tl.float32)
+        for n in range(0, S):
+            An = tl.load(A_ptr + offs_d * s_Ad + (n - N_ONES) * s_An, mask=mask_d & (n >= N_ONES), other=0.0)
+            Bn = tl.load(B_row + n * s_Bn, mask=mask_t, other=0.0).to(tl.float32)
+            v = tl.sum(tl.exp(after * An.to(tl.float32)[:, None]) * w * Bn[None, :], axis=1)
+            local = tl.where(nn[:, None] == n, v[None, :], local)
+        H = tl.exp(A2 * total[None, :]) * H + local
+        sdt += total
+    base = pid_b * tl.cdiv(n_chunks, SEG_CHUNKS) + seg
+    tl.store(H_ptr + (base * S + nn[:, None]) * d + offs_d[None, :], H, mask=(nn < S)[:, None] & mask_d[None, :])
+    tl.store(sdt_ptr + base * d + offs_d, sdt, mask=mask_d)
+
+
+@jit(do_not_specialize=(*_NOT_SPECIALIZED, "segs_per"))
+def _scan_fwd_kernel(
+    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, H_ptr, sdt_ptr, y_ptr, state_ptr, hseg_ptr,
+    d, L, n_chunks, segs_per,
     s_ub, s_ud, s_ul, s_tb, s_td, s_tl, s_zb, s_zd, s_zl, s_yb, s_yd, s_yl, s_h0b, s_h0d, s_h0n,
     s_Ad, s_An, s_Bb, s_Bn, s_Bl, s_Cb, s_Cn, s_Cl,
     N_ONES: tl.constexpr, N_SCAN: tl.constexpr, N_ZEROS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
-    SAVE: tl.constexpr, SEG_CHUNKS: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
+    SAVE: tl.constexpr, SPLIT: tl.constexpr, SEG_CHUNKS: tl.constexpr, S_PAD: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     pid_b = tl.program_id(0).to(tl.int64)
     d0 = tl.program_id(1).to(tl.int64) * BLOCK_D  # tiles: an int64 base offset plus small int32 offsets
@@ -108,23 +169,34 @@ def _scan_fwd_kernel(
     mask_d = offs_d < d
     tt = tl.arange(0, CHUNK)
     S = N_ONES + N_SCAN  # carried state channels: [ones, scan channels]
-    # The carried state lives in this program's (S, BLOCK_D) slices of ``state`` (b, 2, S, d), L1/L2-resident (a
-    # register tile indexed by a loop variable would need a layout conversion per channel): chunk c reads slot
+    # This program's piece of L: segs_per segments of SEG_CHUNKS chunks (all of L unless the forward is split)
+    piece = tl.program_id(2)
+    c_lo = piece * segs_per * SEG_CHUNKS
+    # The carried state lives in this program's (S, BLOCK_D) slices of ``state`` (b, pieces, 2, S, d), L1/L2-resident
+    # (a register tile indexed by a loop variable would need a layout conversion per channel): chunk c reads slot
     # c % 2 and writes the other, so reads and writes never alias within a chunk.
-    carry = state_ptr + pid_b * 2 * S * d + offs_d
+    carry = state_ptr + (pid_b * tl.num_programs(2) + piece) * 2 * S * d + offs_d
     Dv = tl.zeros((BLOCK_D,), dtype=tl.float32)
     if HAS_D:
         Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    for n in range(0, S):
-        h = tl.zeros((BLOCK_D,), dtype=tl.float32)
-        if HAS_H0:
-            h = tl.load(h0_ptr + pid_b * s_h0b + offs_d * s_h0d + n * s_h0n, mask=mask_d, other=0.0).to(tl.float32)
-        tl.store(carry + n * d, h, mask=mask_d)
+    nn = tl.arange(0, S_PAD)
+    rows = (nn < S)[:, None] & mask_d[None, :]
+    h = tl.zeros((S_PAD, BLOCK_D), dtype=tl.float32)
+    if HAS_H0:
+        h = tl.load(h0_ptr + pid_b * s_h0b + offs_d[None, :] * s_h0d + nn[:, None] * s_h0n, mask=rows,
+                    other=0.0).to(tl.float32)
+    if SPLIT:  # the start state: the segments before this piece folded in (their end states from _scan_seg_kernel)
+        A2 = _decays(A_ptr, s_Ad, s_An, offs_d, mask_d, nn, N_ONES, S)
+        for sg in range(0, piece * segs_per):
+            base = pid_b * tl.cdiv(n_chunks, SEG_CHUNKS) + sg
+            h = tl.exp(A2 * tl.load(sdt_ptr + base * d + offs_d, mask=mask_d, other=0.0)[None, :]) * h \
+                + tl.load(H_ptr + (base * S + nn[:, None]) * d + offs_d[None, :], mask=rows, other=0.0)
+    tl.store(carry + (c_lo % 2) * S * d + nn[:, None] * d, h, mask=rows)
     tl.debug_barrier()
-    for c in range(0, n_chunks):
+    for c in range(c_lo, tl.minimum(c_lo + segs_per * SEG_CHUNKS, n_chunks)):
         t0 = tl.cast(c, tl.int64) * CHUNK  # int64: t0 times the time stride may pass 2^31
         mask_t = t0 + tt < L
         mask = mask_d[:, None] & mask_t[None, :]
@@ -353,6 +425,13 @@ def config(kind: str, dtype: torch.dtype, d: int, block_d: int | None) -> tuple[
     return block_d or min(bd, max(triton.next_power_of_2(d), 2)), chunk, warps
 
 
+def split_pieces(programs: int, n_segs: int, device: torch.device) -> int:
+    """How many pieces of L the forward runs in parallel: enough programs for ~2 waves of SMs (132 on an H100/H200
+    when the device cannot be asked), at most one piece per segment; 1 when batch × channel blocks fill them."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+    return 1 if programs >= 2 * sms else min(n_segs, triton.cdiv(2 * sms, programs))
+
+
 def _strides3(t):
     return list(t.stride()) if t is not None else [0, 0, 0]
 
@@ -362,7 +441,7 @@ class SelectiveScanTriton(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, h0, softplus, n_ones, n_zeros, chunk, block_d, save,
-                seg_chunks):
+                seg_chunks, pieces):
         b, d, L = u.shape
         n_scan = A.shape[1]
         S = n_ones + n_scan
@@ -371,23 +450,36 @@ class SelectiveScanTriton(torch.autograd.Function):
         chunk = chunk or fwd_chunk
         seg_chunks = seg_chunks or max(1, SAVE_STEPS // chunk)
         n_chunks = triton.cdiv(L, chunk)
+        n_segs = triton.cdiv(n_chunks, seg_chunks)
+        d_blocks = triton.cdiv(d, fwd_block_d)
+        segs_per = triton.cdiv(n_segs, pieces or split_pieces(b * d_blocks, n_segs, u.device))
+        pieces = triton.cdiv(n_segs, segs_per)
         y = like(u)
-        state = torch.empty(b, 2, S, d, device=u.device, dtype=torch.float32)
+        state = torch.empty(b, pieces, 2, S, d, device=u.device, dtype=torch.float32)
         # the fp32 state at every seg_chunks-th chunk start: the backward recomputes the rest
-        hseg = torch.empty(b, triton.cdiv(n_chunks, seg_chunks), S, d, device=u.device, dtype=torch.float32) \
-            if save else None
+        hseg = torch.empty(b, n_segs, S, d, device=u.device, dtype=torch.float32) if save else None
         flags = dict(N_ONES=n_ones, N_SCAN=n_scan, N_ZEROS=n_zeros, SOFTPLUS=bool(softplus), HAS_D=D is not None,
                      HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SEG_CHUNKS=seg_chunks)
-        _scan_fwd_kernel[(b, triton.cdiv(d, fwd_block_d))](
-            u, delta, A, B, C, D, z, delta_bias, h0, y, state, hseg, d, L, n_chunks,
+        S_PAD = triton.next_power_of_2(S)
+        H = sdt = None
+        if pieces > 1:  # state passing: every segment's zero-start end state and ΣΔ, for the later pieces to fold in
+            H = torch.empty(b, n_segs, S, d, device=u.device, dtype=torch.float32)
+            sdt = torch.empty(b, n_segs, d, device=u.device, dtype=torch.float32)
+            _scan_seg_kernel[(b, d_blocks, (pieces - 1) * segs_per)](
+                u, delta, A, B, delta_bias, H, sdt, d, L, n_chunks, *u.stride(), *delta.stride(), *A.stride(),
+                *B.stride(), N_ONES=n_ones, N_SCAN=n_scan, SOFTPLUS=bool(softplus), HAS_BIAS=delta_bias is not None,
+                SEG_CHUNKS=seg_chunks, S_PAD=S_PAD, CHUNK=chunk, BLOCK_D=fwd_block_d, num_warps=warps,
+                maxnreg=FWD_MAXNREG)
+        _scan_fwd_kernel[(b, d_blocks, pieces)](
+            u, delta, A, B, C, D, z, delta_bias, h0, H, sdt, y, state, hseg, d, L, n_chunks, segs_per,
             *u.stride(), *delta.stride(), *_strides3(z), *y.stride(), *_strides3(h0), *A.stride(),
-            *B.stride(), *C.stride(), HAS_H0=h0 is not None, SAVE=save, CHUNK=chunk, BLOCK_D=fwd_block_d,
-            num_warps=warps, maxnreg=FWD_MAXNREG, **flags)
+            *B.stride(), *C.stride(), HAS_H0=h0 is not None, SAVE=save, SPLIT=pieces > 1, S_PAD=S_PAD, CHUNK=chunk,
+            BLOCK_D=fwd_block_d, num_warps=warps, maxnreg=FWD_MAXNREG, **flags)
         if save:
             ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, hseg)
             ctx.flags, ctx.chunk, ctx.block_d = flags, chunk, block_d
         ctx.set_materialize_grads(False)
-        return y, state[:, n_chunks % 2].transpose(1, 2)
+        return y, state[:, -1, n_chunks % 2].transpose(1, 2)
 
     @staticmethod
     def backward(ctx, gy, ghlast):
@@ -421,17 +513,18 @@ class SelectiveScanTriton(torch.autograd.Function):
         n1 = flags["N_ONES"]
         return (gu, gdelta, grad(2, gA.sum(0)[n1:S].t(), A), grad(3, gB, B), grad(4, gC, C),
                 grad(5, gD.sum(0), D), gz, grad(7, gbias.sum(0), delta_bias),
-                gstate[:, n_chunks % 2].transpose(1, 2) if need[8] else None, *[None] * 7)
+                gstate[:, n_chunks % 2].transpose(1, 2) if need[8] else None, *[None] * 8)
 
 
 def selective_scan(
     u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
     n_ones=0, n_zeros=0, zero_mode="exact", return_last_state=False, initial_state=None,
-    chunk_size=None, block_d=None, seg_chunks=None,
+    chunk_size=None, block_d=None, seg_chunks=None, pieces=None,
 ):
     """Triton selective scan; arguments as :func:`kernels.scan_ref.selective_scan_chunked`, plus
     ``initial_state`` (b, d, N_total) to continue from (fp32). ``chunk_size``, ``block_d`` and ``seg_chunks``
-    (chunks per saved state) override the shipped tiles (tests shrink them)."""
+    (chunks per saved state and per piece of an L split) override the shipped tiles, ``pieces`` the number of
+    programs the forward splits L into (default :func:`split_pieces`); tests shrink them."""
     assert zero_mode in ("exact", "reference")
     d, N = A.shape
     A_scan = A.float()
@@ -444,7 +537,7 @@ def selective_scan(
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                            for t in (u, delta, A_scan, B, C, D, z, delta_bias, h0))
     y, h = SelectiveScanTriton.apply(u, delta, A_scan, B, C, D, z, delta_bias, h0, delta_softplus, n_ones,
-                                     exact_zeros, chunk_size, block_d, save, seg_chunks)
+                                     exact_zeros, chunk_size, block_d, save, seg_chunks, pieces)
     if not return_last_state:
         return y
     if exact_zeros:  # a = 0: the last state is the last step's input Δ_L B_L u_L (a zero initial state decays)

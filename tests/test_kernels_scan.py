@@ -83,14 +83,17 @@ def test_triton_scan_matches_reference(device, case):
         assert got[0].stride(1) == 1
 
 
-@pytest.mark.parametrize("b,seg_chunks", [(1, 2), (2, 3)])
-def test_triton_scan_recomputes_unsaved_states_from_a_carried_state(device, b, seg_chunks):
+@pytest.mark.parametrize("b,seg_chunks,pieces", [(1, 2, None), (2, 3, 1), (1, 1, 2)])
+def test_triton_scan_recomputes_unsaved_states_from_a_carried_state(device, b, seg_chunks, pieces):
     """The training forward keeps one state per ``seg_chunks`` chunks and no pre-gate output; the backward
-    recomputes the chunk starts between saved states (a sweep per segment) and the pre-gate y for dz. Against the
+    recomputes the chunk starts between saved states (a sweep per segment) and the pre-gate y for dz; the forward
+    runs L as ``pieces`` programs (None: split_pieces, here one per segment; 1: one program walks every segment;
+    2: two segments per piece), each folding the earlier segments' end states into its start. Against the
     reference (chunked scan plus the initial-state closed form), with an initial state, batch 1 and 2, L = 18
     (five 4-step chunks, the last one half full, the last segment partial): outputs and every gradient, h0's too.
     Catches a chunk start read from the wrong segment or slot, a sweep that skips or repeats a chunk, a wrong
-    partial last segment, and a pre-gate y rebuilt without a channel kind (dz)."""
+    partial last segment, a pre-gate y rebuilt without a channel kind (dz), and a piece that starts from the wrong
+    state (h0 or an earlier segment left out, a segment folded twice)."""
     from kernels import dispatch
 
     L, nt = 18, 1 + 3 + 1
@@ -102,7 +105,7 @@ def test_triton_scan_recomputes_unsaved_states_from_a_carried_state(device, b, s
         mp.setenv("POLAR_KERNELS", "torch")
         want = scan_outputs_and_grads(dispatch.selective_scan, [*inputs, h0], gy, gh, **kw)
     got = scan_outputs_and_grads(scan_triton.selective_scan, [*inputs, h0], gy, gh, chunk_size=4, block_d=4,
-                                 seg_chunks=seg_chunks, **kw)
+                                 seg_chunks=seg_chunks, pieces=pieces, **kw)
     assert_all_close(got, want, torch.float32, names=[*NAMES, "initial_state"])
 
 
@@ -144,11 +147,13 @@ def test_triton_scan_without_optional_inputs(device):
 
 
 def test_triton_scan_inference_saves_nothing(device):
-    """Under no_grad the forward keeps no chunk states: same y, and the compiled kernel is reused."""
+    """Under no_grad the forward keeps no states and, at batch 1, splits L into one piece per segment (a 4-step
+    chunk here): same y. Catches an inference forward that needs the training forward's saved states."""
     inputs = [t.detach() if t is not None else None for t in make_inputs(1, 3, 7, 2, 1, 1, torch.float32, device)]
     u, delta, A_log, B, C, D, z, bias = inputs
     with torch.no_grad():
-        got = scan_triton.selective_scan(u, delta, -torch.exp(A_log), B, C, D, z, bias, True, 1, 1, chunk_size=4)
+        got = scan_triton.selective_scan(u, delta, -torch.exp(A_log), B, C, D, z, bias, True, 1, 1, chunk_size=4,
+                                         seg_chunks=1)
     want = scan_ref.selective_scan_chunked(u, delta, -torch.exp(A_log), B, C, D, z, bias, True, 1, 1)
     torch.testing.assert_close(got, want, **TOL[torch.float32])
 
