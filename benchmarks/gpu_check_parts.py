@@ -105,6 +105,14 @@ def launched_bytes(fn) -> dict[str, int]:
     return totals
 
 
+def forward_bytes(totals: dict[str, int]) -> int | None:
+    """The scan forward's bytes: the forward kernel plus, when batch × channel blocks split L, its state-passing
+    pass (``scan_seg_kernel``)."""
+    if "scan_fwd_kernel" not in totals:
+        return None
+    return totals["scan_fwd_kernel"] + totals.get("scan_seg_kernel", 0)
+
+
 def bandwidth_columns(ctx, ms: float, ideal: int, moved: int | None) -> dict:
     """GB/s of the ideal and the moved bytes, as % of the copy bandwidth measured in this run and of the spec."""
     copy, spec = ctx.known.get("copy_gbps"), ctx.known.get("spec_gbps")
@@ -172,7 +180,7 @@ def part_scan(ctx) -> dict:
             bwd = lambda: torch.autograd.grad(y, leaves, gy, retain_graph=True)
             with torch.no_grad():
                 infer_ms = bench_ms(fwd, ctx)
-                infer_bytes = launched_bytes(fwd).get("scan_fwd_kernel")
+                infer_bytes = forward_bytes(launched_bytes(fwd))
             times = dict(infer=infer_ms, train=bench_ms(fwd, ctx), bwd=bench_ms(bwd, ctx))
             moved = launched_bytes(lambda: torch.autograd.grad(fwd(), leaves, gy))
         finally:
@@ -181,7 +189,7 @@ def part_scan(ctx) -> dict:
         cfg = lambda kind: "" if impl is not scan_triton.selective_scan else ",".join(
             map(str, config or scan_triton.config(kind, dtype, d, None)))
         passes = (("inference fwd", times["infer"], fwd_ideal, infer_bytes, cfg("fwd")),
-                  ("training fwd", times["train"], fwd_ideal, moved.get("scan_fwd_kernel"), cfg("train")),
+                  ("training fwd", times["train"], fwd_ideal, forward_bytes(moved), cfg("train")),
                   ("bwd", times["bwd"], bwd_ideal, moved.get("scan_bwd_kernel"), cfg("bwd")),
                   ("training fwd+bwd", times["train"] + times["bwd"], fwd_ideal + bwd_ideal,
                    sum(moved.values()) or None, ""))
