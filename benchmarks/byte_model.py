@@ -22,7 +22,8 @@ import torch
 WRITES = {
     "scan_seg_kernel": ("H_ptr", "sdt_ptr"),
     "scan_fwd_kernel": ("y_ptr", "state_ptr", "hseg_ptr"),
-    "scan_bwd_kernel": ("gu_ptr", "gdt_ptr", "gz_ptr", "+gA_ptr", "+gB_ptr", "+gC_ptr", "gD_ptr", "gbias_ptr",
+    "scan_adj_kernel": ("Q_ptr", "sdt_ptr"),
+    "scan_bwd_kernel": ("gu_ptr", "gdt_ptr", "gz_ptr", "+gA_ptr", "+gB_ptr", "+gC_ptr", "+gD_ptr", "+gbias_ptr",
                         "gstate_ptr", "+hbuf_ptr"),
     "conv_fwd_kernel": ("y_ptr",),
     "conv_bwd_kernel": ("gx_ptr", "gw_ptr", "gb_ptr"),

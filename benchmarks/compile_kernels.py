@@ -43,8 +43,8 @@ PRESETS = ("mamba-130m", "mamba-370m", "mamba-550m")
 
 
 def captured_launches(preset: str, dtype: torch.dtype, polar: bool, batch: int, seq: int, layers: int = 1):
-    """The Triton launches of one training step (forward + loss + backward) and of an inference forward (no saved
-    states, e.g. a NIAH prefill) at ``batch`` and at batch 1 of ``preset`` on meta tensors."""
+    """The Triton launches of a training step (forward + loss + backward) and of an inference forward (no saved
+    states, e.g. a NIAH prefill) of ``preset`` on meta tensors, at ``batch`` and at batch 1."""
     from models import MambaLM, ModelConfig
 
     name = f"{preset}-polar" if polar else preset
@@ -59,7 +59,10 @@ def captured_launches(preset: str, dtype: torch.dtype, polar: bool, batch: int, 
             model(ids, labels=ids, return_logits=False).loss.backward()
             with torch.no_grad():
                 model(ids)
-                model(ids[:1])  # batch 1: too few channel blocks to fill the SMs, the scan splits L
+            # batch 1: too few channel blocks to fill the SMs, the scan splits L (forward and backward)
+            model(ids[:1], labels=ids[:1], return_logits=False).loss.backward()
+            with torch.no_grad():
+                model(ids[:1])
     finally:
         if previous is None:
             os.environ.pop("POLAR_KERNELS", None)

@@ -29,6 +29,11 @@ per-batch partials (b × parameter size, small) summed in PyTorch; the atomics m
 last bits. Batch, channel-block and chunk starts are int64 base offsets, tile offsets small int32 (b·d·L may
 pass 2^31). L is a runtime argument (never specialized): one compile serves every sequence length whose L·d
 keeps its divisibility by 16; the batch strides are specialized so that Triton vectorizes the loads.
+
+Batch 1: when batch × channel blocks cannot fill two waves of SMs, both passes split L into pieces of whole
+segments, one program each. A state-passing pass writes each segment's contribution from a zero start (forward:
+its end state, ``_scan_seg_kernel``; backward: the adjoint it hands back, ``_scan_adj_kernel``) and its ΣΔ; each
+program folds the segments before (forward) or after (backward) its piece into its start, then walks its piece.
 """
 
 from __future__ import annotations
@@ -250,15 +255,67 @@ def _scan_fwd_kernel(
 
 
 @jit(do_not_specialize=_NOT_SPECIALIZED)
+def _scan_adj_kernel(
+    dt_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, gy_ptr, Q_ptr, sdt_ptr,
+    d, L, n_chunks, seg_lo,
+    s_tb, s_td, s_tl, s_zb, s_zd, s_zl, s_yb, s_yd, s_yl, s_Ad, s_An, s_Cb, s_Cn, s_Cl,
+    N_ONES: tl.constexpr, N_SCAN: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_Z: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SEG_CHUNKS: tl.constexpr, S_PAD: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """The state-passing pass of an L-split backward, per (batch, channel block, segment seg_lo + z): the adjoint a
+    segment hands the one before it from a zero adjoint after it, Q = Σ_t exp(A Σ_{s≤t} Δ_s) C_t g_t (Σ over the
+    segment's steps so far; g = dy·SiLU(z)), and its ΣΔ (it passes a later adjoint on times exp(A ΣΔ))."""
+    pid_b = tl.program_id(0).to(tl.int64)
+    d0 = tl.program_id(1).to(tl.int64) * BLOCK_D
+    seg = seg_lo + tl.program_id(2)
+    dd = tl.arange(0, BLOCK_D)
+    offs_d = tl.program_id(1) * BLOCK_D + dd
+    mask_d = offs_d < d
+    tt = tl.arange(0, CHUNK)
+    nn = tl.arange(0, S_PAD)
+    S = N_ONES + N_SCAN
+    bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    Q = tl.zeros((S_PAD, BLOCK_D), dtype=tl.float32)
+    sdt = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    c_lo = seg * SEG_CHUNKS
+    for c in range(c_lo, tl.minimum(c_lo + SEG_CHUNKS, n_chunks)):
+        t0 = tl.cast(c, tl.int64) * CHUNK
+        mask_t = t0 + tt < L
+        mask = mask_d[:, None] & mask_t[None, :]
+        dt = _load_dt(dt_ptr + (pid_b * s_tb + d0 * s_td + t0 * s_tl) + dd[:, None] * s_td + tt[None, :] * s_tl,
+                      bias, mask, HAS_BIAS, SOFTPLUS)
+        g = tl.load(gy_ptr + (pid_b * s_yb + d0 * s_yd + t0 * s_yl) + dd[:, None] * s_yd + tt[None, :] * s_yl,
+                    mask=mask, other=0.0).to(tl.float32)
+        if HAS_Z:
+            zz = tl.load(z_ptr + (pid_b * s_zb + d0 * s_zd + t0 * s_zl) + dd[:, None] * s_zd + tt[None, :] * s_zl,
+                         mask=mask, other=0.0).to(tl.float32)
+            g = g * zz * tl.sigmoid(zz)
+        upto = sdt[:, None] + tl.cumsum(dt, axis=1)  # Σ_{s≤t} Δ_s from the segment's start
+        C_row = C_ptr + pid_b * s_Cb + (t0 + tt) * s_Cl
+        for n in range(0, S):
+            An = tl.load(A_ptr + offs_d * s_Ad + (n - N_ONES) * s_An, mask=mask_d & (n >= N_ONES), other=0.0)
+            Cn = tl.load(C_row + n * s_Cn, mask=mask_t, other=0.0).to(tl.float32)
+            v = tl.sum(tl.exp(upto * An.to(tl.float32)[:, None]) * g * Cn[None, :], axis=1)
+            Q = tl.where(nn[:, None] == n, Q + v[None, :], Q)
+        sdt += tl.sum(dt, axis=1)
+    base = pid_b * tl.cdiv(n_chunks, SEG_CHUNKS) + seg
+    tl.store(Q_ptr + (base * S + nn[:, None]) * d + offs_d[None, :], Q, mask=(nn < S)[:, None] & mask_d[None, :])
+    tl.store(sdt_ptr + base * d + offs_d, sdt, mask=mask_d)
+
+
+@jit(do_not_specialize=(*_NOT_SPECIALIZED, "segs_per"))
 def _scan_bwd_kernel(
-    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, hseg_ptr, gy_ptr, ghlast_ptr,
+    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, hseg_ptr, gy_ptr, ghlast_ptr, Q_ptr, sdt_ptr,
     gu_ptr, gdt_ptr, gz_ptr, gA_ptr, gB_ptr, gC_ptr, gD_ptr, gbias_ptr, gstate_ptr, hbuf_ptr,
-    d, L, n_chunks,
+    d, L, n_chunks, segs_per,
     s_ub, s_ud, s_ul, s_tb, s_td, s_tl, s_zb, s_zd, s_zl, s_yb, s_yd, s_yl, s_gb, s_gd, s_gl,
     s_Ad, s_An, s_Bb, s_Bn, s_Bl, s_Cb, s_Cn, s_Cl,
     N_ONES: tl.constexpr, N_SCAN: tl.constexpr, N_ZEROS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GH: tl.constexpr,
-    SEG_CHUNKS: tl.constexpr, S_PAD: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
+    SPLIT: tl.constexpr, SEG_CHUNKS: tl.constexpr, S_PAD: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_b = tl.program_id(0).to(tl.int64)
     d0 = tl.program_id(1).to(tl.int64) * BLOCK_D  # tiles: an int64 base offset plus small int32 offsets
@@ -269,10 +326,15 @@ def _scan_bwd_kernel(
     S = N_ONES + N_SCAN
     n_total = S + N_ZEROS
     n_segs = tl.cdiv(n_chunks, SEG_CHUNKS)
+    # This program's piece of L: segs_per segments of SEG_CHUNKS chunks (all of L unless the backward is split)
+    piece = tl.program_id(2)
+    prog = pid_b * tl.num_programs(2) + piece
+    c_lo = piece * segs_per * SEG_CHUNKS
+    c_hi = tl.minimum(c_lo + segs_per * SEG_CHUNKS, n_chunks)
     # K = dL/dh at the step before the current chunk's end, carried in two slots of gstate as the forward's
     # state; hbuf holds the chunk-start states of the current segment, recomputed from the one the forward saved
-    K_ptr = gstate_ptr + pid_b * 2 * S * d + offs_d
-    hbuf = hbuf_ptr + pid_b * SEG_CHUNKS * S * d + offs_d
+    K_ptr = gstate_ptr + prog * 2 * S * d + offs_d
+    hbuf = hbuf_ptr + prog * SEG_CHUNKS * S * d + offs_d
     gA_row = gA_ptr + pid_b * S * d + offs_d
     Dv = tl.zeros((BLOCK_D,), dtype=tl.float32)
     if HAS_D:
@@ -280,18 +342,25 @@ def _scan_bwd_kernel(
     bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    for n in range(0, S):
-        K = tl.zeros((BLOCK_D,), dtype=tl.float32)
-        if HAS_GH:
-            K = tl.load(ghlast_ptr + pid_b * S * d + n * d + offs_d, mask=mask_d, other=0.0)
-        tl.store(K_ptr + n * d, K, mask=mask_d)
+    nn = tl.arange(0, S_PAD)
+    rows = (nn < S)[:, None] & mask_d[None, :]
+    K = tl.zeros((S_PAD, BLOCK_D), dtype=tl.float32)
+    if HAS_GH:
+        K = tl.load(ghlast_ptr + pid_b * S * d + nn[:, None] * d + offs_d[None, :], mask=rows, other=0.0)
+    if SPLIT:  # the adjoint entering this piece: the segments after it folded in (from _scan_adj_kernel)
+        A2 = _decays(A_ptr, s_Ad, s_An, offs_d, mask_d, nn, N_ONES, S)
+        for sg in range(0, n_segs - (piece + 1) * segs_per):
+            base = pid_b * n_segs + n_segs - 1 - sg
+            K = tl.exp(A2 * tl.load(sdt_ptr + base * d + offs_d, mask=mask_d, other=0.0)[None, :]) * K \
+                + tl.load(Q_ptr + (base * S + nn[:, None]) * d + offs_d[None, :], mask=rows, other=0.0)
+    tl.store(K_ptr + ((n_chunks - c_hi) % 2) * S * d + nn[:, None] * d, K, mask=rows)
     gD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     gbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    for ci in range(0, n_chunks):  # chunks last to first
+    for ci in range(n_chunks - c_hi, n_chunks - c_lo):  # this piece's chunks, last to first
         c = n_chunks - 1 - ci
         r_last = c % SEG_CHUNKS
         # a segment's last chunk (the first one met) recomputes the segment's chunk starts first; branch-free
-        fresh = (r_last == SEG_CHUNKS - 1) | (ci == 0)
+        fresh = (r_last == SEG_CHUNKS - 1) | (ci == n_chunks - c_hi)
         c_lo = c - r_last
         h_seg = hseg_ptr + (pid_b * n_segs + c // SEG_CHUNKS) * S * d + offs_d
         # one (S, BLOCK_D) tile (a loop of S vector copies unrolls and costs ~60 registers)
@@ -415,8 +484,8 @@ def _scan_bwd_kernel(
         tl.store(gu_ptr + io, (gw * dt + g * Dv[:, None]).to(gu_ptr.dtype.element_ty), mask=mask)
         tl.store(gdt_ptr + io, gdt.to(gdt_ptr.dtype.element_ty), mask=mask)
         tl.debug_barrier()
-    tl.store(gD_ptr + pid_b * d + offs_d, gD_acc, mask=mask_d)
-    tl.store(gbias_ptr + pid_b * d + offs_d, gbias_acc, mask=mask_d)
+    tl.atomic_add(gD_ptr + pid_b * d + offs_d, gD_acc, mask=mask_d, sem="relaxed")  # the pieces' sum
+    tl.atomic_add(gbias_ptr + pid_b * d + offs_d, gbias_acc, mask=mask_d, sem="relaxed")
 
 
 def config(kind: str, dtype: torch.dtype, d: int, block_d: int | None) -> tuple[int, int, int]:
@@ -452,6 +521,7 @@ class SelectiveScanTriton(torch.autograd.Function):
         n_chunks = triton.cdiv(L, chunk)
         n_segs = triton.cdiv(n_chunks, seg_chunks)
         d_blocks = triton.cdiv(d, fwd_block_d)
+        pieces_arg = pieces
         segs_per = triton.cdiv(n_segs, pieces or split_pieces(b * d_blocks, n_segs, u.device))
         pieces = triton.cdiv(n_segs, segs_per)
         y = like(u)
@@ -477,7 +547,7 @@ class SelectiveScanTriton(torch.autograd.Function):
             BLOCK_D=fwd_block_d, num_warps=warps, maxnreg=FWD_MAXNREG, **flags)
         if save:
             ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, hseg)
-            ctx.flags, ctx.chunk, ctx.block_d = flags, chunk, block_d
+            ctx.flags, ctx.chunk, ctx.block_d, ctx.pieces = flags, chunk, block_d, pieces_arg
         ctx.set_materialize_grads(False)
         return y, state[:, -1, n_chunks % 2].transpose(1, 2)
 
@@ -496,24 +566,36 @@ class SelectiveScanTriton(torch.autograd.Function):
         gu, gdelta = like(u), like(u, delta.dtype)
         gz = like(u, z.dtype) if z is not None else None
         gA = torch.zeros(b, S, d, device=dev, dtype=f32)
-        gstate = torch.empty(b, 2, S, d, device=dev, dtype=f32)
-        hbuf = torch.empty(b, flags["SEG_CHUNKS"], S, d, device=dev, dtype=f32)  # one segment's chunk starts
+        seg_chunks, S_PAD = flags["SEG_CHUNKS"], triton.next_power_of_2(S)
+        n_segs, d_blocks = triton.cdiv(n_chunks, seg_chunks), triton.cdiv(d, block_d)
+        segs_per = triton.cdiv(n_segs, ctx.pieces or split_pieces(b * d_blocks, n_segs, u.device))
+        pieces = triton.cdiv(n_segs, segs_per)
+        gstate = torch.empty(b, pieces, 2, S, d, device=dev, dtype=f32)
+        hbuf = torch.empty(b, pieces, seg_chunks, S, d, device=dev, dtype=f32)  # each piece's segment chunk starts
         gB, gC = (torch.zeros(b, n_total, L, device=dev, dtype=f32) for _ in range(2))
-        gD, gbias = (torch.empty(b, d, device=dev, dtype=f32) for _ in range(2))
+        gD, gbias = (torch.zeros(b, d, device=dev, dtype=f32) for _ in range(2))
         assert gz is None or gu.stride() == gz.stride() == gdelta.stride()
-        _scan_bwd_kernel[(b, triton.cdiv(d, block_d))](
-            u, delta, A, B, C, D, z, delta_bias, hseg, gy, ghlast,
-            gu, gdelta, gz, gA, gB, gC, gD, gbias, gstate, hbuf, d, L, n_chunks,
+        Q = sdt = None
+        if pieces > 1:  # state passing: each later segment's adjoint from a zero one after it, and its ΣΔ
+            Q = torch.empty(b, n_segs, S, d, device=dev, dtype=f32)
+            sdt = torch.empty(b, n_segs, d, device=dev, dtype=f32)
+            _scan_adj_kernel[(b, d_blocks, n_segs - segs_per)](
+                delta, A, C, z, delta_bias, gy, Q, sdt, d, L, n_chunks, segs_per, *delta.stride(), *_strides3(z),
+                *gy.stride(), *A.stride(), *C.stride(), N_ONES=flags["N_ONES"], N_SCAN=flags["N_SCAN"],
+                SOFTPLUS=flags["SOFTPLUS"], HAS_Z=flags["HAS_Z"], HAS_BIAS=flags["HAS_BIAS"], SEG_CHUNKS=seg_chunks,
+                S_PAD=S_PAD, CHUNK=chunk, BLOCK_D=block_d, num_warps=warps)
+        _scan_bwd_kernel[(b, d_blocks, pieces)](
+            u, delta, A, B, C, D, z, delta_bias, hseg, gy, ghlast, Q, sdt,
+            gu, gdelta, gz, gA, gB, gC, gD, gbias, gstate, hbuf, d, L, n_chunks, segs_per,
             *u.stride(), *delta.stride(), *_strides3(z), *gy.stride(), *gu.stride(), *A.stride(),
-            *B.stride(), *C.stride(), HAS_GH=ghlast is not None, S_PAD=triton.next_power_of_2(S), CHUNK=chunk,
-            BLOCK_D=block_d,
-            num_warps=warps, **flags)
+            *B.stride(), *C.stride(), HAS_GH=ghlast is not None, SPLIT=pieces > 1, S_PAD=S_PAD, CHUNK=chunk,
+            BLOCK_D=block_d, num_warps=warps, **flags)
         need = ctx.needs_input_grad
         grad = lambda i, g, like_: g.to(like_.dtype) if need[i] else None
         n1 = flags["N_ONES"]
         return (gu, gdelta, grad(2, gA.sum(0)[n1:S].t(), A), grad(3, gB, B), grad(4, gC, C),
                 grad(5, gD.sum(0), D), gz, grad(7, gbias.sum(0), delta_bias),
-                gstate[:, n_chunks % 2].transpose(1, 2) if need[8] else None, *[None] * 8)
+                gstate[:, 0, n_chunks % 2].transpose(1, 2) if need[8] else None, *[None] * 8)
 
 
 def selective_scan(

@@ -66,20 +66,25 @@ def test_a_broadcast_dimension_holds_one_element():
     assert byte_model.tensor_bytes(t) == 5 * 2
 
 
-def test_a_split_forward_counts_its_state_passing_pass():
-    """Catches an L-split forward (batch 1) whose state-passing pass goes uncounted: it reads u, Δ and B once more
-    and writes each segment's end state and ΣΔ, which the forward reads back."""
+def test_a_split_scan_counts_its_state_passing_passes():
+    """Catches an L-split forward or backward (batch 1) whose state-passing pass goes uncounted: the forward's
+    reads u, Δ and B once more and writes each segment's end state and ΣΔ, which the forward reads back; the
+    backward's reads Δ, dy, z and C once more and writes each segment's adjoint and ΣΔ."""
     from kernels import scan_triton
 
     b, d, L, N, es = 1, 64, 1000, 16, 2
     nt, S = N + 2, N + 1
     with torch.device("meta"):
-        u, delta, z = (torch.empty(b, L, d, dtype=torch.bfloat16).transpose(1, 2) for _ in range(3))
+        u, delta, z = (torch.empty(b, L, d, dtype=torch.bfloat16).transpose(1, 2).requires_grad_() for _ in range(3))
         B, C = (torch.empty(b, nt, L, dtype=torch.bfloat16) for _ in range(2))
         A, D, bias = torch.empty(d, N), torch.empty(d), torch.empty(d)
     with capture() as launches:
-        scan_triton.selective_scan(u, delta, A, B, C, D, z, bias, delta_softplus=True, n_ones=1, n_zeros=1)
+        y = scan_triton.selective_scan(u, delta, A, B, C, D, z, bias, delta_softplus=True, n_ones=1, n_zeros=1)
     (seg, _, seg_args, seg_kwargs), (fwd, grid, fwd_args, fwd_kwargs) = launches
+    with capture() as launches:
+        y.backward(torch.empty_like(y))
+    (adj, _, adj_args, adj_kwargs), (bwd, bwd_grid, _, _) = launches
+    assert byte_model.kernel_name(adj) == "scan_adj_kernel" and bwd_grid[2] > 1
     n_segs = -(-L // scan_triton.SAVE_STEPS)
     assert byte_model.kernel_name(seg) == "scan_seg_kernel" and grid[2] > 1
     state_passing = b * n_segs * (S + 1) * d * 4  # H and ΣΔ per segment, fp32
@@ -87,3 +92,5 @@ def test_a_split_forward_counts_its_state_passing_pass():
         read=2 * b * d * L * es + b * nt * L * es + (d * N + d) * 4, written=state_passing)
     assert byte_model.launch_bytes(fwd, fwd_args, fwd_kwargs)["read"] == \
         3 * b * d * L * es + 2 * b * nt * L * es + (d * N + 2 * d) * 4 + state_passing
+    assert byte_model.launch_bytes(adj, adj_args, adj_kwargs) == dict(
+        read=3 * b * d * L * es + b * nt * L * es + (d * N + d) * 4, written=state_passing)

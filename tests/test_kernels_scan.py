@@ -86,14 +86,15 @@ def test_triton_scan_matches_reference(device, case):
 @pytest.mark.parametrize("b,seg_chunks,pieces", [(1, 2, None), (2, 3, 1), (1, 1, 2)])
 def test_triton_scan_recomputes_unsaved_states_from_a_carried_state(device, b, seg_chunks, pieces):
     """The training forward keeps one state per ``seg_chunks`` chunks and no pre-gate output; the backward
-    recomputes the chunk starts between saved states (a sweep per segment) and the pre-gate y for dz; the forward
-    runs L as ``pieces`` programs (None: split_pieces, here one per segment; 1: one program walks every segment;
-    2: two segments per piece), each folding the earlier segments' end states into its start. Against the
+    recomputes the chunk starts between saved states (a sweep per segment) and the pre-gate y for dz; forward and
+    backward run L as ``pieces`` programs (None: split_pieces, here one per segment; 1: one program walks every
+    segment; 2: two segments per piece), each folding the earlier segments' end states (forward) or the later
+    segments' adjoints (backward) into its start. Against the
     reference (chunked scan plus the initial-state closed form), with an initial state, batch 1 and 2, L = 18
     (five 4-step chunks, the last one half full, the last segment partial): outputs and every gradient, h0's too.
     Catches a chunk start read from the wrong segment or slot, a sweep that skips or repeats a chunk, a wrong
     partial last segment, a pre-gate y rebuilt without a channel kind (dz), and a piece that starts from the wrong
-    state (h0 or an earlier segment left out, a segment folded twice)."""
+    state or adjoint (h0, dL/dh_L or a segment left out or folded twice, a missing decay)."""
     from kernels import dispatch
 
     L, nt = 18, 1 + 3 + 1
