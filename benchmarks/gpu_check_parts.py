@@ -106,11 +106,18 @@ def launched_bytes(fn) -> dict[str, int]:
 
 
 def forward_bytes(totals: dict[str, int]) -> int | None:
-    """The scan forward's bytes: the forward kernel plus, when batch × channel blocks split L, its state-passing
-    pass (``scan_seg_kernel``)."""
+    """The scan forward's bytes: the forward kernel plus, when L is split (batch × channel blocks too few for the
+    SMs), its state-passing pass."""
     if "scan_fwd_kernel" not in totals:
         return None
     return totals["scan_fwd_kernel"] + totals.get("scan_seg_kernel", 0)
+
+
+def backward_bytes(totals: dict[str, int]) -> int | None:
+    """The scan backward's bytes: the backward kernel plus, when L is split, its state-passing pass."""
+    if "scan_bwd_kernel" not in totals:
+        return None
+    return totals["scan_bwd_kernel"] + totals.get("scan_adj_kernel", 0)
 
 
 def bandwidth_columns(ctx, ms: float, ideal: int, moved: int | None) -> dict:
@@ -190,7 +197,7 @@ def part_scan(ctx) -> dict:
             map(str, config or scan_triton.config(kind, dtype, d, None)))
         passes = (("inference fwd", times["infer"], fwd_ideal, infer_bytes, cfg("fwd")),
                   ("training fwd", times["train"], fwd_ideal, forward_bytes(moved), cfg("train")),
-                  ("bwd", times["bwd"], bwd_ideal, moved.get("scan_bwd_kernel"), cfg("bwd")),
+                  ("bwd", times["bwd"], bwd_ideal, backward_bytes(moved), cfg("bwd")),
                   ("training fwd+bwd", times["train"] + times["bwd"], fwd_ideal + bwd_ideal,
                    sum(moved.values()) or None, ""))
         for name, ms, ideal, nbytes, config_text in passes:
