@@ -361,17 +361,16 @@ def _scan_bwd_kernel(
         r_last = c % SEG_CHUNKS
         # a segment's last chunk (the first one met) recomputes the segment's chunk starts first; branch-free
         fresh = (r_last == SEG_CHUNKS - 1) | (ci == n_chunks - c_hi)
-        c_lo = c - r_last
+        c_seg = c - r_last  # the segment's first chunk
         h_seg = hseg_ptr + (pid_b * n_segs + c // SEG_CHUNKS) * S * d + offs_d
         # one (S, BLOCK_D) tile (a loop of S vector copies unrolls and costs ~60 registers)
-        nn = tl.arange(0, S_PAD)
-        rows = (nn < tl.where(fresh, S, 0))[:, None] & mask_d[None, :]
-        tl.store(hbuf + nn[:, None] * d, tl.load(h_seg + nn[:, None] * d, mask=rows, other=0.0), mask=rows)
+        copy = (nn < tl.where(fresh, S, 0))[:, None] & mask_d[None, :]
+        tl.store(hbuf + nn[:, None] * d, tl.load(h_seg + nn[:, None] * d, mask=copy, other=0.0), mask=copy)
         tl.debug_barrier()
         # Forward sweep: each chunk's end state from its start, h_end = P·h_start + Σ_t (Π_{s>t} a_s) Δ_t B_t u_t
         # with Π_{s>t} a_s = exp(A Σ_{s>t} Δ_s): one sum per channel, no scan (only the last state is needed)
         for r in range(0, tl.where(fresh, r_last, 0)):
-            t0 = tl.cast(c_lo + r, tl.int64) * CHUNK
+            t0 = tl.cast(c_seg + r, tl.int64) * CHUNK
             mask_t = t0 + tt < L
             mask = mask_d[:, None] & mask_t[None, :]
             dt = _load_dt(dt_ptr + (pid_b * s_tb + d0 * s_td + t0 * s_tl) + dd[:, None] * s_td + tt[None, :] * s_tl,
