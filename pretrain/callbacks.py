@@ -165,11 +165,9 @@ class Sampling(Callback):
 def sample_prompt(trainer: Trainer) -> str:
     """``logging.sample_prompt``, else the first non-empty line of the first validation (or training)
     document, cut at a word to at most 16 tokens: a prompt in the style of the data, whatever the data is."""
-    from tokenizer import Tokenizer
-
     if trainer.cfg.logging.sample_prompt:
         return trainer.cfg.logging.sample_prompt
-    tok, shards = Tokenizer.load(trainer.cfg.data.tokenizer), (trainer.val_data or trainer.train_data).tokens
+    tok, shards = trainer.tokenizer, (trainer.val_data or trainer.train_data).tokens
     ids = [int(i) for i in shards.read(0, min(512, shards.num_tokens))]
     while ids and ids[0] == tok.eos_id:  # documents are joined with EOS
         ids = ids[1:]
@@ -181,9 +179,7 @@ def sample_prompt(trainer: Trainer) -> str:
 
 def sample(trainer: Trainer, prompt: str, max_new_tokens: int) -> str:
     """A short sample from the current weights (temperature 0.8, top-k 50, fixed seed)."""
-    from tokenizer import Tokenizer
-
-    tok = Tokenizer.load(trainer.cfg.data.tokenizer)
+    tok = trainer.tokenizer
     model, device = trainer.engine.module, trainer.env.device
     ids = torch.tensor([tok.encode(prompt)], device=device)
     gen = torch.Generator(device=device).manual_seed(0)

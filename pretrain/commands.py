@@ -212,7 +212,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "atomically. See docs/data.md.",
     )
     p.add_argument("--dataset", required=True, metavar="SPEC", help=SPEC_HELP)
-    p.add_argument("--tokenizer", required=True, metavar="PATH", help="tokenizer dir or SentencePiece .model file")
+    p.add_argument("--tokenizer", required=True, metavar="REF",
+                   help="a `polar tokenizer train` folder or SentencePiece .model file, a tokenizer.json or "
+                   "transformers tokenizer folder, or a Hub id (EleutherAI/gpt-neox-20b)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.add_argument("--val-fraction", type=float, default=0.01, metavar="F", help="share of documents held out")
     p.add_argument("--num-proc", type=int, metavar="N", help="encoder threads (default: all usable cores)")

@@ -76,14 +76,19 @@ def _eval_commands(results: StepResults, run_dir: Path, step: int) -> list[str]:
 
 def _reproduce(cfg: dict, source: str, run_dir: Path, step: int, world: int, repo_id: str, revision: str,
                results: StepResults, project: str) -> list[str]:
+    from tokenizer import tokenizer_kind
+
     data = cfg["data"]
     tok = data.get("tokenizer") or "TOKENIZER"
     meta_file = Path(tok) / "polar_tokenizer.json"
     tok_meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
     vocab = tok_meta.get("vocab_size", cfg["model"].get("vocab_size"))
     tok_source = tok_meta.get("source") or source
+    # an ecosystem tokenizer (tokenizer.json, Hub id) is used as it is; only ours is trained first
+    train_tok = [f"polar tokenizer train --dataset {tok_source} --vocab-size {vocab} --out {tok}"] \
+        if tok == "TOKENIZER" or tokenizer_kind(tok) == "sentencepiece" else []
     lines = ["", "## Reproduce", "", f"With {project} installed (`pip install -e .[eval]`):", "", "```bash",
-             f"polar tokenizer train --dataset {tok_source} --vocab-size {vocab} --out {tok}",
+             *train_tok,
              f"polar prepare --dataset {source} --tokenizer {tok} --out {data['path']}",
              f"torchrun --standalone --nproc-per-node {world} -m pretrain.cli train {run_dir}/config.yaml"
              + ("" if world > 1 else "   # or: polar train " + f"{run_dir}/config.yaml"), "```",

@@ -12,6 +12,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -144,15 +145,18 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     """Tokenize ``cfg.dataset`` into ``cfg.out``; returns the manifest."""
     import json
 
-    from tokenizer import Tokenizer
+    from tokenizer import load_tokenizer
     from tokenizer.atomic import write_atomically
 
     out = Path(cfg.out)
     if out.exists() and not cfg.force:
         raise FileExistsError(f"{out} already exists: pass --force to replace it")
-    tok = Tokenizer.load(cfg.tokenizer)
+    if cfg.num_proc:  # the ``tokenizers`` thread pool reads this once, when it first encodes
+        os.environ.setdefault("RAYON_NUM_THREADS", str(cfg.num_proc))
+    tok = load_tokenizer(cfg.tokenizer)
     if tok.eos_id < 0:
-        raise DataError(f"tokenizer {cfg.tokenizer} has no EOS id: train one with polar tokenizer train")
+        raise DataError(f"tokenizer {cfg.tokenizer} has no EOS token to end documents with: give it an eos_token "
+                        "(tokenizer_config.json) or train one with polar tokenizer train")
     dtype = dtype_for_vocab(tok.vocab_size)
     manifest: dict[str, Any] = {}
 
@@ -162,7 +166,8 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
             format=FORMAT,
             version=FORMAT_VERSION,
             source={"spec": cfg.dataset, "text_field": cfg.text_field, "val_fraction": cfg.val_fraction},
-            tokenizer={"fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size, "path": str(cfg.tokenizer)},
+            tokenizer={"fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size, "path": str(cfg.tokenizer),
+                       "kind": tok.kind},
             dtype=dtype.str,
             eos_id=tok.eos_id,
             shard_tokens=cfg.shard_tokens,

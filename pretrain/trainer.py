@@ -69,11 +69,12 @@ class Trainer:
         self.lock = self._lock_run()
         torch.manual_seed(cfg.run.seed)
 
-        expected_fp = None
+        self.tokenizer = None  # data.tokenizer, any kind (tokenizer/load.py): checked against the data's fingerprint
         if cfg.data.tokenizer:
-            from tokenizer import Tokenizer
+            from tokenizer import load_tokenizer
 
-            expected_fp = Tokenizer.load(cfg.data.tokenizer).fingerprint
+            self.tokenizer = load_tokenizer(cfg.data.tokenizer)
+        expected_fp = self.tokenizer and self.tokenizer.fingerprint
         train_tokens = TokenShards(cfg.data.path, "train", expected_fp, cfg.data.verify_checksums)
         if train_tokens.vocab_size > cfg.model.vocab_size:
             raise ValueError(
