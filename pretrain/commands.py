@@ -124,6 +124,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_plan(args: argparse.Namespace) -> int:
     from pretrain.memory import per_gpu_memory
+    from pretrain.mixture import MAX_EPOCHS, plan_sources
     from pretrain.schedule import plan
 
     cfg = _config(args)
@@ -142,6 +143,13 @@ def run_plan(args: argparse.Namespace) -> int:
     else:
         print(f"batch             {data.global_batch_size} = {data.micro_batch_size} per GPU x {args.gpus} GPUs x "
               f"{data.global_batch_size // per_step} accumulation steps")
+    for src in plan_sources([(s.label, s.weight, s.path) for s in data.source_list()]):
+        epochs = src.epochs(p["tokens"])
+        seen = "not prepared yet" if epochs is None else f"{src.tokens:,} tokens, {epochs:.2f} epochs"
+        print(f"source {src.name:<10} {src.share:6.1%} of the samples: {seen}")
+        if epochs is not None and epochs > MAX_EPOCHS:
+            print(f"warning: source {src.name} repeats {epochs:.1f} times at this budget (more than {MAX_EPOCHS}): "
+                  "lower its weight or the budget, or add data")
     mem = per_gpu_memory(cfg.model, p["params"], cfg.distributed.zero_stage, args.gpus, data.micro_batch_size,
                          data.seq_len, "fp32" if cfg.precision.dtype == "fp32" else "bf16")
     gib = {k: v / 2**30 for k, v in mem.items()}

@@ -1,7 +1,8 @@
 """`polar prepare`: tokenize a dataset spec into train/val token shards plus a manifest (format: pretrain.data).
 
 Documents are read in batches, encoded with SentencePiece's multithreaded batch encoder, each followed
-by EOS, and streamed into fixed-size shards while their sha256 is computed. Document ``i`` goes to
+by EOS, and streamed into fixed-size shards while their sha256 is computed; the ends of the documents are
+written beside each shard. Document ``i`` goes to
 ``val`` when ``ceil((i+1)*f) > ceil(i*f)``: an evenly spread, deterministic fraction ``f`` that works on
 streams of unknown length and holds out at least one document (the first) whenever ``f > 0``.
 Everything is written to a temporary directory next to ``--out`` and renamed into place at the end.
@@ -19,7 +20,17 @@ from typing import Any
 
 import numpy as np
 
-from pretrain.data import FORMAT, FORMAT_VERSION, MANIFEST, SPLITS, DataError, dtype_for_vocab, shard_name
+from pretrain.data import (
+    FORMAT,
+    FORMAT_VERSION,
+    INDEX_DTYPE,
+    MANIFEST,
+    SPLITS,
+    DataError,
+    dtype_for_vocab,
+    index_name,
+    shard_name,
+)
 
 
 @dataclass(frozen=True)
@@ -46,7 +57,8 @@ def is_val(index: int, fraction: float) -> bool:
 
 
 class ShardWriter:
-    """Appends token arrays to ``{split}_{k}.bin`` files of exactly ``shard_tokens`` tokens (the last shorter)."""
+    """Appends token arrays to ``{split}_{k}.bin`` files of exactly ``shard_tokens`` tokens (the last shorter), and
+    beside each the ends of the documents that end in it (``{split}_{k}.idx``, pretrain/data.py)."""
 
     def __init__(self, out: Path, split: str, dtype: np.dtype, shard_tokens: int):
         self.out, self.split, self.dtype, self.shard_tokens = out, split, dtype, shard_tokens
@@ -55,6 +67,7 @@ class ShardWriter:
         self._file = None
         self._hash = None
         self._count = 0
+        self._ends: list[np.ndarray] = []
 
     def _open_next(self) -> None:
         name = shard_name(self.split, len(self.shards))
@@ -62,27 +75,38 @@ class ShardWriter:
         self._hash = hashlib.sha256()
         self._count = 0
         self._max_id = -1
+        self._ends = []
         self.shards.append({"file": name, "tokens": 0, "sha256": "", "max_id": -1})
 
     def _close(self) -> None:
         self._file.close()
+        ends = np.concatenate(self._ends).astype(INDEX_DTYPE) if self._ends else np.zeros(0, INDEX_DTYPE)
+        index = index_name(self.shards[-1]["file"])
+        (self.out / index).write_bytes(ends.tobytes())
         # max_id lets the trainer refuse data a model's vocabulary cannot embed before it starts
-        self.shards[-1].update(tokens=self._count, sha256=self._hash.hexdigest(), max_id=self._max_id)
+        self.shards[-1].update(tokens=self._count, sha256=self._hash.hexdigest(), max_id=self._max_id,
+                               index=index, document_ends=len(ends))
         self._file = None
 
-    def write(self, tokens: np.ndarray) -> None:
-        while len(tokens):
+    def write(self, tokens: np.ndarray, ends: np.ndarray) -> None:
+        """Append whole documents: ``ends`` are their exclusive ends in ``tokens`` (ascending, the last
+        ``len(tokens)``)."""
+        pos = 0
+        while pos < len(tokens):
             if self._file is None:
                 self._open_next()
-            take = tokens[: self.shard_tokens - self._count]
+            take = tokens[pos : pos + self.shard_tokens - self._count]
             data = take.tobytes()
             self._file.write(data)
             self._hash.update(data)
+            lo, hi = np.searchsorted(ends, [pos, pos + len(take)], side="right")
+            self._ends.append(ends[lo:hi] - pos + self._count)
             self._count += len(take)
             self._max_id = max(self._max_id, int(take.max()))
-            tokens = tokens[len(take) :]
+            pos += len(take)
             if self._count == self.shard_tokens:
                 self._close()
+        self.documents += len(ends)
 
     def finish(self) -> dict[str, Any]:
         if self._file is not None:
@@ -125,9 +149,7 @@ def _tokenize_into(tmp: Path, cfg: PrepareConfig, tok, dtype: np.dtype) -> dict[
             # Consecutive documents of one split are written with one call.
             bounds = [0, *(np.flatnonzero(np.diff(val)) + 1).tolist(), len(batch)]
             for a, b in itertools.pairwise(bounds):
-                writer = writers["val" if val[a] else "train"]
-                writer.write(flat[starts[a] : ends[b - 1]])
-                writer.documents += b - a
+                writers["val" if val[a] else "train"].write(flat[starts[a] : ends[b - 1]], ends[a:b] - starts[a])
             index += len(batch)
             bar.update(len(flat))
     if index == 0:

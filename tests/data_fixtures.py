@@ -23,17 +23,7 @@ def shakespeare_tokenizer(tmp_path_factory, shakespeare_docs):
 
 @pytest.fixture(scope="session")
 def bpe_tokenizer_dir(tmp_path_factory, shakespeare_docs):
-    """A folder holding only a byte-level BPE ``tokenizer.json`` (512 ids, ``<|endoftext|>`` = 0, as GPT-NeoX's
-    layout), built here with the ``tokenizers`` library: an ecosystem tokenizer without a download."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    """A folder holding only a 512-id byte-level BPE ``tokenizer.json`` built here (tests.data_helpers)."""
+    from tests.data_helpers import byte_level_bpe
 
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=512, special_tokens=["<|endoftext|>"], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    tok.train_from_iterator(shakespeare_docs[:12], trainer)
-    out = tmp_path_factory.mktemp("bpe") / "neox-style"
-    out.mkdir()
-    tok.save(str(out / "tokenizer.json"))
-    return out
+    return byte_level_bpe(shakespeare_docs[:12], 512, tmp_path_factory.mktemp("bpe") / "neox-style")
