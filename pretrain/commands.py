@@ -190,6 +190,8 @@ def run_prepare(args: argparse.Namespace) -> int:
         out=args.out,
         val_fraction=args.val_fraction,
         num_proc=args.num_proc,
+        workers=args.workers,
+        tasks=args.tasks,
         force=args.force,
         text_field=args.text_field,
         shard_tokens=args.shard_tokens,
@@ -216,8 +218,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "prepare",
         help="tokenize a dataset into train/val token shards",
         description="Tokenize a dataset into memory-mapped token shards (OUT/{train,val}_NNNNN.bin, each document "
-        "followed by EOS) plus OUT/manifest.json (tokenizer fingerprint, counts, sha256 per shard), written "
-        "atomically. See docs/data.md.",
+        "followed by EOS, with a document index .idx beside each) plus OUT/manifest.json (tokenizer fingerprint, "
+        "counts, sha256 per shard), written atomically. Runs as a datatrove pipeline of tasks; a killed prepare, "
+        "rerun with the same arguments, redoes only its unfinished tasks. See docs/data.md.",
     )
     p.add_argument("--dataset", required=True, metavar="SPEC", help=SPEC_HELP)
     p.add_argument("--tokenizer", required=True, metavar="REF",
@@ -225,7 +228,11 @@ def register(sub: argparse._SubParsersAction) -> None:
                    "transformers tokenizer folder, or a Hub id (EleutherAI/gpt-neox-20b)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.add_argument("--val-fraction", type=float, default=0.01, metavar="F", help="share of documents held out")
-    p.add_argument("--num-proc", type=int, metavar="N", help="encoder threads (default: all usable cores)")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="processes running the tokenize tasks (datatrove's local executor)")
+    p.add_argument("--tasks", type=int, default=64, metavar="N",
+                   help="tokenize tasks, at most one per file or Hub shard; a rerun redoes only unfinished ones")
+    p.add_argument("--num-proc", type=int, metavar="N", help="encoder threads per worker (default: cores / workers)")
     p.add_argument("--text-field", default="text", metavar="F", help="text field of json/parquet/hub records")
     p.add_argument("--shard-tokens", type=int, default=1 << 28, metavar="N", help="tokens per shard file")
     p.add_argument("--force", action="store_true", help="replace an existing --out (only once the new one is done)")
