@@ -3,7 +3,8 @@
 * prepare: a 4096-piece SentencePiece tokenizer and a 4096-id byte-level BPE ``tokenizer.json`` (the
   ``tokenizers`` library, as GPT-NeoX's) are trained on the builtin corpus, then ``prepare()`` (the code behind
   `polar prepare`: read, strip markup, batch encode on all cores, write shards + indexes + sha256 + manifest)
-  runs end to end with each; tokens/s = tokens written / wall time, best of ``--repeats``. Goal: >= 1M tokens/s.
+  runs end to end (datatrove tasks, one per play, on 1 and 2 worker processes, then the merge) with each;
+  tokens/s = tokens written / wall time, best of ``--repeats``. Goal: >= 1M tokens/s.
 * loader: ``DistributedSampleLoader`` micro-batches (batch 8, seq 512) from the prepared train split vs
   one train step (forward + backward + AdamW step) of ``MambaLM`` mamba-tiny with d_model 256, 4 layers
   and the tokenizer's vocab, fp32, and the loader over a two-source mixture (train 0.8, val 0.2). Medians; goal:
@@ -45,17 +46,18 @@ def bench_prepare(work: Path, repeats: int) -> tuple[dict, str]:
     bpe = byte_level_bpe(docs, VOCAB, work / "bpe")
     result = {"tokenizer_train_s": train_s}
     for kind, ref in (("sentencepiece", tok.path), ("hf", str(bpe))):
-        result[kind] = time_prepare(ref, work / f"data-{kind}", repeats)
+        for workers in (1, 2):
+            result[f"{kind}_{workers}w"] = time_prepare(ref, work / f"data-{kind}", repeats, workers)
     return result, str(work / "data-sentencepiece")
 
 
-def time_prepare(tokenizer: str, out: Path, repeats: int) -> dict:
+def time_prepare(tokenizer: str, out: Path, repeats: int, workers: int) -> dict:
     from pretrain.prepare import PrepareConfig, prepare
 
     times, tokens = [], 0
     for _ in range(repeats):
         t0 = time.perf_counter()
-        manifest = prepare(PrepareConfig("builtin:shakespeare", tokenizer, str(out), force=True))
+        manifest = prepare(PrepareConfig("builtin:shakespeare", tokenizer, str(out), force=True, workers=workers))
         times.append(time.perf_counter() - t0)
         tokens = sum(s["tokens"] for s in manifest["splits"].values())
     best = min(times)
@@ -132,7 +134,7 @@ def main() -> None:
         "goals": {
             "prepare_tokens_per_s": ">= 1e6",
             "loader_overhead_pct": "< 1",
-            "prepare_met": prep["sentencepiece"]["prepare_tokens_per_s"] >= 1e6,
+            "prepare_met": prep["sentencepiece_1w"]["prepare_tokens_per_s"] >= 1e6,
             "loader_met": load["loader_overhead_pct"] < 1.0,
         },
     }
@@ -144,9 +146,10 @@ def main() -> None:
     print("|---|---|---|")
     print(f"| tokenizer train (builtin, vocab {VOCAB}) | {prep['tokenizer_train_s']:.2f} s | |")
     for kind, label in (("sentencepiece", "our SentencePiece"), ("hf", "BPE tokenizer.json")):
-        p = prep[kind]
-        print(f"| prepare builtin:shakespeare, {label} ({p['tokens']:,} tokens) | {p['prepare_s_best']:.2f} s = "
-              f"{p['prepare_tokens_per_s'] / 1e6:.2f} M tokens/s | >= 1 M tokens/s |")
+        for workers in (1, 2):
+            p = prep[f"{kind}_{workers}w"]
+            print(f"| prepare builtin:shakespeare, {label}, {workers} worker(s) ({p['tokens']:,} tokens) | "
+                  f"{p['prepare_s_best']:.2f} s = {p['prepare_tokens_per_s'] / 1e6:.2f} M tokens/s | >= 1 M tokens/s |")
     print(f"| loader, batch {BATCH} x seq {SEQ} | {load['loader_s_per_batch'] * 1e6:.0f} µs/batch | |")
     print(f"| loader, 2-source mixture 0.8/0.2 | {load['mixture_loader_s_per_batch'] * 1e6:.0f} µs/batch | |")
     print(f"| train step (fwd+bwd+AdamW, {load['model_params'] / 1e6:.1f}M params) | {load['train_step_s']:.3f} s | |")
