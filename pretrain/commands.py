@@ -217,10 +217,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "prepare",
         help="tokenize a dataset into train/val token shards",
-        description="Tokenize a dataset into memory-mapped token shards (OUT/{train,val}_NNNNN.bin, each document "
-        "followed by EOS, with a document index .idx beside each) plus OUT/manifest.json (tokenizer fingerprint, "
-        "counts, sha256 per shard), written atomically. Runs as a datatrove pipeline of tasks; a killed prepare, "
-        "rerun with the same arguments, redoes only its unfinished tasks. See docs/data.md.",
+        description="Tokenize a dataset into token shards (OUT/{train,val}_NNNNN.bin, documents ended by EOS, a "
+        "document index .idx beside each) plus OUT/manifest.json, written atomically, as datatrove tasks: rerun "
+        "after a kill, it redoes only unfinished tasks. See docs/data.md.",
     )
     p.add_argument("--dataset", required=True, metavar="SPEC", help=SPEC_HELP)
     p.add_argument("--tokenizer", required=True, metavar="REF",
