@@ -14,6 +14,7 @@ job there is discarded, never mixed in) and is removed once the output is in pla
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import shutil
@@ -47,10 +48,9 @@ class TokenizeTask:
 
     def __call__(self, data, rank: int = 0, world_size: int = 1):
         from pretrain.prepare import encode_documents
-        from tokenizer import load_tokenizer
         from tokenizer.sources import iter_unit, parse_spec
 
-        source, tok = parse_spec(self.dataset), load_tokenizer(self.tokenizer)
+        source, tok = parse_spec(self.dataset), _tokenizer(self.tokenizer)
         docs = (d for u in self.unit_range(rank, world_size) for d in iter_unit(source, u, self.text_field))
         final = Path(self.tasks_dir) / f"{rank:05d}"
         tmp = final.with_suffix(".partial")
@@ -63,6 +63,14 @@ class TokenizeTask:
         os.replace(tmp.with_suffix(".bin"), final.with_suffix(".bin"))
         os.replace(tmp.with_suffix(".len"), final.with_suffix(".len"))
         return None
+
+
+@functools.cache
+def _tokenizer(ref: str):
+    """One load per worker process, not per task: loading (an AutoTokenizer above all) costs more than a small task."""
+    from tokenizer import load_tokenizer
+
+    return load_tokenizer(ref)
 
 
 def task_outputs(tasks_dir: Path, tasks: int, dtype: np.dtype):
