@@ -139,16 +139,19 @@ def encode_documents(docs, tok, dtype: np.dtype, batch_chars: int, num_threads: 
         yield np.fromiter(itertools.chain.from_iterable(encoded), dtype=dtype, count=int(lengths.sum())), lengths
 
 
+def is_val(index, fraction: float):
+    """Whether document ``index`` (an int or an array of them) is held out: ``ceil((i + 1) f) > ceil(i f)``."""
+    return np.ceil((np.asarray(index) + 1) * fraction) > np.ceil(np.asarray(index) * fraction)
+
+
 def write_documents(writers: dict[str, ShardWriter], tokens: np.ndarray, lengths: np.ndarray, first: int,
                     val_fraction: float) -> None:
-    """Documents ``first, first + 1, ...`` (``tokens`` cut by ``lengths``) into their splits: document ``i`` is
-    ``val`` when ``ceil((i + 1) f) > ceil(i f)``."""
+    """Documents ``first, first + 1, ...`` (``tokens`` cut by ``lengths``) into the splits :func:`is_val` picks."""
     if not len(lengths):
         return
     ends = np.cumsum(lengths)
     starts = ends - lengths
-    index = first + np.arange(len(lengths))
-    val = np.ceil((index + 1) * val_fraction) > np.ceil(index * val_fraction)
+    val = is_val(first + np.arange(len(lengths)), val_fraction)
     # Consecutive documents of one split are written with one call.
     bounds = [0, *(np.flatnonzero(np.diff(val)) + 1).tolist(), len(lengths)]
     for a, b in itertools.pairwise(bounds):
