@@ -14,7 +14,7 @@ with memory growing with the prompt. (eval.loading loads Mamba-1 folders into ou
 
 :func:`decoder_layers` and :func:`mixer_of` find the per-layer modules the diagnostics hook (recency and
 over-smoothing are measured on each layer's mixer input and output by forward hooks, for any family).
-:class:`HFTokenizer` gives ``transformers.AutoTokenizer`` our Tokenizer's interface.
+Their tokenizers load through tokenizer.load_tokenizer (tokenizer/hf_tokenizer.py: our Tokenizer's interface).
 """
 
 from __future__ import annotations
@@ -137,27 +137,6 @@ class HFCausalLM(Generation, nn.Module):
         return LMOutput(logits=logits if return_logits else None, loss=loss)
 
 
-class HFTokenizer:
-    """transformers.AutoTokenizer with our Tokenizer's interface: no special tokens added on encode."""
-
-    def __init__(self, tok):
-        self._tok = tok
-        self.vocab_size = len(tok)
-        self.eos_id = tok.eos_token_id
-        self.bos_id = tok.bos_token_id
-        self.pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False)
-
-    def decode(self, ids) -> str:
-        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
-
-    def id_to_piece(self, i: int) -> str:
-        """The text a token contributes (what sentence-boundary detection needs)."""
-        return self._tok.decode([int(i)])
-
-
 def is_transformers_folder(folder: Path) -> bool:
     """A folder with a transformers config.json that our own loader does not read (see eval.loading)."""
     import json
@@ -175,9 +154,3 @@ def load_hf_causal_lm(folder: str | Path) -> HFCausalLM:
     from transformers import AutoModelForCausalLM
 
     return HFCausalLM(AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32))
-
-
-def load_hf_tokenizer(folder: str | Path) -> HFTokenizer:
-    from transformers import AutoTokenizer
-
-    return HFTokenizer(AutoTokenizer.from_pretrained(str(folder)))

@@ -16,9 +16,9 @@ import torch.nn as nn
 
 from pretrain import checkpoint as ckpt
 from pretrain.export import checkpoint_location, load_model
+from tokenizer import load_tokenizer
+from tokenizer.hf_tokenizer import HF_FILES, HFTokenizer
 from tokenizer.tokenizer import MODEL_FILE, Tokenizer
-
-HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json")
 
 
 def model_folder(path: str | Path, step: int | None = None) -> Path:
@@ -42,36 +42,22 @@ def load_any_model(path: str | Path, step: int | None = None) -> nn.Module:
 
 
 def find_tokenizer(path: str | Path, step: int | None = None):
-    """Our ``tokenizer.model`` beside an export, the one named by a checkpoint's config, or the folder's
-    transformers tokenizer (``tokenizer.json``)."""
+    """The tokenizer files beside an export or transformers folder (any kind: tokenizer/load.py), else the one
+    named by a checkpoint's config."""
     p = model_folder(path, step)
-    if (p / MODEL_FILE).is_file():
-        return Tokenizer.load(p)
+    if any((p / f).is_file() for f in (MODEL_FILE, *HF_FILES)):
+        return load_tokenizer(p)
     loc = checkpoint_location(p, step)
     tok = loc and ckpt.read_state(*loc)["config"]["data"].get("tokenizer")
     if tok:
-        return Tokenizer.load(tok)
-    if any((p / f).is_file() for f in HF_TOKENIZER_FILES):
-        from eval.hf_targets import load_hf_tokenizer
-
-        return load_hf_tokenizer(p)
+        return load_tokenizer(tok)
     raise FileNotFoundError(f"no tokenizer for {path}: neither {MODEL_FILE} / tokenizer.json beside it nor "
                             "data.tokenizer in its run config; pass tokenizer=PATH / --tokenizer PATH")
 
 
-def load_tokenizer(path: str | Path):
-    """A tokenizer given explicitly: our tokenizer folder / .model file, or a transformers tokenizer folder."""
-    p = Path(path)
-    if (p / MODEL_FILE).is_file() or p.is_file():
-        return Tokenizer.load(p)
-    from eval.hf_targets import load_hf_tokenizer
-
-    return load_hf_tokenizer(p)
-
-
 def load_for_eval(path: str | Path, step: int | None = None, tokenizer: str | Path | None = None,
                   device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
-                  ) -> tuple[nn.Module, Tokenizer]:
+                  ) -> tuple[nn.Module, Tokenizer | HFTokenizer]:
     """(model in eval mode on ``device`` — CUDA when available — , tokenizer)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model = load_any_model(path, step).to(device=device, dtype=dtype).eval()

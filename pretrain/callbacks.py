@@ -96,7 +96,10 @@ class Validation(Callback):
         val = trainer.evaluate()
         if val is not None:
             trainer.metrics.log({"kind": "val", "step": step, **val})
-            trainer.print(f"step {step}: val loss {val['val_loss']:.4f}, perplexity {val['val_ppl']:.2f}")
+            per_source = ", ".join(f"{k.removeprefix('val_loss/')} {v:.4f}" for k, v in val.items()
+                                   if k.startswith("val_loss/"))
+            trainer.print(f"step {step}: val loss {val['val_loss']:.4f}, perplexity {val['val_ppl']:.2f}"
+                          + (f" ({per_source})" if per_source else ""))
 
 
 class Preemption(Callback):
@@ -142,11 +145,17 @@ class Checkpointing(Callback):
 
 
 class LossReport(Callback):
-    """At the end of a finished run (rank 0): the loss at a few steps, and ``RUN/loss.png``."""
+    """At the end of a finished run (rank 0): the loss at a few steps, the tokens drawn from each source of a mixture,
+    and ``RUN/loss.png``."""
 
     def on_fit_end(self, trainer: Trainer, stop: Stop | None) -> None:
         if _finished(stop) and trainer.is_main:
             trainer.print(f"loss: {loss_summary(trainer.run_dir)}")
+            tokens = trainer.source_tokens()
+            if tokens:
+                total = sum(tokens.values())
+                trainer.print("tokens per source: " + ", ".join(
+                    f"{k.removeprefix('tokens/')} {v:,} ({v / total:.1%})" for k, v in tokens.items()))
             plot = plot_loss(trainer.run_dir)
             if plot is not None:
                 trainer.print(f"loss curve: {plot}")
@@ -165,11 +174,10 @@ class Sampling(Callback):
 def sample_prompt(trainer: Trainer) -> str:
     """``logging.sample_prompt``, else the first non-empty line of the first validation (or training)
     document, cut at a word to at most 16 tokens: a prompt in the style of the data, whatever the data is."""
-    from tokenizer import Tokenizer
-
     if trainer.cfg.logging.sample_prompt:
         return trainer.cfg.logging.sample_prompt
-    tok, shards = Tokenizer.load(trainer.cfg.data.tokenizer), (trainer.val_data or trainer.train_data).tokens
+    data = next(iter(trainer.val_data.values()), None) or trainer.mixture.sources[0].dataset
+    tok, shards = trainer.tokenizer, data.tokens
     ids = [int(i) for i in shards.read(0, min(512, shards.num_tokens))]
     while ids and ids[0] == tok.eos_id:  # documents are joined with EOS
         ids = ids[1:]
@@ -181,9 +189,7 @@ def sample_prompt(trainer: Trainer) -> str:
 
 def sample(trainer: Trainer, prompt: str, max_new_tokens: int) -> str:
     """A short sample from the current weights (temperature 0.8, top-k 50, fixed seed)."""
-    from tokenizer import Tokenizer
-
-    tok = Tokenizer.load(trainer.cfg.data.tokenizer)
+    tok = trainer.tokenizer
     model, device = trainer.engine.module, trainer.env.device
     ids = torch.tensor([tok.encode(prompt)], device=device)
     gen = torch.Generator(device=device).manual_seed(0)

@@ -127,6 +127,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 def run_plan(args: argparse.Namespace) -> int:
     from pretrain.memory import per_gpu_memory
+    from pretrain.mixture import MAX_EPOCHS, plan_sources
     from pretrain.schedule import plan
 
     cfg = _config(args)
@@ -145,6 +146,13 @@ def run_plan(args: argparse.Namespace) -> int:
     else:
         print(f"batch             {data.global_batch_size} = {data.micro_batch_size} per GPU x {args.gpus} GPUs x "
               f"{data.global_batch_size // per_step} accumulation steps")
+    for src in plan_sources([(s.label, s.weight, s.path) for s in data.source_list()]):
+        epochs = src.epochs(p["tokens"])
+        seen = "not prepared yet" if epochs is None else f"{src.tokens:,} tokens, {epochs:.2f} epochs"
+        print(f"source {src.name:<10} {src.share:6.1%} of the samples: {seen}")
+        if epochs is not None and epochs > MAX_EPOCHS:
+            print(f"warning: source {src.name} repeats {epochs:.1f} times at this budget (more than {MAX_EPOCHS}): "
+                  "lower its weight or the budget, or add data")
     mem = per_gpu_memory(cfg.model, p["params"], cfg.distributed.zero_stage, args.gpus, data.micro_batch_size,
                          data.seq_len, "fp32" if cfg.precision.dtype == "fp32" else "bf16")
     gib = {k: v / 2**30 for k, v in mem.items()}
@@ -185,6 +193,8 @@ def run_prepare(args: argparse.Namespace) -> int:
         out=args.out,
         val_fraction=args.val_fraction,
         num_proc=args.num_proc,
+        workers=args.workers,
+        tasks=args.tasks,
         force=args.force,
         text_field=args.text_field,
         shard_tokens=args.shard_tokens,
@@ -210,15 +220,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "prepare",
         help="tokenize a dataset into train/val token shards",
-        description="Tokenize a dataset into memory-mapped token shards (OUT/{train,val}_NNNNN.bin, each document "
-        "followed by EOS) plus OUT/manifest.json (tokenizer fingerprint, counts, sha256 per shard), written "
-        "atomically. See docs/data.md.",
+        description="Tokenize a dataset into token shards (OUT/{train,val}_NNNNN.bin, documents ended by EOS, a "
+        "document index .idx beside each) plus OUT/manifest.json, written atomically, as datatrove tasks: rerun "
+        "after a kill, it redoes only unfinished tasks. See docs/data.md.",
     )
     p.add_argument("--dataset", required=True, metavar="SPEC", help=SPEC_HELP)
-    p.add_argument("--tokenizer", required=True, metavar="PATH", help="tokenizer dir or SentencePiece .model file")
+    p.add_argument("--tokenizer", required=True, metavar="REF",
+                   help="a `polar tokenizer train` folder or SentencePiece .model file, a tokenizer.json or "
+                   "transformers tokenizer folder, or a Hub id (EleutherAI/gpt-neox-20b)")
     p.add_argument("--out", required=True, metavar="DIR", help="output directory")
     p.add_argument("--val-fraction", type=float, default=0.01, metavar="F", help="share of documents held out")
-    p.add_argument("--num-proc", type=int, metavar="N", help="encoder threads (default: all usable cores)")
+    p.add_argument("--workers", type=int, default=1, metavar="N",
+                   help="processes running the tokenize tasks (datatrove's local executor)")
+    p.add_argument("--tasks", type=int, default=64, metavar="N",
+                   help="tokenize tasks, at most one per file or Hub shard; a rerun redoes only unfinished ones")
+    p.add_argument("--num-proc", type=int, metavar="N", help="encoder threads per worker (default: cores / workers)")
     p.add_argument("--text-field", default="text", metavar="F", help="text field of json/parquet/hub records")
     p.add_argument("--shard-tokens", type=int, default=1 << 28, metavar="N", help="tokens per shard file")
     p.add_argument("--force", action="store_true", help="replace an existing --out (only once the new one is done)")

@@ -30,13 +30,41 @@ class RunConfig:
 
 
 @dataclass
+class SourceConfig:
+    """One source of a weighted mixture (pretrain/mixture.py): windows are drawn from it in proportion to weight."""
+
+    path: str  # a folder written by `polar prepare`
+    weight: float = bounded(1.0, gt=0)  # relative: the weights are normalised over the sources
+    name: str | None = None  # its name in metrics and reports; default: the folder's name
+
+    @property
+    def label(self) -> str:
+        return self.name or Path(self.path).name
+
+
+DEFAULT_DATA_PATH = "data/shakespeare"
+
+
+@dataclass
 class DataConfig:
-    path: str = "data/shakespeare"  # a folder written by `polar prepare`
+    path: str | None = DEFAULT_DATA_PATH  # a folder written by `polar prepare` (one source)
+    sources: list[SourceConfig] = field(default_factory=list)  # a mixture instead of path: [{path, weight, name}]
     tokenizer: str | None = None  # checked against the data's fingerprint when given
     seq_len: int = bounded(1024, gt=0)
     micro_batch_size: int = bounded(8, gt=0)  # sequences per process per micro-step
     global_batch_size: int = bounded(64, gt=0)  # sequences per optimizer step (all processes, all micro-steps)
     verify_checksums: bool = False  # sha256 every shard at start (slow for large data)
+
+    def __post_init__(self):
+        if self.sources and self.path not in (None, DEFAULT_DATA_PATH):
+            raise ConfigError("data.path and data.sources are both set: a mixture lists every folder in data.sources "
+                              "(set data.path: null)")
+        if not self.sources and self.path is None:
+            raise ConfigError("data.path is null and data.sources is empty: name the prepared data")
+
+    def source_list(self) -> list[SourceConfig]:
+        """The sources to train on: ``sources``, or ``path`` as the one source of weight 1."""
+        return self.sources or [SourceConfig(self.path)]
 
 
 @dataclass

@@ -1,12 +1,12 @@
 """Prepared token data: the shard/manifest format, validated memmap views, packed samples and the resumable loader.
 
-``polar prepare`` writes a directory of ``{split}_{k:05d}.bin`` token shards (raw little-endian uint16/uint32)
-plus ``manifest.json``. Training reads a split as one concatenated token stream (documents joined by EOS),
-cut into non-overlapping windows of ``seq_len + 1`` tokens. Global sample ``g`` is window
-``perm[epoch][g % num_samples]`` with ``epoch = g // num_samples`` and ``perm[epoch]`` a permutation
-seeded by ``(seed, epoch)``; it belongs to data-parallel rank ``g % world_size``. The loader's whole
-state is ``consumed_samples``, so a resumed run (even with another world size) sees exactly the samples
-the uninterrupted run would have.
+``polar prepare`` writes a directory of ``{split}_{k:05d}.bin`` token shards (raw little-endian uint16/uint32),
+beside each the ends of its documents (``.idx``), plus ``manifest.json``. Training reads a split as one
+concatenated token stream (documents joined by EOS), cut into non-overlapping windows of ``seq_len + 1`` tokens.
+Global sample ``g`` is window ``perm[epoch][g % num_samples]`` with ``epoch = g // num_samples`` and
+``perm[epoch]`` a permutation seeded by ``(seed, epoch)``; it belongs to data-parallel rank ``g % world_size``
+(several weighted sources: pretrain/mixture.py). The loader's whole state is ``consumed_samples``, so a resumed
+run (even with another world size) sees exactly the samples the uninterrupted run would have.
 """
 
 from __future__ import annotations
@@ -15,13 +15,18 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+if TYPE_CHECKING:
+    from pretrain.mixture import Mixture
+
 MANIFEST = "manifest.json"
 FORMAT = "polar-tokens"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: a document index beside each shard; version 1 folders (no index) still train
+READABLE_VERSIONS = (1, 2)
+INDEX_DTYPE = np.dtype("<u8")  # document ends, as datatrove's .ds.index
 SPLITS = ("train", "val")
 
 
@@ -42,6 +47,12 @@ def shard_name(split: str, index: int) -> str:
     return f"{split}_{index:05d}.bin"
 
 
+def index_name(shard: str) -> str:
+    """The document index beside a shard: the exclusive ends (token offsets in the shard, little-endian uint64)
+    of the documents whose EOS lies in it."""
+    return shard.removesuffix(".bin") + ".idx"
+
+
 def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -59,7 +70,7 @@ def load_manifest(data_dir: str | Path) -> dict[str, Any]:
         manifest = json.loads(path.read_text())
     except json.JSONDecodeError as e:
         raise DataError(f"{path} is corrupt ({e.msg}): re-run polar prepare") from e
-    if manifest.get("format") != FORMAT or manifest.get("version") != FORMAT_VERSION:
+    if manifest.get("format") != FORMAT or manifest.get("version") not in READABLE_VERSIONS:
         raise DataError(f"{path} is not a {FORMAT} v{FORMAT_VERSION} manifest: re-run polar prepare with this version")
     return manifest
 
@@ -95,6 +106,7 @@ class TokenShards:
         sizes = np.array([len(s) for s in self.shards], dtype=np.int64)
         self.offsets = np.concatenate([[0], np.cumsum(sizes)])  # start of each shard in the stream
         self.num_tokens = int(self.offsets[-1])
+        self._ends: np.ndarray | None = None
 
     def _open(self, entry: dict[str, Any], verify: bool) -> np.ndarray:
         path = self.data_dir / entry["file"]
@@ -112,9 +124,28 @@ class TokenShards:
                 f"shard {path} is corrupt: its sha256 differs from the manifest: "
                 f"re-run polar prepare --out {self.data_dir} --force"
             )
+        if "index" in entry:
+            index = self.data_dir / entry["index"]
+            size = index.stat().st_size if index.is_file() else -1
+            if size != entry["document_ends"] * INDEX_DTYPE.itemsize:
+                raise DataError(f"document index {index} is missing, truncated or corrupt: re-run polar prepare "
+                                f"--out {self.data_dir} --force")
         if entry["tokens"] == 0:
             return np.zeros(0, dtype=self.dtype)
         return np.memmap(path, dtype=self.dtype, mode="r")
+
+    def document_ends(self) -> np.ndarray:
+        """Exclusive ends of every document (the position after its EOS) in the split's stream, ascending (int64).
+        Documents start at 0 and at each end; training can reset state there, evaluation take whole documents."""
+        if self._ends is None:
+            entries = self.manifest["splits"][self.split]["shards"]
+            if any("index" not in e for e in entries):
+                raise DataError(f"{self.data_dir} was prepared without document indexes (format v1): re-run polar "
+                                f"prepare --out {self.data_dir} --force")
+            parts = [np.fromfile(self.data_dir / e["index"], dtype=INDEX_DTYPE).astype(np.int64) + int(self.offsets[k])
+                     for k, e in enumerate(entries)]
+            self._ends = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+        return self._ends
 
     def __len__(self) -> int:
         return self.num_tokens
@@ -190,9 +221,19 @@ class PackedDataset:
             )
         return w
 
-    def permutation(self, seed: int, epoch: int) -> np.ndarray:
-        """The visiting order of epoch ``epoch``: a new permutation per epoch, the same on every rank."""
-        rng = np.random.Generator(np.random.PCG64([seed, epoch]))
+    def document_starts(self, index: int) -> np.ndarray:
+        """Offsets ``p`` in ``(0, seq_len]`` of window ``index`` where a new document begins (the token at ``p``
+        follows an EOS): where a model that resets at boundaries resets."""
+        start = index * self.seq_len
+        ends = self.tokens.document_ends()
+        lo = np.searchsorted(ends, start + 1, side="left")
+        hi = np.searchsorted(ends, start + self.seq_len, side="right")
+        return ends[lo:hi] - start
+
+    def permutation(self, seed: int, epoch: int, key: tuple[int, ...] = ()) -> np.ndarray:
+        """The visiting order of epoch ``epoch``: a new permutation per epoch, the same on every rank; ``key``
+        separates the sources of a mixture (pretrain/mixture.py; empty for a single source)."""
+        rng = np.random.Generator(np.random.PCG64([seed, *key, epoch]))
         order = rng.permutation(self.num_samples)
         return order.astype(np.uint32) if self.num_samples < 1 << 32 else order
 
@@ -201,31 +242,34 @@ class DistributedSampleLoader:
     """Micro-batches of one data-parallel rank; its whole state is the global ``consumed_samples``.
 
     Global micro-step ``s`` covers global samples ``[c, c + micro_batch_size * world_size)`` with
-    ``c = consumed_samples``; this rank takes those ``g`` with ``g % world_size == rank``. Each batch is
+    ``c = consumed_samples``; this rank takes those ``g`` with ``g % world_size == rank``. Sample ``g`` is
+    ``mixture.window(g)`` (pretrain/mixture.py; a single dataset is a mixture of one). Each batch is
     ``(input_ids, labels)``, LongTensors of shape ``[micro_batch_size, seq_len]``, labels shifted by one.
     """
 
     def __init__(
         self,
-        dataset: PackedDataset,
+        data: PackedDataset | Mixture,
         micro_batch_size: int,
         rank: int = 0,
         world_size: int = 1,
         seed: int = 0,
         consumed_samples: int = 0,
     ):
+        from pretrain.mixture import Mixture, Source
+
         if not 0 <= rank < world_size:
             raise DataError(f"rank {rank} is outside world size {world_size}")
         if micro_batch_size < 1:
             raise DataError(f"micro_batch_size must be >= 1, got {micro_batch_size}")
-        self.dataset = dataset
+        self.mixture = data if isinstance(data, Mixture) else Mixture([Source(data.tokens.split, 1.0, data)], seed)
+        if self.mixture.seed != seed:
+            raise DataError(f"the mixture has seed {self.mixture.seed}, the loader {seed}: build both with one seed")
         self.micro_batch_size = micro_batch_size
         self.rank = rank
         self.world_size = world_size
         self.seed = seed
         self.consumed_samples = consumed_samples
-        self._perm_epoch: int | None = None
-        self._perm: np.ndarray | None = None
 
     def state_dict(self) -> dict[str, int]:
         # seed and world size are informative only: resume is defined by consumed_samples alone.
@@ -244,14 +288,6 @@ class DistributedSampleLoader:
         first = consumed_samples + self.rank
         return [first + k * self.world_size for k in range(self.micro_batch_size)]
 
-    def window_index(self, g: int) -> int:
-        """Window (stream position) of global sample ``g``."""
-        n = self.dataset.num_samples
-        epoch = g // n
-        if epoch != self._perm_epoch:
-            self._perm, self._perm_epoch = self.dataset.permutation(self.seed, epoch), epoch
-        return int(self._perm[g % n])
-
     def __iter__(self) -> DistributedSampleLoader:
         return self
 
@@ -259,7 +295,7 @@ class DistributedSampleLoader:
         import torch
 
         indices = self.sample_indices(self.consumed_samples)
-        batch = np.stack([self.dataset.window(self.window_index(g)) for g in indices])
+        batch = np.stack([self.mixture.window(g) for g in indices])
         self.consumed_samples += self.micro_batch_size * self.world_size
         batch = torch.from_numpy(batch.astype(np.int64))
         return batch[:, :-1], batch[:, 1:]

@@ -16,7 +16,6 @@ from models.build import build_model
 from models.config import ModelConfig
 from models.hf import from_pretrained, save_pretrained
 from pretrain import checkpoint as ckpt
-from tokenizer.hf_files import write_hf_tokenizer_files
 
 
 def checkpoint_location(path: str | Path, step: int | None = None) -> tuple[Path, str] | None:
@@ -63,23 +62,21 @@ def load_model(path: str | Path, step: int | None = None) -> nn.Module:
     return from_pretrained(path)
 
 
-def copy_tokenizer(tok: str | Path, dest: Path) -> None:
-    """Copy a tokenizer (folder from `polar tokenizer train` or a bare .model file) into ``dest``."""
-    src = Path(tok)
-    model_file = src / "tokenizer.model" if src.is_dir() else src
-    if not model_file.is_file():
-        raise FileNotFoundError(f"tokenizer {tok} named by the run's config is missing: restore it or edit the config")
-    shutil.copy(model_file, dest / "tokenizer.model")
-    if (src / "polar_tokenizer.json").is_file():
-        shutil.copy(src / "polar_tokenizer.json", dest / "polar_tokenizer.json")
-    write_hf_tokenizer_files(model_file, dest)  # so transformers.AutoTokenizer (and lm-eval's hf model) load it
+def run_tokenizer(tok: str):
+    """The tokenizer a run's config names (any kind: tokenizer/load.py), refused in one line when it is gone."""
+    from tokenizer import TokenizerError, load_tokenizer
+
+    try:
+        return load_tokenizer(tok)
+    except (TokenizerError, OSError) as e:
+        raise FileNotFoundError(f"tokenizer {tok} named by the run's config cannot be loaded ({e}): restore it or "
+                                "edit the config") from e
 
 
-def tokenizer_special_ids(tok: str | Path) -> dict[str, int]:
-    from tokenizer import Tokenizer
-
-    t = Tokenizer.load(tok)
-    return {"pad_token_id": t.pad_id, "bos_token_id": t.bos_id, "eos_token_id": t.eos_id}
+def tokenizer_special_ids(tok) -> dict[str, int | None]:
+    """config.json's special ids of a loaded tokenizer (None where it has none)."""
+    return {f"{k}_token_id": (i if i >= 0 else None) for k, i in
+            (("pad", tok.pad_id), ("bos", tok.bos_id), ("eos", tok.eos_id))}
 
 
 def write_generation_config(folder: Path) -> None:
@@ -104,10 +101,11 @@ def export(run: str | Path, out: str | Path, step: int | None = None, force: boo
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        tok = state["config"]["data"].get("tokenizer")
+        name = state["config"]["data"].get("tokenizer")
+        tok = run_tokenizer(name) if name else None
         save_pretrained(model, tmp, tokenizer_special_ids(tok) if tok else None, max_shard_bytes)
-        if tok:
-            copy_tokenizer(tok, tmp)
+        if tok:  # so transformers.AutoTokenizer, lm-eval and our evals load the tokenizer the model was trained with
+            tok.save_pretrained(tmp)
         write_generation_config(tmp)
         if finish is not None:
             finish(tmp, model, state)

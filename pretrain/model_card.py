@@ -74,17 +74,35 @@ def _eval_commands(results: StepResults, run_dir: Path, step: int) -> list[str]:
             *dict.fromkeys(commands), "```"]
 
 
-def _reproduce(cfg: dict, source: str, run_dir: Path, step: int, world: int, repo_id: str, revision: str,
+def _prepared(data: dict) -> list[tuple[str, str, float]]:
+    """(dataset spec, prepared folder, share) of each training source: data.path, or each of data.sources."""
+    sources = data.get("sources") or [{"path": data["path"], "weight": 1.0}]
+    total = sum(src["weight"] for src in sources)
+    out = []
+    for src in sources:
+        manifest = Path(src["path"]) / "manifest.json"
+        spec = json.loads(manifest.read_text())["source"]["spec"] if manifest.is_file() else src["path"]
+        out.append((spec, src["path"], src["weight"] / total))
+    return out
+
+
+def _reproduce(cfg: dict, run_dir: Path, step: int, world: int, repo_id: str, revision: str,
                results: StepResults, project: str) -> list[str]:
+    from tokenizer import tokenizer_kind
+
     data = cfg["data"]
     tok = data.get("tokenizer") or "TOKENIZER"
     meta_file = Path(tok) / "polar_tokenizer.json"
     tok_meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
     vocab = tok_meta.get("vocab_size", cfg["model"].get("vocab_size"))
-    tok_source = tok_meta.get("source") or source
+    prepared = _prepared(data)
+    tok_source = tok_meta.get("source") or prepared[0][0]
+    # an ecosystem tokenizer (tokenizer.json, Hub id) is used as it is; only ours is trained first
+    train_tok = [f"polar tokenizer train --dataset {tok_source} --vocab-size {vocab} --out {tok}"] \
+        if tok == "TOKENIZER" or tokenizer_kind(tok) == "sentencepiece" else []
     lines = ["", "## Reproduce", "", f"With {project} installed (`pip install -e .[eval]`):", "", "```bash",
-             f"polar tokenizer train --dataset {tok_source} --vocab-size {vocab} --out {tok}",
-             f"polar prepare --dataset {source} --tokenizer {tok} --out {data['path']}",
+             *train_tok,
+             *(f"polar prepare --dataset {spec} --tokenizer {tok} --out {path}" for spec, path, _ in prepared),
              f"torchrun --standalone --nproc-per-node {world} -m pretrain.cli train {run_dir}/config.yaml"
              + ("" if world > 1 else "   # or: polar train " + f"{run_dir}/config.yaml"), "```",
              "", f"On several nodes: `polar launch slurm {run_dir}/config.yaml --nodes N --submit`."]
@@ -100,8 +118,8 @@ def render_card(repo_id: str, state: dict[str, Any], run_dir: Path, params: int,
     cfg = state["config"]
     model, sched, data = cfg["model"], cfg["schedule"], cfg["data"]
     pol = model["polarize"]
-    manifest = Path(data["path"]) / "manifest.json"
-    source = json.loads(manifest.read_text())["source"]["spec"] if manifest.is_file() else data["path"]
+    prepared = _prepared(data)
+    source = prepared[0][0] if len(prepared) == 1 else ", ".join(f"{spec} ({share:.0%})" for spec, _, share in prepared)
     records = read_jsonl(run_dir / "metrics.jsonl")
     step, tokens = state["step"], state["step"] * data["global_batch_size"] * data["seq_len"]
     revision = revision or f"step{step}"
@@ -118,7 +136,7 @@ def render_card(repo_id: str, state: dict[str, Any], run_dir: Path, params: int,
         "pipeline_tag": "text-generation",
         "tags": list(dict.fromkeys(["mamba", "state-space-model", "polar-mamba", model_cfg.arch]))
         + (["polarized-ssm"] if polar else []),
-        "datasets": _datasets(source),
+        "datasets": [d for spec, _, _ in prepared for d in _datasets(spec)],
         "model-index": _model_index(name, results),
     }
     kind = (f"polarized {family}: {model['ssm']['d_state']} learned state channels{per_head} "
@@ -179,6 +197,6 @@ def render_card(repo_id: str, state: dict[str, Any], run_dir: Path, params: int,
         lines.append(f"| validation loss / perplexity at step {val['step']} | {val['val_loss']:.4f} / "
                      f"{val['val_ppl']:.2f} |")
     lines += _eval_section(results, step)
-    lines += _reproduce(cfg, source, run_dir, step, int(state.get("world_size") or 1), repo_id, revision, results,
+    lines += _reproduce(cfg, run_dir, step, int(state.get("world_size") or 1), repo_id, revision, results,
                         project)
     return "\n".join(lines) + "\n"

@@ -1,8 +1,9 @@
 """`polar prepare`: tokenize a dataset spec into train/val token shards plus a manifest (format: pretrain.data).
 
-Documents are read in batches, encoded with SentencePiece's multithreaded batch encoder, each followed
-by EOS, and streamed into fixed-size shards while their sha256 is computed. Document ``i`` goes to
-``val`` when ``ceil((i+1)*f) > ceil(i*f)``: an evenly spread, deterministic fraction ``f`` that works on
+Tokenization runs as datatrove tasks (pretrain/prepare_engine.py): documents are read in batches and encoded with
+the tokenizer's batch encoder, each followed by EOS. The merge streams the tasks' outputs, in document order, into
+fixed-size shards while their sha256 is computed, with the ends of the documents beside each shard. Document ``i``
+goes to ``val`` when ``ceil((i+1)*f) > ceil(i*f)``: an evenly spread, deterministic fraction ``f`` that works on
 streams of unknown length and holds out at least one document (the first) whenever ``f > 0``.
 Everything is written to a temporary directory next to ``--out`` and renamed into place at the end.
 """
@@ -11,14 +12,24 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pretrain.data import FORMAT, FORMAT_VERSION, MANIFEST, SPLITS, DataError, dtype_for_vocab, shard_name
+from pretrain.data import (
+    FORMAT,
+    FORMAT_VERSION,
+    INDEX_DTYPE,
+    MANIFEST,
+    SPLITS,
+    DataError,
+    dtype_for_vocab,
+    index_name,
+    shard_name,
+)
 
 
 @dataclass(frozen=True)
@@ -27,7 +38,9 @@ class PrepareConfig:
     tokenizer: str
     out: str
     val_fraction: float = 0.01
-    num_proc: int | None = None  # encoder threads; None = all usable cores
+    num_proc: int | None = None  # encoder threads per worker; None = the usable cores / workers
+    workers: int = 1  # processes running the tokenize tasks (datatrove's local executor)
+    tasks: int = 64  # tokenize tasks (at most one per file / Hub shard); a rerun redoes only unfinished ones
     force: bool = False
     text_field: str = "text"
     shard_tokens: int = 1 << 28  # 512 MiB of uint16 per shard
@@ -38,14 +51,13 @@ class PrepareConfig:
             raise DataError(f"--val-fraction must be in [0, 1), got {self.val_fraction}")
         if self.shard_tokens < 1:
             raise DataError(f"--shard-tokens must be >= 1, got {self.shard_tokens}")
-
-
-def is_val(index: int, fraction: float) -> bool:
-    return math.ceil((index + 1) * fraction) > math.ceil(index * fraction)
+        if self.workers < 1 or self.tasks < 1:
+            raise DataError(f"--workers and --tasks must be >= 1, got {self.workers} and {self.tasks}")
 
 
 class ShardWriter:
-    """Appends token arrays to ``{split}_{k}.bin`` files of exactly ``shard_tokens`` tokens (the last shorter)."""
+    """Appends token arrays to ``{split}_{k}.bin`` files of exactly ``shard_tokens`` tokens (the last shorter), and
+    beside each the ends of the documents that end in it (``{split}_{k}.idx``, pretrain/data.py)."""
 
     def __init__(self, out: Path, split: str, dtype: np.dtype, shard_tokens: int):
         self.out, self.split, self.dtype, self.shard_tokens = out, split, dtype, shard_tokens
@@ -54,6 +66,7 @@ class ShardWriter:
         self._file = None
         self._hash = None
         self._count = 0
+        self._ends: list[np.ndarray] = []
 
     def _open_next(self) -> None:
         name = shard_name(self.split, len(self.shards))
@@ -61,27 +74,38 @@ class ShardWriter:
         self._hash = hashlib.sha256()
         self._count = 0
         self._max_id = -1
+        self._ends = []
         self.shards.append({"file": name, "tokens": 0, "sha256": "", "max_id": -1})
 
     def _close(self) -> None:
         self._file.close()
+        ends = np.concatenate(self._ends).astype(INDEX_DTYPE) if self._ends else np.zeros(0, INDEX_DTYPE)
+        index = index_name(self.shards[-1]["file"])
+        (self.out / index).write_bytes(ends.tobytes())
         # max_id lets the trainer refuse data a model's vocabulary cannot embed before it starts
-        self.shards[-1].update(tokens=self._count, sha256=self._hash.hexdigest(), max_id=self._max_id)
+        self.shards[-1].update(tokens=self._count, sha256=self._hash.hexdigest(), max_id=self._max_id,
+                               index=index, document_ends=len(ends))
         self._file = None
 
-    def write(self, tokens: np.ndarray) -> None:
-        while len(tokens):
+    def write(self, tokens: np.ndarray, ends: np.ndarray) -> None:
+        """Append whole documents: ``ends`` are their exclusive ends in ``tokens`` (ascending, the last
+        ``len(tokens)``)."""
+        pos = 0
+        while pos < len(tokens):
             if self._file is None:
                 self._open_next()
-            take = tokens[: self.shard_tokens - self._count]
+            take = tokens[pos : pos + self.shard_tokens - self._count]
             data = take.tobytes()
             self._file.write(data)
             self._hash.update(data)
+            lo, hi = np.searchsorted(ends, [pos, pos + len(take)], side="right")
+            self._ends.append(ends[lo:hi] - pos + self._count)
             self._count += len(take)
             self._max_id = max(self._max_id, int(take.max()))
-            tokens = tokens[len(take) :]
+            pos += len(take)
             if self._count == self.shard_tokens:
                 self._close()
+        self.documents += len(ends)
 
     def finish(self) -> dict[str, Any]:
         if self._file is not None:
@@ -105,30 +129,47 @@ def _batches(docs, batch_chars: int):
         yield batch
 
 
-def _tokenize_into(tmp: Path, cfg: PrepareConfig, tok, dtype: np.dtype) -> dict[str, Any]:
-    from tqdm import tqdm
+def encode_documents(docs, tok, dtype: np.dtype, batch_chars: int, num_threads: int | None):
+    """(tokens, lengths) per batch of ``docs``: each document's ids followed by EOS, concatenated."""
+    for batch in _batches(docs, batch_chars):
+        encoded = tok.encode_batch(batch, num_threads=num_threads)
+        for ids in encoded:
+            ids.append(tok.eos_id)
+        lengths = np.array([len(ids) for ids in encoded], dtype=np.int64)
+        yield np.fromiter(itertools.chain.from_iterable(encoded), dtype=dtype, count=int(lengths.sum())), lengths
 
-    from tokenizer.sources import iter_documents
+
+def is_val(index, fraction: float):
+    """Whether document ``index`` (an int or an array of them) is held out: ``ceil((i + 1) f) > ceil(i f)``."""
+    return np.ceil((np.asarray(index) + 1) * fraction) > np.ceil(np.asarray(index) * fraction)
+
+
+def write_documents(writers: dict[str, ShardWriter], tokens: np.ndarray, lengths: np.ndarray, first: int,
+                    val_fraction: float) -> None:
+    """Documents ``first, first + 1, ...`` (``tokens`` cut by ``lengths``) into the splits :func:`is_val` picks."""
+    if not len(lengths):
+        return
+    ends = np.cumsum(lengths)
+    starts = ends - lengths
+    val = is_val(first + np.arange(len(lengths)), val_fraction)
+    # Consecutive documents of one split are written with one call.
+    bounds = [0, *(np.flatnonzero(np.diff(val)) + 1).tolist(), len(lengths)]
+    for a, b in itertools.pairwise(bounds):
+        writers["val" if val[a] else "train"].write(tokens[starts[a] : ends[b - 1]], ends[a:b] - starts[a])
+
+
+def merge_tasks(tmp: Path, cfg: PrepareConfig, parts, dtype: np.dtype) -> dict[str, Any]:
+    """Write the final shards from the tasks' outputs in task order (= the documents' order); ``parts`` yields
+    each task's (tokens, lengths)."""
+    from tqdm import tqdm
 
     writers = {split: ShardWriter(tmp, split, dtype, cfg.shard_tokens) for split in SPLITS}
     index = 0
-    with tqdm(desc="prepare", unit="tok", unit_scale=True, mininterval=1.0) as bar:
-        for batch in _batches(iter_documents(cfg.dataset, cfg.text_field), cfg.batch_chars):
-            encoded = tok.encode_batch(batch, num_threads=cfg.num_proc)
-            for ids in encoded:
-                ids.append(tok.eos_id)
-            ends = np.cumsum([len(ids) for ids in encoded])
-            flat = np.fromiter(itertools.chain.from_iterable(encoded), dtype=dtype, count=int(ends[-1]))
-            starts = np.concatenate([[0], ends[:-1]])
-            val = np.fromiter((is_val(index + k, cfg.val_fraction) for k in range(len(batch))), dtype=bool)
-            # Consecutive documents of one split are written with one call.
-            bounds = [0, *(np.flatnonzero(np.diff(val)) + 1).tolist(), len(batch)]
-            for a, b in itertools.pairwise(bounds):
-                writer = writers["val" if val[a] else "train"]
-                writer.write(flat[starts[a] : ends[b - 1]])
-                writer.documents += b - a
-            index += len(batch)
-            bar.update(len(flat))
+    with tqdm(desc="merge", unit="tok", unit_scale=True, mininterval=1.0) as bar:
+        for tokens, lengths in parts:
+            write_documents(writers, tokens, lengths, index, cfg.val_fraction)
+            index += len(lengths)
+            bar.update(len(tokens))
     if index == 0:
         raise DataError(f"no documents in {cfg.dataset}: the input is empty (or every document is empty)")
     splits = {split: w.finish() for split, w in writers.items()}
@@ -141,28 +182,41 @@ def _tokenize_into(tmp: Path, cfg: PrepareConfig, tok, dtype: np.dtype) -> dict[
 
 
 def prepare(cfg: PrepareConfig) -> dict[str, Any]:
-    """Tokenize ``cfg.dataset`` into ``cfg.out``; returns the manifest."""
+    """Tokenize ``cfg.dataset`` into ``cfg.out`` on datatrove (pretrain/prepare_engine.py); returns the manifest."""
     import json
+    import shutil
 
-    from tokenizer import Tokenizer
+    from pretrain import prepare_engine as engine
+    from tokenizer import load_tokenizer
     from tokenizer.atomic import write_atomically
+    from tokenizer.sources import count_units, parse_spec
+    from tokenizer.tokenizer import default_threads
 
     out = Path(cfg.out)
     if out.exists() and not cfg.force:
         raise FileExistsError(f"{out} already exists: pass --force to replace it")
-    tok = Tokenizer.load(cfg.tokenizer)
+    threads = cfg.num_proc or max(1, default_threads() // cfg.workers)
+    os.environ.setdefault("RAYON_NUM_THREADS", str(threads))  # the ``tokenizers`` pool reads it once, at first use
+    tok = load_tokenizer(cfg.tokenizer)
     if tok.eos_id < 0:
-        raise DataError(f"tokenizer {cfg.tokenizer} has no EOS id: train one with polar tokenizer train")
+        raise DataError(f"tokenizer {cfg.tokenizer} has no EOS token to end documents with: give it an eos_token "
+                        "(tokenizer_config.json) or train one with polar tokenizer train")
     dtype = dtype_for_vocab(tok.vocab_size)
+    units = count_units(parse_spec(cfg.dataset))
+    tasks = max(1, min(units, cfg.tasks))
+    work = engine.work_dir(out)
+    step = engine.TokenizeTask(cfg.dataset, cfg.text_field, str(cfg.tokenizer), dtype.str, units, cfg.batch_chars,
+                               threads, str(work / "tasks"))
     manifest: dict[str, Any] = {}
 
     def fill(tmp: Path) -> None:
-        splits = _tokenize_into(tmp, cfg, tok, dtype)
+        splits = merge_tasks(tmp, cfg, engine.task_outputs(work / "tasks", tasks, dtype), dtype)
         manifest.update(
             format=FORMAT,
             version=FORMAT_VERSION,
             source={"spec": cfg.dataset, "text_field": cfg.text_field, "val_fraction": cfg.val_fraction},
-            tokenizer={"fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size, "path": str(cfg.tokenizer)},
+            tokenizer={"fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size, "path": str(cfg.tokenizer),
+                       "kind": tok.kind},
             dtype=dtype.str,
             eos_id=tok.eos_id,
             shard_tokens=cfg.shard_tokens,
@@ -170,6 +224,13 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
         )
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
-    write_atomically(out, cfg.force, fill)
+    engine.start(out, engine.job_record(step, tasks, tok.fingerprint))
+    try:
+        done = engine.run_local(step, tasks, cfg.workers, work)
+        print(f"tokenized {tasks} task(s) on {cfg.workers} worker(s); {len(done)} were complete already")
+        write_atomically(out, cfg.force, fill)
+    except Exception:  # bad input fails again on a rerun: leave nothing behind (a kill leaves the tasks to resume)
+        shutil.rmtree(work, ignore_errors=True)
+        raise
+    shutil.rmtree(work, ignore_errors=True)
     return manifest
-

@@ -16,8 +16,7 @@ from models.ssm import SSMModelConfig
 from pretrain import checkpoint as ckpt
 from pretrain.export import checkpoint_location, eval_folder, export
 
-REQUIRED = ("config.json", "generation_config.json", "README.md", "tokenizer.json", "tokenizer_config.json",
-            "tokenizer.model")
+REQUIRED = ("config.json", "generation_config.json", "README.md", "tokenizer.json", "tokenizer_config.json")
 DEFAULT_SHARD_BYTES = 2 * 1024**3
 
 
@@ -44,7 +43,7 @@ def build_folder(run: str | Path, out: str | Path, repo_id: str, step: int | Non
     results = read_step_results(eval_folder(run, step_n), step_n)
 
     def finish(folder: Path, model, state: dict) -> None:
-        if not (folder / "tokenizer.model").is_file():
+        if not (folder / "tokenizer_config.json").is_file():
             raise PublishError(f"{run} names no tokenizer (data.tokenizer): a published model needs one")
         card = render_card(repo_id, state, run_dir, model.num_parameters(), results, license,
                            state.get("hardware", f"{state.get('world_size', '?')} processes"),

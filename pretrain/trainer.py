@@ -37,11 +37,12 @@ from models.build import build_model
 from pretrain import checkpoint as ckpt
 from pretrain.callbacks import default_callbacks
 from pretrain.config import TrainConfig, resolve_precision
-from pretrain.data import DistributedSampleLoader, PackedDataset, TokenShards
+from pretrain.data import DataError, DistributedSampleLoader, PackedDataset, TokenShards
 from pretrain.engine import build_engine, grad_accumulation_steps, init_distributed, set_lr
 from pretrain.hooks import FINISHED, registered_callbacks
 from pretrain.init_from import adopt_recorded_source, initial_weights
 from pretrain.metrics import MetricsSink, peak_flops, train_flops_per_token
+from pretrain.mixture import Mixture, Source
 from pretrain.runlock import RunLock
 from pretrain.schedule import lr_at, make_budget
 
@@ -70,33 +71,26 @@ class Trainer:
         self.lock = self._lock_run()
         torch.manual_seed(cfg.run.seed)
 
-        expected_fp = None
+        self.tokenizer = None  # data.tokenizer, any kind (tokenizer/load.py): checked against the data's fingerprint
         if cfg.data.tokenizer:
-            from tokenizer import Tokenizer
+            from tokenizer import load_tokenizer
 
-            expected_fp = Tokenizer.load(cfg.data.tokenizer).fingerprint
-        train_tokens = TokenShards(cfg.data.path, "train", expected_fp, cfg.data.verify_checksums)
-        if train_tokens.vocab_size > cfg.model.vocab_size:
-            raise ValueError(
-                f"model.vocab_size={cfg.model.vocab_size} is smaller than the data's tokenizer vocabulary "
-                f"({train_tokens.vocab_size}): set model.vocab_size to {train_tokens.vocab_size}"
-            )
-        train_tokens.check_vocab(cfg.model.vocab_size)
-        self.train_data = PackedDataset(train_tokens, cfg.data.seq_len, cfg.model.vocab_size)
-        self.val_data = self._val_dataset(expected_fp)
+            self.tokenizer = load_tokenizer(cfg.data.tokenizer)
+        expected_fp = self.tokenizer and self.tokenizer.fingerprint
+        self.mixture = self._mixture(expected_fp)
+        self.val_data = self._val_datasets(expected_fp)
         ckpt_dir = self.checkpointer.dir
         resume_tag = self._broadcast(self.checkpointer.resume_tag() if self.is_main else None)  # decided, logged once
-        fingerprint = train_tokens.manifest["tokenizer"]["fingerprint"]
+        fingerprint = self.mixture.sources[0].dataset.tokens.manifest["tokenizer"]["fingerprint"]
         init_weights = None
         if resume_tag is not None:  # a resumed run's weights are its own checkpoint's, never the source's again
             adopt_recorded_source(cfg.model, ckpt.read_state(ckpt_dir, resume_tag)["config"]["model"])
         elif cfg.model.init_from.path:
             init_weights, cfg.model.init_from = initial_weights(cfg.model, fingerprint, cfg.run.seed)
-        manifest = Path(cfg.data.path) / "manifest.json"
         self.meta = {
             "config": cfg.to_dict(),
             "tokenizer_fingerprint": fingerprint,
-            "manifest_sha256": hashlib.sha256(manifest.read_bytes()).hexdigest(),
+            "manifest_sha256": self._data_hash(),
             "world_size": self.env.world_size,
             "hardware": f"{self.env.world_size} x "
                         f"{torch.cuda.get_device_name() if self.env.device.type == 'cuda' else 'CPU process'}",
@@ -106,8 +100,8 @@ class Trainer:
             saved = ckpt.read_state(ckpt_dir, resume_tag)
             ckpt.check_compatible(saved, self.meta, ckpt_dir / resume_tag)
             if saved.get("manifest_sha256") != self.meta["manifest_sha256"]:
-                log.warning("the data at %s changed since %s: the resumed run will not see the same samples",
-                            cfg.data.path, resume_tag)
+                log.warning("the data (%s) changed since %s: the resumed run will not see the same samples",
+                            ", ".join(s.path for s in cfg.data.source_list()), resume_tag)
             resize = saved["world_size"] != self.env.world_size and cfg.distributed.zero_stage in (1, 2)
 
         model = build_model(cfg.model)
@@ -118,7 +112,7 @@ class Trainer:
         self.budget = make_budget(cfg, model.num_parameters())
         self.grad_accum = grad_accumulation_steps(cfg, self.env.world_size)
         self.engine = build_engine(cfg, model, self.env, load_universal=resize)
-        self.loader = DistributedSampleLoader(self.train_data, cfg.data.micro_batch_size, self.env.rank,
+        self.loader = DistributedSampleLoader(self.mixture, cfg.data.micro_batch_size, self.env.rank,
                                               self.env.world_size, cfg.run.seed)
         self.state = TrainState()
         if resume_tag is not None:
@@ -167,18 +161,49 @@ class Trainer:
         torch.distributed.broadcast_object_list(box, src=0)
         return box[0]
 
-    def _val_dataset(self, expected_fp: str | None) -> PackedDataset | None:
-        try:
-            tokens = TokenShards(self.cfg.data.path, "val", expected_fp)
-        except ValueError as e:  # no val split
-            log.warning("no validation: %s", e)
-            return None
-        tokens.check_vocab(self.cfg.model.vocab_size)
-        try:
-            return PackedDataset(tokens, self.cfg.data.seq_len, self.cfg.model.vocab_size)
-        except ValueError as e:  # shorter than one window
-            log.warning("no validation: %s", e)
-            return None
+    def _mixture(self, expected_fp: str | None) -> Mixture:
+        """The training sources (data.sources, or data.path as one), each checked against the tokenizer and the
+        model's vocabulary, as the weighted mixture the loader draws from."""
+        cfg, sources = self.cfg, []
+        for src in cfg.data.source_list():
+            tokens = TokenShards(src.path, "train", expected_fp, cfg.data.verify_checksums)
+            if tokens.vocab_size > cfg.model.vocab_size:
+                raise ValueError(
+                    f"model.vocab_size={cfg.model.vocab_size} is smaller than the data's tokenizer vocabulary "
+                    f"({tokens.vocab_size}): set model.vocab_size to {tokens.vocab_size}"
+                )
+            tokens.check_vocab(cfg.model.vocab_size)
+            sources.append(Source(src.label, src.weight, PackedDataset(tokens, cfg.data.seq_len, cfg.model.vocab_size)))
+        return Mixture(sources, cfg.run.seed)
+
+    def _val_datasets(self, expected_fp: str | None) -> dict[str, PackedDataset]:
+        """Each source's validation split, by source name (a source without one, or shorter than a window, is left
+        out with a warning)."""
+        out = {}
+        for src in self.cfg.data.source_list():
+            try:
+                tokens = TokenShards(src.path, "val", expected_fp)
+            except DataError as e:  # no val split
+                log.warning("no validation for %s: %s", src.label, e)
+                continue
+            tokens.check_vocab(self.cfg.model.vocab_size)
+            try:
+                out[src.label] = PackedDataset(tokens, self.cfg.data.seq_len, self.cfg.model.vocab_size)
+            except DataError as e:  # shorter than one window
+                log.warning("no validation for %s: %s", src.label, e)
+        return out
+
+    def _data_hash(self) -> str:
+        """sha256 of the data manifest (one source) or of every source's name, weight and manifest hash (a
+        mixture): a resume on other data or weights is warned about."""
+        def manifest_hash(path: str) -> str:
+            return hashlib.sha256((Path(path) / "manifest.json").read_bytes()).hexdigest()
+
+        sources = self.cfg.data.source_list()
+        if len(sources) == 1:
+            return manifest_hash(sources[0].path)
+        listing = [[s.label, s.weight, manifest_hash(s.path)] for s in sources]
+        return hashlib.sha256(json.dumps(listing).encode()).hexdigest()
 
     # ------------------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -253,19 +278,29 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float] | None:
-        """Mean loss over the first ``eval.batches x micro x world`` validation windows, in stream order."""
-        if self.val_data is None:
+        """Validation loss: per source, the mean over its first ``eval.batches x micro x world`` validation windows
+        in stream order; ``val_loss`` is the one source's, or for a mixture the share-weighted mean over the
+        sources with validation data, beside ``val_loss/NAME`` per source."""
+        losses = {name: loss for name, ds in self.val_data.items() if (loss := self._val_loss(ds)) is not None}
+        if not losses:
             return None
-        self.engine.eval()
+        shares = dict(zip(self.mixture.names, self.mixture.shares, strict=True))
+        total = sum(shares[n] for n in losses)
+        loss = sum(shares[n] * v for n, v in losses.items()) / total
+        per_source = {f"val_loss/{n}": v for n, v in losses.items()} if len(self.mixture.sources) > 1 else {}
+        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0)), **per_source}
+
+    def _val_loss(self, data: PackedDataset) -> float | None:
         world = self.env.world_size
-        n = min(self.val_data.num_samples, self.cfg.eval.batches * self.cfg.data.micro_batch_size * world)
+        n = min(data.num_samples, self.cfg.eval.batches * self.cfg.data.micro_batch_size * world)
         n -= n % world  # equal work per rank (ZeRO-3 forwards are collective)
         if n == 0:
             return None
+        self.engine.eval()
         mine = list(range(self.env.rank, n, world))
         total, count = 0.0, 0
         for i in range(0, len(mine), self.cfg.data.micro_batch_size):
-            batch = torch.stack([torch.from_numpy(self.val_data.window(j).astype("int64"))
+            batch = torch.stack([torch.from_numpy(data.window(j).astype("int64"))
                                  for j in mine[i : i + self.cfg.data.micro_batch_size]]).to(self.env.device)
             with self.autocast():
                 loss = self.engine(batch[:, :-1], labels=batch[:, 1:], return_logits=False).loss
@@ -273,8 +308,7 @@ class Trainer:
             count += batch.numel()
         self.engine.train()
         total, count = self._all_sum(total, count)
-        loss = total / max(count, 1)
-        return {"val_loss": loss, "val_ppl": math.exp(min(loss, 50.0))}
+        return total / max(count, 1)
 
     def fit(self) -> int:
         """Steps until the budget is spent or a callback stops the run; returns the exit code. Every callback
@@ -306,6 +340,14 @@ class Trainer:
             except OSError as e:  # a full disk must not hide the reason the run stopped
                 log.warning("could not write %s: %s", self.run_dir / "status.json", e)
 
+    def source_tokens(self) -> dict[str, int]:
+        """``tokens/NAME``: training tokens drawn from each source so far (a mixture only; a pure function of the
+        consumed samples, so exact after a resume)."""
+        if len(self.mixture.sources) == 1:
+            return {}
+        counts = self.mixture.counts(self.state.consumed_samples) * self.cfg.data.seq_len
+        return {f"tokens/{n}": int(c) for n, c in zip(self.mixture.names, counts, strict=True)}
+
     def _train_record(self, loss: float, dt: float) -> dict:
         s = self.state
         tokens_per_s = self.budget.tokens_per_step / dt
@@ -314,7 +356,7 @@ class Trainer:
             "lr": lr_at(s.step - 1, self.cfg, self.budget),
             "grad_norm": self.engine.get_global_grad_norm(), "tokens_seen": s.tokens_seen,
             "consumed_samples": s.consumed_samples, "tokens_per_s": tokens_per_s, "step_time_s": dt,
-            "nonfinite_skipped": s.nonfinite_skipped,
+            "nonfinite_skipped": s.nonfinite_skipped, **self.source_tokens(),
             "mfu": (tokens_per_s * self.flops_per_token / (self.peak * self.env.world_size)) if self.peak else None,
         }
         if self.env.device.type == "cuda":

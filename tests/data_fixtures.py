@@ -19,3 +19,11 @@ def shakespeare_tokenizer(tmp_path_factory, shakespeare_docs):
 
     out = tmp_path_factory.mktemp("tok") / "shakespeare-1000"
     return train_tokenizer(shakespeare_docs, out, TrainSettings(vocab_size=1000), source="builtin:shakespeare")
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer_dir(tmp_path_factory, shakespeare_docs):
+    """A folder holding only a 512-id byte-level BPE ``tokenizer.json`` built here (tests.data_helpers)."""
+    from tests.data_helpers import byte_level_bpe
+
+    return byte_level_bpe(shakespeare_docs[:12], 512, tmp_path_factory.mktemp("bpe") / "neox-style")

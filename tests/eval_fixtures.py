@@ -33,10 +33,10 @@ def tiny_model(seed: int = 0, **overrides):
 def tiny_export(tmp_path_factory, eval_tokenizer_dir) -> Path:
     """An exported folder as `polar export` writes it: weights, config and our + Hugging Face tokenizer files."""
     from models.hf import save_pretrained
-    from pretrain.export import copy_tokenizer
+    from tokenizer import load_tokenizer
 
     out = save_pretrained(tiny_model(), tmp_path_factory.mktemp("eval-export") / "export")
-    copy_tokenizer(eval_tokenizer_dir, out)
+    load_tokenizer(eval_tokenizer_dir).save_pretrained(out)
     return out
 
 

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,27 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from pretrain.data import DataError, DataNotFoundError, DistributedSampleLoader, PackedDataset, TokenShards
-
-FP = "ab" * 32
-
-
-def write_shards(root: Path, tokens: np.ndarray, cuts: list[int], split: str = "train") -> None:
-    """A prepared directory written by hand: ``tokens`` cut at ``cuts`` into uint16 shards plus a manifest."""
-    root.mkdir(parents=True, exist_ok=True)
-    shards = []
-    for k, part in enumerate(np.split(tokens.astype("<u2"), cuts)):
-        name = f"{split}_{k:05d}.bin"
-        (root / name).write_bytes(part.tobytes())
-        shards.append({"file": name, "tokens": len(part), "sha256": hashlib.sha256(part.tobytes()).hexdigest()})
-    manifest = {
-        "format": "polar-tokens",
-        "version": 1,
-        "tokenizer": {"fingerprint": FP, "vocab_size": 1000},
-        "dtype": "<u2",
-        "eos_id": 3,
-        "splits": {split: {"documents": 1, "tokens": len(tokens), "shards": shards}},
-    }
-    (root / "manifest.json").write_text(json.dumps(manifest))
+from tests.data_helpers import FP, write_shards
 
 
 @pytest.fixture
@@ -131,7 +109,7 @@ def test_epochs_cover_every_window_once_and_reshuffle(stream):
     ds = PackedDataset(TokenShards(path), seq_len)
     n = ds.num_samples
     loader = DistributedSampleLoader(ds, 1, seed=11)
-    starts = [int(loader.window_index(g)) for g in range(2 * n)]
+    starts = [int(loader.mixture.locate(g)[1]) for g in range(2 * n)]
     assert sorted(starts[:n]) == list(range(n)) == sorted(starts[n:])
     assert starts[:n] != starts[n:]
     windows = take(loader, n)
@@ -182,6 +160,6 @@ def test_loader_on_prepared_corpus(tmp_path, rng):
     loader = DistributedSampleLoader(ds, 2, seed=0)
     x, y = next(loader)
     for k in range(2):
-        w = loader.window_index(k)
+        w = loader.mixture.locate(k)[1]
         np.testing.assert_array_equal(x[k].numpy(), val[w * 16 : w * 16 + 16])
         np.testing.assert_array_equal(y[k].numpy(), val[w * 16 + 1 : w * 16 + 17])

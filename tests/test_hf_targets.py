@@ -11,9 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from eval.diagnostics import recency
-from eval.hf_targets import HFCausalLM, HFTokenizer, decoder_layers
+from eval.hf_targets import HFCausalLM, decoder_layers
 from eval.loading import load_for_eval
 from pretrain.cli import main
+from tokenizer.hf_tokenizer import HFTokenizer
 
 pytest_plugins = ["tests.eval_fixtures"]
 

@@ -12,7 +12,7 @@ import pytest
 import sentencepiece as spm
 
 from pretrain.cli import main
-from pretrain.data import DataError, dtype_for_vocab
+from pretrain.data import DataError, TokenShards, dtype_for_vocab
 from pretrain.prepare import PrepareConfig, prepare
 from tests.data_helpers import dir_digest, random_docs, write_jsonl
 from tokenizer.sources import SourceError
@@ -43,6 +43,7 @@ def check_prepared(out: Path, docs: list[str], tok, val_fraction: float) -> None
         assert len(tokens) == info["tokens"]
         ends = np.flatnonzero(tokens == 3)
         assert len(ends) == info["documents"] and (len(tokens) == 0 or ends[-1] == len(tokens) - 1)
+        assert TokenShards(out, split).document_ends().tolist() == (ends + 1).tolist()  # the index: after each EOS
         decoded[split] = [sp.decode(d.tolist()) for d in np.split(tokens, ends + 1)[:-1]]
     # Val: the evenly spread ceil(n*f) documents, including the first; both splits keep document order.
     n_val = math.ceil(len(docs) * val_fraction)
@@ -145,3 +146,31 @@ def test_bad_input_keeps_existing_output(tmp_path, shakespeare_tokenizer, capsys
 def test_dtype_for_vocab():
     assert dtype_for_vocab(65536) == np.uint16
     assert dtype_for_vocab(65537) == np.uint32
+
+
+def test_document_index_marks_every_boundary(tmp_path, shakespeare_tokenizer, rng):
+    """Each window's document starts are exactly the positions after an EOS (read from the tokens), with documents
+    crossing shards and batches; a damaged index is refused and a v1 folder (no index) still loads but says to
+    re-prepare; catches an index off by one, lost at a shard boundary, or silently missing."""
+    from pretrain.data import PackedDataset
+
+    out = tmp_path / "out"
+    prepare(PrepareConfig(dataset=str(write_jsonl(tmp_path / "d.jsonl", random_docs(rng, 60))),
+                          tokenizer=shakespeare_tokenizer.path, out=str(out), val_fraction=0.0,
+                          shard_tokens=rng.randint(300, 3000), batch_chars=rng.randint(1000, 20000)))
+    tokens = read_split(out, "train")
+    ds = PackedDataset(TokenShards(out, "train"), rng.randint(8, 200))
+    for i in range(ds.num_samples):
+        start = i * ds.seq_len
+        expected = [p for p in range(1, ds.seq_len + 1) if tokens[start + p - 1] == 3]
+        assert ds.document_starts(i).tolist() == expected
+    manifest = json.loads((out / "manifest.json").read_text())
+    index = out / manifest["splits"]["train"]["shards"][-1]["index"]
+    index.write_bytes(index.read_bytes()[:-1])
+    with pytest.raises(DataError, match=f"^document index {index} is missing, truncated or corrupt: re-run"):
+        TokenShards(out, "train")
+    for shard in manifest["splits"]["train"]["shards"]:
+        del shard["index"], shard["document_ends"]
+    (out / "manifest.json").write_text(json.dumps({**manifest, "version": 1}))
+    with pytest.raises(DataError, match="prepared without document indexes .* re-run polar prepare"):
+        TokenShards(out, "train").document_ends()

@@ -18,7 +18,7 @@ def fake_trainer(data, prompt=None):
     val = PackedDataset(TokenShards(data["path"], "val"), 32)
     cfg = SimpleNamespace(logging=SimpleNamespace(sample_prompt=prompt),
                           data=SimpleNamespace(tokenizer=data["tokenizer"]))
-    return SimpleNamespace(cfg=cfg, val_data=val, train_data=None)
+    return SimpleNamespace(cfg=cfg, val_data={"data": val}, mixture=None, tokenizer=Tokenizer.load(data["tokenizer"]))
 
 
 def test_sample_prompt_is_the_start_of_a_validation_document(data):

@@ -96,12 +96,29 @@ def _resolve_files(spec: str) -> list[str]:
 def iter_documents(spec: str | Source, text_field: str = "text") -> Iterator[str]:
     """Yield the non-empty text documents of SPEC, in a deterministic order."""
     source = parse_spec(spec) if isinstance(spec, str) else spec
+    return (d for unit in range(count_units(source)) for d in iter_unit(source, unit, text_field))
+
+
+def count_units(source: Source) -> int:
+    """How many pieces SPEC's documents come in (files; a Hub dataset's shards): the units of parallel work.
+    Reading units ``0, 1, ...`` in order gives :func:`iter_documents`' order."""
     if source.kind == "builtin":
-        docs: Iterator[str] = iter_shakespeare()
+        return len(shakespeare_files())
+    if source.kind == "hf":
+        return _hf_dataset(source).num_shards
+    return len(source.files)
+
+
+def iter_unit(source: Source, unit: int, text_field: str = "text") -> Iterator[str]:
+    """The non-empty documents of piece ``unit`` of SPEC (see :func:`count_units`)."""
+    if source.kind == "builtin":
+        docs: Iterator[str] = (strip_markdown(shakespeare_files()[unit].read_text(encoding="utf-8")),)
     elif source.kind == "hf":
-        docs = _iter_hf(source, text_field)
+        ds = _hf_dataset(source)
+        docs = (_field(rec, text_field, f"{source.spec} shard {unit} row {i}")
+                for i, rec in enumerate(ds.shard(ds.num_shards, unit, contiguous=True)))
     else:
-        docs = (doc for f in source.files for doc in _iter_file(f, text_field))
+        docs = _iter_file(source.files[unit], text_field)
     return (d for d in docs if d)
 
 
@@ -131,11 +148,6 @@ def strip_markdown(text: str) -> str:
     text = _EMPHASIS.sub("", text)  # the plays use * and _ only as markup
     text = _ESCAPE.sub(r"\1", text)
     return _HARD_BREAK.sub("", text)
-
-
-def iter_shakespeare() -> Iterator[str]:
-    for path in shakespeare_files():
-        yield strip_markdown(path.read_text(encoding="utf-8"))
 
 
 # -- local files and the hub -----------------------------------------------------------------------------
@@ -194,9 +206,7 @@ def _iter_file(path: str, text_field: str) -> Iterator[str]:
                     yield _field(rec, text_field, f"{path}:{lineno}")
 
 
-def _iter_hf(source: Source, text_field: str) -> Iterator[str]:
+def _hf_dataset(source: Source):
     import datasets
 
-    ds = datasets.load_dataset(source.name, source.config, split=source.split, streaming=True)
-    for i, rec in enumerate(ds):
-        yield _field(rec, text_field, f"{source.spec} row {i}")
+    return datasets.load_dataset(source.name, source.config, split=source.split, streaming=True)

@@ -34,10 +34,13 @@ def default_threads() -> int:
 class Tokenizer:
     """A SentencePiece model with exact round-trip encode/decode and fast batch encoding."""
 
+    kind = "sentencepiece"
+
     def __init__(self, model_proto: bytes, path: str = "<memory>"):
         import sentencepiece as spm
 
         self.path = path
+        self._proto = model_proto
         self.fingerprint = hashlib.sha256(model_proto).hexdigest()
         self._sp = spm.SentencePieceProcessor()
         try:
@@ -129,3 +132,16 @@ class Tokenizer:
 
     def id_to_piece(self, i: int) -> str:
         return self._sp.id_to_piece(int(i))
+
+    def save_pretrained(self, dest: str | os.PathLike) -> None:
+        """Write ``tokenizer.model`` and ``polar_tokenizer.json`` (ours: the trainer's record when there is one, else
+        the ids and fingerprint) plus the Hugging Face files with the same ids (tokenizer/hf_files.py) into ``dest``."""
+        from tokenizer.hf_files import write_hf_tokenizer_files
+
+        dest, src_meta = Path(dest), Path(self.path) / META_FILE
+        (dest / MODEL_FILE).write_bytes(self._proto)
+        meta = json.loads(src_meta.read_text()) if src_meta.is_file() else {
+            "format": "polar-tokenizer", "model_file": MODEL_FILE, "vocab_size": self.vocab_size, "pad_id": self.pad_id,
+            "unk_id": self.unk_id, "bos_id": self.bos_id, "eos_id": self.eos_id, "fingerprint": self.fingerprint}
+        (dest / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+        write_hf_tokenizer_files(dest / MODEL_FILE, dest)  # so transformers.AutoTokenizer (and lm-eval) load it
