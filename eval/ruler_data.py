@@ -113,10 +113,20 @@ class Haystack:
         self.vocab = sorted({w for w in re.findall(r"[a-z]{3,}", self.text.lower())})
 
     @classmethod
-    def load(cls, spec: str) -> Haystack:
+    def load(cls, spec: str, max_chars: int = 32_000_000) -> Haystack:
+        """The documents of ``spec`` ('builtin' = the builtin corpus) in order, up to ~``max_chars`` characters
+        (room for many 128k-token contexts at distinct offsets without reading a whole Hub dataset)."""
         from tokenizer.sources import iter_documents
 
-        return cls("\n\n".join(iter_documents("builtin:shakespeare" if spec == "builtin" else spec)))
+        docs, size = [], 0
+        for doc in iter_documents("builtin:shakespeare" if spec == "builtin" else spec):
+            docs.append(doc)
+            size += len(doc)
+            if size >= max_chars:
+                break
+        if not docs:
+            raise ValueError(f"ruler: the haystack {spec!r} has no text")
+        return cls("\n\n".join(docs))
 
 
 # -- random draws ---------------------------------------------------------------------------------------
@@ -246,7 +256,7 @@ def _fwe(rng: random.Random) -> Callable[[int], Built]:
 
     def build(n: int) -> Built:
         # rank k appears round(c / k^alpha) times; c grows with n, and the top ranks keep distinct counts
-        c = 32 + n  # from 32 on, round(c/9) > round(c/16): the answers are never tied with the 4th word
+        c = 14 + n  # from 14 on, round(c/k^2) falls strictly over k = 1..4: the answers are never tied
         counts = [round(c / (k + 1) ** FWE_ALPHA) for k in range(len(coded))]  # rare ranks: absent
         words = [w for w, m in zip(coded, counts, strict=True) for _ in range(m)]
         random.Random(seed).shuffle(words)

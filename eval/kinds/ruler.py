@@ -52,8 +52,10 @@ class RulerEvaluation(Evaluation):
                            prefill_chunk=args.prefill_chunk, seed=args.seed)
 
     def run(self, model, tok, settings, args: argparse.Namespace, progress: bool) -> dict:
+        from eval.hf_targets import check_positions
         from eval.ruler import run_ruler
 
+        check_positions(model, max(settings.lengths) + (settings.max_new or 128), "ruler")
         return run_ruler(model, tok, settings, progress=progress)
 
     def write(self, result: dict, folder: Path, stem: str, title: str) -> list[Path]:
