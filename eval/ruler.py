@@ -17,7 +17,7 @@ import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from eval.ruler_data import TASKS
+from eval.ruler_data import ALL_TASKS, TASKS
 
 _CONTROL = re.compile(r"[\x00-\x1f]")
 
@@ -34,10 +34,10 @@ class RulerConfig:
     seed: int = 0
 
     def __post_init__(self):
-        unknown = [t for t in self.tasks if t not in TASKS]
+        unknown = [t for t in self.tasks if t not in ALL_TASKS]
         if unknown or not self.tasks:
             raise ValueError(f"ruler: unknown task(s) {', '.join(unknown) or '(none given)'}: choose from "
-                             f"{', '.join(TASKS)}")
+                             f"{', '.join(ALL_TASKS)}")
         if not self.lengths or min(self.lengths) < 1:
             raise ValueError(f"ruler: need positive lengths (got {self.lengths})")
         if not self.depths or any(not 0 <= d <= 100 for d in self.depths):
@@ -48,7 +48,7 @@ class RulerConfig:
 
     def depths_of(self, task: str) -> list[float | None]:
         """The depths a task is run at: none for the word-extraction tasks (no needle to place)."""
-        return list(self.depths) if TASKS[task].has_depth else [None]
+        return list(self.depths) if ALL_TASKS[task].has_depth else [None]
 
 
 # -- scoring ----------------------------------------------------------------------------------------------
@@ -92,7 +92,7 @@ def run_ruler(model, tok, cfg: RulerConfig, progress: bool = True) -> dict:
     cells, samples = [], []
     for task, length, depth in tqdm(grid, desc="ruler", disable=not progress):
         rng = cell_rng(cfg.seed, task, length, depth)
-        max_new = min(TASKS[task].max_new, cfg.max_new or TASKS[task].max_new)
+        max_new = min(ALL_TASKS[task].max_new, cfg.max_new or ALL_TASKS[task].max_new)
         records = []
         for _ in range(cfg.samples):
             s = make_sample(task, tok, hay, length, depth, rng)

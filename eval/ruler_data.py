@@ -15,6 +15,9 @@ Thirteen names in lm-eval's spelling, eleven synthetic tasks (RULER's two QA tas
   30 times (fewer below 4k tokens), the others 3 times; the answer is the 10 common ones;
 * ``ruler_fwe`` (frequent-word extraction): coded words with Zipf(2) counts; the answer is the 3 most frequent.
 
+Beside them, ``passkey`` (not RULER's; its own evaluation, eval/kinds/passkey.py): "The pass key is N.
+Remember it. N is the pass key." (N < 50000) in the noise haystack, then "What is the pass key? The pass key is".
+
 Each sample's prompt (instruction, context, question, then RULER's answer prefix after one space, as
 lm-eval's ``gen_prefix`` joins it) is sized to the requested token length by a search over the number of
 haystack units (words, or distractor needles), measured with the tokenizer itself: it never exceeds the
@@ -54,13 +57,17 @@ _FWE = ("Read the following coded text and track the frequency of each coded wor
         "frequently appeared coded words. {context}\nQuestion: Do not provide any explanation. What are the three "
         "most frequently appeared words in the above coded text?")
 _FWE_PREFIX = "Answer: According to the coded text above, the three most frequently appeared words are:"
+# passkey retrieval (Mohtashami & Jaggi 2023), the test Mamba papers report by length
+PASSKEY_NEEDLE = "The pass key is {key}. Remember it. {key} is the pass key."
+_PASSKEY = ("There is an important info hidden inside a lot of irrelevant text. Find it and memorize it. I will "
+            "quiz you about the important information there.\n{context}\nWhat is the pass key? The pass key is")
 
 
 @dataclass(frozen=True)
 class Task:
     """One RULER task: its family, haystack and needle types, and RULER's generation budget."""
 
-    family: str  # niah | vt | cwe | fwe
+    family: str  # niah | vt | cwe | fwe | passkey
     max_new: int  # RULER's tokens_to_generate
     haystack: str = "noise"  # niah: noise | essay | needles
     key: str = "words"  # words | uuids
@@ -71,7 +78,7 @@ class Task:
 
     @property
     def has_depth(self) -> bool:
-        return self.family in ("niah", "vt")
+        return self.family in ("niah", "vt", "passkey")
 
 
 TASKS = {
@@ -87,6 +94,8 @@ TASKS = {
     "ruler_cwe": Task("cwe", 120),
     "ruler_fwe": Task("fwe", 50),
 }
+PASSKEY = {"passkey": Task("passkey", 10)}  # not RULER's: its own evaluation (eval/kinds/passkey.py)
+ALL_TASKS = {**TASKS, **PASSKEY}
 CHAIN = 5  # variables in the tracked chain (RULER: 1 chain, 4 hops)
 CWE_COMMON, CWE_FREQ, CWE_RARE_FREQ = 10, 30, 3
 FWE_ALPHA, FWE_ANSWERS = 2.0, 3
@@ -152,6 +161,22 @@ def _nearest(bounds: list[int], target: float) -> int:
     return min(bounds, key=lambda b: abs(b - target))
 
 
+def _sentences(units: list[str]) -> list[int]:
+    """Where a needle may go among word units: the ends, and after every word that ends a sentence."""
+    n = len(units)
+    return [i for i in range(n + 1) if i in (0, n) or units[i - 1].endswith(SENTENCE_END)]
+
+
+def _noise(n: int) -> list[str]:
+    noise = NOISE.split()
+    return [noise[i % len(noise)] for i in range(n)]
+
+
+def _join(units: list[str], at: dict[int, list[str]], sep: str = " ") -> str:
+    """The units with the needles ``at[i]`` placed before unit i (``at[len(units)]``: after the last)."""
+    return sep.join(p for i in range(len(units) + 1) for p in (at.get(i, []) + units[i:i + 1]))
+
+
 # -- contexts: each builder maps a unit count n to (context, outputs, anchor, query/answer-prefix fields) -----
 Built = tuple[str, list[str], str | None, dict]
 
@@ -176,11 +201,10 @@ def _niah(task: Task, hay: Haystack, depth: float, rng: random.Random) -> Callab
         r = random.Random(seed)  # the same placements for every n the size search tries
         if task.haystack == "essay":
             units = [hay.words[(start + i) % len(hay.words)] for i in range(n)]
-            bounds = [i for i in range(n + 1) if i in (0, n) or units[i - 1].endswith(SENTENCE_END)]
+            bounds = _sentences(units)
         elif task.haystack == "noise":
-            noise = NOISE.split()
-            units = [noise[i % len(noise)] for i in range(n)]
-            bounds = [i for i in range(n + 1) if i in (0, n) or units[i - 1].endswith(SENTENCE_END)]
+            units = _noise(n)
+            bounds = _sentences(units)
         else:  # distractor needles: other keys, other values
             f = random.Random(filler_seed)
             units, taken_k, taken_v = [], set(keys), set(values_taken)
@@ -191,43 +215,44 @@ def _niah(task: Task, hay: Haystack, depth: float, rng: random.Random) -> Callab
         at = {_nearest(bounds, depth / 100 * n): [anchor]}
         for needle in others:
             at.setdefault(r.choice(bounds), []).append(needle)
-        sep = "\n" if task.haystack == "needles" else " "
-        parts = [p for i in range(n + 1) for p in (at.get(i, []) + units[i:i + 1])]
         answers = [v for k in queried for v in values[k]]
         query = queried[0] if len(queried) == 1 else ", ".join(queried[:-1]) + ", and " + queried[-1]
-        return sep.join(parts), answers, anchor, {"query": query, "kind": kind}
+        context = _join(units, at, "\n" if task.haystack == "needles" else " ")
+        return context, answers, anchor, {"query": query, "kind": kind}
 
     return build
 
 
 def _vt(hay: Haystack, depth: float, rng: random.Random) -> Callable[[int], Built]:
     names: set[str] = set()
-    chain = [_fresh_name(rng, names) for _ in range(CHAIN)]
+    chain = [_fresh_code(rng, names, string.ascii_uppercase) for _ in range(CHAIN)]
     value = str(rng.randrange(10**4, 10**5))
     statements = [f"VAR {chain[0]} = {value}."] + [f"VAR {b} = {a}." for a, b in zip(chain, chain[1:], strict=False)]
     seed = rng.random()
-    noise = NOISE.split()
 
     def build(n: int) -> Built:
         r = random.Random(seed)
-        units = [noise[i % len(noise)] for i in range(n)]
-        bounds = [i for i in range(n + 1) if i in (0, n) or units[i - 1].endswith(SENTENCE_END)]
+        units = _noise(n)
+        bounds = _sentences(units)
         first = _nearest(bounds, depth / 100 * n)
         later = sorted(r.choice([b for b in bounds if b >= first]) for _ in statements[1:])
         at: dict[int, list[str]] = {}
         for i, s in zip([first, *later], statements, strict=True):
             at.setdefault(i, []).append(s)
-        parts = [p for i in range(n + 1) for p in (at.get(i, []) + units[i:i + 1])]
-        return " ".join(parts), chain, statements[0], {"query": value, "n": CHAIN}
+        return _join(units, at), chain, statements[0], {"query": value, "n": CHAIN}
 
     return build
 
 
-def _fresh_name(rng: random.Random, taken: set[str]) -> str:
-    while (name := "".join(rng.choices(string.ascii_uppercase, k=5))) in taken:
-        pass
-    taken.add(name)
-    return name
+def _passkey(depth: float, rng: random.Random) -> Callable[[int], Built]:
+    key = str(rng.randrange(1, 50_000))
+    needle = PASSKEY_NEEDLE.format(key=key)
+
+    def build(n: int) -> Built:
+        units = _noise(n)
+        return _join(units, {_nearest(_sentences(units), depth / 100 * n): [needle]}), [key], needle, {}
+
+    return build
 
 
 def _cwe(hay: Haystack, length: int, rng: random.Random) -> Callable[[int], Built]:
@@ -251,7 +276,7 @@ def _cwe(hay: Haystack, length: int, rng: random.Random) -> Callable[[int], Buil
 
 def _fwe(rng: random.Random) -> Callable[[int], Built]:
     taken: set[str] = set()
-    coded = [_fresh_word(rng, taken) for _ in range(64)]
+    coded = [_fresh_code(rng, taken, string.ascii_lowercase) for _ in range(64)]
     seed = rng.random()
 
     def build(n: int) -> Built:
@@ -265,8 +290,9 @@ def _fwe(rng: random.Random) -> Callable[[int], Built]:
     return build
 
 
-def _fresh_word(rng: random.Random, taken: set[str]) -> str:
-    while (w := "".join(rng.choices(string.ascii_lowercase, k=5))) in taken:
+def _fresh_code(rng: random.Random, taken: set[str], letters: str) -> str:
+    """A 5-letter string of ``letters`` not in ``taken`` (variable names, coded words)."""
+    while (w := "".join(rng.choices(letters, k=5))) in taken:
         pass
     taken.add(w)
     return w
@@ -274,7 +300,7 @@ def _fresh_word(rng: random.Random, taken: set[str]) -> str:
 
 def prompt_of(name: str, context: str, fields: dict, answers: list[str]) -> str:
     """The task's instruction with the context, then its answer prefix after one space (lm-eval's gen_prefix)."""
-    family = TASKS[name].family
+    family = ALL_TASKS[name].family
     if family == "niah":
         one = len(answers) == 1
         kind = fields["kind"][:-1] if one else fields["kind"]
@@ -286,15 +312,18 @@ def prompt_of(name: str, context: str, fields: dict, answers: list[str]) -> str:
         return f"{_VT.format(context=context, query=fields['query'])} {_VT_PREFIX.format(**fields)}"
     if family == "cwe":
         return f"{_CWE.format(context=context)} {_CWE_PREFIX}"
+    if family == "passkey":
+        return _PASSKEY.format(context=context)
     return f"{_FWE.format(context=context)} {_FWE_PREFIX}"
 
 
 def make_sample(name: str, tok, hay: Haystack, length: int, depth: float | None, rng: random.Random) -> Sample:
     """One prompt of at most ``length`` tokens (under ``tok``), as long as whole haystack units allow."""
-    task = TASKS[name]
+    task = ALL_TASKS[name]
     depth = depth if task.has_depth else None
     build = {"niah": lambda: _niah(task, hay, depth, rng), "vt": lambda: _vt(hay, depth, rng),
-             "cwe": lambda: _cwe(hay, length, rng), "fwe": lambda: _fwe(rng)}[task.family]()
+             "cwe": lambda: _cwe(hay, length, rng), "fwe": lambda: _fwe(rng),
+             "passkey": lambda: _passkey(depth, rng)}[task.family]()
 
     def size(n: int) -> tuple[int, Sample]:
         context, outputs, anchor, fields = build(n)

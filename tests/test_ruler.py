@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from eval.ruler_data import NEEDLE, TASKS, Haystack, cell_rng, make_sample
+from eval.ruler_data import ALL_TASKS, NEEDLE, PASSKEY_NEEDLE, TASKS, Haystack, cell_rng, make_sample
 
 pytest_plugins = ["tests.eval_fixtures"]
 NIAH = [t for t in TASKS if TASKS[t].family == "niah"]
@@ -57,7 +57,7 @@ def test_prompts_fill_the_length_to_within_one_percent(tokenizers, hay, which, r
     of it. Catches: sizing by a characters-per-token guess, by one tokenizer for another, or a size search
     that stops early (RULER's own loop can land a whole increment short)."""
     tok, length = tokenizers[which]
-    for task in TASKS:
+    for task in ALL_TASKS:
         s = make_sample(task, tok, hay, length, rng.uniform(0, 100), cell_rng(rng.randrange(10**6), task, length, 0))
         n = len(tok.encode(s.prompt))
         assert n == s.tokens and 0.99 * length <= n <= length, (task, n)
@@ -75,15 +75,21 @@ def test_needles_are_as_stated_at_the_stated_depth_and_answers_do_not_leak(token
     KEY is: VALUE." with a queried key; the first such needle sits at the requested depth of the context
     (within 2.5 points: the nearest sentence end of the prose); the question names every queried key.
     Variable tracking: the chain's assignments appear in order, each variable only in its own statements.
+    Passkey: the key only in its needle, the prompt ending with the question.
     Catches: an answer also present in the haystack (a free hit for string matching), a distractor needle
     reusing a queried key or value, needles at the wrong depth, a chain out of order."""
     tok, length = tokenizers[which]
-    for task in [*NIAH, "ruler_vt"]:
+    for task in [*NIAH, "ruler_vt", "passkey"]:
         depth = rng.choice([0.0, 100.0, rng.uniform(0, 100)])
         s = make_sample(task, tok, hay, length, depth, cell_rng(rng.randrange(10**6), task, length, depth))
         assert s.context in s.prompt and s.prompt.count(s.anchor) == 1
         assert abs(needle_depth(tok, s) - depth) <= 2.5, (task, depth, needle_depth(tok, s))
         question = s.prompt[s.prompt.index(s.context) + len(s.context):]
+        if task == "passkey":
+            (key,) = s.outputs
+            assert s.anchor == PASSKEY_NEEDLE.format(key=key) and s.prompt.count(key) == 2  # twice in its needle
+            assert s.prompt.endswith("\nWhat is the pass key? The pass key is")
+            continue
         if task == "ruler_vt":
             names, (value,) = s.outputs, re.findall(r"VAR \w+ = (\d+)\.", s.anchor)
             statements = [f"VAR {names[0]} = {value}."] + [f"VAR {b} = {a}." for a, b in zip(names, names[1:])]

@@ -11,15 +11,6 @@ from pathlib import Path
 from eval.registry import DOCS, Evaluation, Score, register
 
 
-def train_length(checkpoint: str, step: int | None) -> int | None:
-    """The run's data.seq_len when the checkpoint is a run of ours, else None."""
-    from pretrain import checkpoint as ckpt
-    from pretrain.export import checkpoint_location
-
-    loc = checkpoint_location(checkpoint, step) if Path(checkpoint).exists() else None
-    return loc and ckpt.read_state(*loc)["config"]["data"].get("seq_len")
-
-
 class PositionLossEvaluation(Evaluation):
     name = "position_loss"
     help = "loss by token position on long held-out documents, past the training length"
@@ -49,13 +40,13 @@ class PositionLossEvaluation(Evaluation):
 
     def run(self, model, tok, settings, args: argparse.Namespace, progress: bool) -> dict:
         from eval.hf_targets import check_positions
-        from eval.kinds.recency import default_data
+        from eval.kinds.recency import default_data, run_data_config
         from eval.position_loss import run_position_loss
         from eval.recency import held_out_tokens
 
         check_positions(model, settings.length, "position_loss")
         data = args.data or default_data(args.checkpoint, args.step)
-        trained = args.train_length or train_length(args.checkpoint, args.step)
+        trained = args.train_length or run_data_config(args.checkpoint, args.step).get("seq_len")
         result = run_position_loss(model, held_out_tokens(data, tok), tok.eos_id, settings, trained, progress)
         return {**result, "data": data}
 
