@@ -169,6 +169,23 @@ def test_niah_format_is_lm_evals(tokenizers, hay, rng):
         assert s.prompt == t.format(type_needle_v=kind, context=s.context, query=query) + " " + prefix
 
 
+def test_scoring_agrees_with_lm_evals(rng):
+    """Per sample, our string_match_all and postprocessing are lm-eval's RULER ones (common_utils, which
+    needs no extra package) on random predictions. Catches a scoring drift from `lm_eval --tasks niah_*`."""
+    pytest.importorskip("lm_eval")
+    from lm_eval.tasks.ruler.common_utils import postprocess_pred, string_match_all
+
+    from eval import ruler
+
+    pieces = ["1234567", "abc-def", "ABC-DEF", " ", "\n", "\x01", "the", "7654321", "\t"]
+    for _ in range(200):
+        refs = [rng.choice(pieces[:3] + pieces[7:8]) for _ in range(rng.randrange(1, 4))]
+        pred = "".join(rng.choice(pieces) for _ in range(rng.randrange(0, 8)))
+        (theirs,) = postprocess_pred([pred])
+        assert ruler.postprocess(pred) == theirs
+        assert ruler.string_match_all(theirs, refs) == string_match_all([theirs], [refs])
+
+
 def test_scores_are_rulers(monkeypatch, rng):
     """string_match_all / string_match_part against hand-computed values, then a whole grid through
     run_ruler with scripted predictions: cells and the summary are the hand-computed means. Catches
