@@ -248,3 +248,40 @@ def test_polar_eval_ruler_writes_its_files(tiny_run, tmp_path):
         from eval.registry import get
 
         get("ruler").check(["--tasks", "niah_single_9"])
+
+
+@pytest.mark.slow
+def test_a_killed_sweep_over_two_checkpoints_and_three_lengths_resumes(tiny_run, tmp_path, monkeypatch):
+    """`polar eval sweep` with `--ruler` (three lengths) and `--position_loss` over two checkpoints, killed
+    after its second evaluation, then rerun: only the missing evaluations run, and the combined table holds
+    every checkpoint's RULER score per length and its loss beyond the training length, with the
+    loss-by-position figure. Catches a kind whose results the sweep cannot resume or tabulate."""
+    import shutil
+
+    from eval import sweep as sw
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run / "checkpoints", run / "checkpoints")
+    evals = {"ruler": "--tasks niah_single_1 --lengths 300,350,400 --depths 50 --samples 1 --max-new 2",
+             "position_loss": "--length 96 --windows 1 --train-length 32"}
+    done, real = [], sw.evaluate
+
+    def killable(name, checkpoint, step, options, progress=False):
+        if len(done) == kill_after[0]:
+            raise KeyboardInterrupt  # the sweep is killed here
+        done.append((name, step))
+        return real(name, checkpoint, step, options, progress)
+
+    kill_after = [2]
+    monkeypatch.setattr(sw, "evaluate", killable)
+    with pytest.raises(KeyboardInterrupt):
+        sw.sweep([run], 1, evals, out=tmp_path / "out", progress=False)
+    first, kill_after[0] = list(done), None
+    table = sw.sweep([run], 1, evals, out=tmp_path / "out", progress=False).read_text()
+    assert len(done) == 4 and not set(done[2:]) & set(first)
+    for step in (3, 5):
+        row = next(line for line in table.splitlines() if line.startswith(f"| run | {step} |"))
+        assert row.count("|") == table.splitlines()[0].count("|")
+    header = table.splitlines()[0]
+    assert all(f"ruler/score@{n}" in header for n in (300, 350, 400)) and "position_loss/beyond" in header
+    assert (tmp_path / "out" / "sweep_position_loss.png").stat().st_size > 0
