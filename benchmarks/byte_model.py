@@ -1,13 +1,14 @@
 """Bytes a Triton launch moves, counted from its own tensor arguments, and the ideal bytes of the scan.
 
 A launch recorded by :func:`kernels.triton_jit.capture` names every tensor the kernel touches, with its real
-shape and dtype: the saved chunk states and pre-gate output of a training forward, the fp32 dB/dC buffers of
-the backward, one loss chunk's logits. The model counts each tensor argument once (its distinct elements ×
-element size): read, written, or both for in-place updates and atomic adds (:data:`WRITES` says which). It is
-what the kernel moves when every tile is loaded once and caches absorb re-reads (B and C, for instance, are
-loaded by every channel block; they are small enough to stay in L2), so it sits between the ideal (each input
-of the op read once, each output written once) and what HBM really serves. benchmarks/compile_kernels.py prints
-it per kernel beside registers and spills; benchmarks/gpu_check.py divides measured times by it.
+shape and dtype: the states a training forward saves (one per 256 steps), the fp32 dB/dC buffers and the
+recomputed chunk-start states of the backward, one loss chunk's logits. The model counts each tensor argument
+once (its distinct elements × element size): read, written, or both for in-place updates and atomic adds
+(:data:`WRITES` says which). It is what the kernel moves when every tile is loaded once and caches absorb
+re-reads (B and C, for instance, are loaded by every channel block; they are small enough to stay in L2), so it
+sits between the ideal (each input of the op read once, each output written once) and what HBM really serves.
+benchmarks/compile_kernels.py prints it per kernel beside registers and spills; benchmarks/gpu_check.py divides
+measured times by it.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ import torch
 # Pointer arguments each kernel writes ("+": also read: in place, or fp32 atomic adds); every other tensor
 # argument is read. A kernel launched without an entry raises, so a new kernel cannot be counted as all reads.
 WRITES = {
-    "scan_fwd_kernel": ("y_ptr", "ypre_ptr", "state_ptr"),
-    "scan_bwd_kernel": ("gu_ptr", "gdt_ptr", "gz_ptr", "+gA_ptr", "+gB_ptr", "+gC_ptr", "gD_ptr", "gbias_ptr",
-                        "gstate_ptr"),
+    "scan_seg_kernel": ("H_ptr", "sdt_ptr"),
+    "scan_fwd_kernel": ("y_ptr", "state_ptr", "hseg_ptr"),
+    "scan_adj_kernel": ("Q_ptr", "sdt_ptr"),
+    "scan_bwd_kernel": ("gu_ptr", "gdt_ptr", "gz_ptr", "+gA_ptr", "+gB_ptr", "+gC_ptr", "+gD_ptr", "+gbias_ptr",
+                        "gstate_ptr", "+hbuf_ptr"),
     "conv_fwd_kernel": ("y_ptr",),
     "conv_bwd_kernel": ("gx_ptr", "gw_ptr", "gb_ptr"),
     "add_rmsnorm_fwd_kernel": ("out_ptr", "res_ptr", "rstd_ptr"),

@@ -43,8 +43,8 @@ PRESETS = ("mamba-130m", "mamba-370m", "mamba-550m")
 
 
 def captured_launches(preset: str, dtype: torch.dtype, polar: bool, batch: int, seq: int, layers: int = 1):
-    """The Triton launches of one training step (forward + loss + backward) and of one inference forward
-    (no saved states, e.g. a NIAH prefill) of ``preset`` on meta tensors."""
+    """The Triton launches of a training step (forward + loss + backward) and of an inference forward (no saved
+    states, e.g. a NIAH prefill) of ``preset`` on meta tensors, at ``batch`` and at batch 1."""
     from models import MambaLM, ModelConfig
 
     name = f"{preset}-polar" if polar else preset
@@ -59,6 +59,10 @@ def captured_launches(preset: str, dtype: torch.dtype, polar: bool, batch: int, 
             model(ids, labels=ids, return_logits=False).loss.backward()
             with torch.no_grad():
                 model(ids)
+            # batch 1: too few channel blocks to fill the SMs, the scan splits L (forward and backward)
+            model(ids[:1], labels=ids[:1], return_logits=False).loss.backward()
+            with torch.no_grad():
+                model(ids[:1])
     finally:
         if previous is None:
             os.environ.pop("POLAR_KERNELS", None)
@@ -120,8 +124,8 @@ def resource_usage(compiled) -> dict:
 def _settings(kernel, args, kwargs) -> str:
     """The launch's constexpr block sizes / flags, for the table."""
     names = [p.name for p in kernel.compiled.params]
-    shown = {k: v for k, v in kwargs.items() if k.startswith("BLOCK") or k in ("CHUNK", "K", "N_ONES", "N_SCAN",
-                                                                              "N_ZEROS", "num_warps")}
+    keys = ("CHUNK", "K", "N_ONES", "N_SCAN", "N_ZEROS", "SAVE", "SEG_CHUNKS", "num_warps", "maxnreg")
+    shown = {k: v for k, v in kwargs.items() if k.startswith("BLOCK") or k in keys}
     shown.update({n: a for n, a in zip(names, args, strict=False) if n.startswith("BLOCK")})
     return " ".join(f"{k}={v}" for k, v in sorted(shown.items()))
 

@@ -105,6 +105,21 @@ def launched_bytes(fn) -> dict[str, int]:
     return totals
 
 
+def forward_bytes(totals: dict[str, int]) -> int | None:
+    """The scan forward's bytes: the forward kernel plus, when L is split (batch × channel blocks too few for the
+    SMs), its state-passing pass."""
+    if "scan_fwd_kernel" not in totals:
+        return None
+    return totals["scan_fwd_kernel"] + totals.get("scan_seg_kernel", 0)
+
+
+def backward_bytes(totals: dict[str, int]) -> int | None:
+    """The scan backward's bytes: the backward kernel plus, when L is split, its state-passing pass."""
+    if "scan_bwd_kernel" not in totals:
+        return None
+    return totals["scan_bwd_kernel"] + totals.get("scan_adj_kernel", 0)
+
+
 def bandwidth_columns(ctx, ms: float, ideal: int, moved: int | None) -> dict:
     """GB/s of the ideal and the moved bytes, as % of the copy bandwidth measured in this run and of the spec."""
     copy, spec = ctx.known.get("copy_gbps"), ctx.known.get("spec_gbps")
@@ -151,7 +166,7 @@ def mixer_inputs(b, d, L, N, n_ones, n_zeros, dtype, device, dt_rank=48):
 
 def part_scan(ctx) -> dict:
     """Our Triton scan at mamba-130m's shapes: inference forward (no saved states), training forward (saves
-    chunk states and the pre-gate y) and backward, each timed alone; then the PyTorch reference and a few
+    the fp32 state every 256 steps) and backward, each timed alone; then the PyTorch reference and a few
     (BLOCK_D, CHUNK, warps) alternatives to the shipped table, batch 8 polarized."""
     from kernels import scan_ref, scan_triton
 
@@ -172,7 +187,7 @@ def part_scan(ctx) -> dict:
             bwd = lambda: torch.autograd.grad(y, leaves, gy, retain_graph=True)
             with torch.no_grad():
                 infer_ms = bench_ms(fwd, ctx)
-                infer_bytes = launched_bytes(fwd).get("scan_fwd_kernel")
+                infer_bytes = forward_bytes(launched_bytes(fwd))
             times = dict(infer=infer_ms, train=bench_ms(fwd, ctx), bwd=bench_ms(bwd, ctx))
             moved = launched_bytes(lambda: torch.autograd.grad(fwd(), leaves, gy))
         finally:
@@ -181,8 +196,8 @@ def part_scan(ctx) -> dict:
         cfg = lambda kind: "" if impl is not scan_triton.selective_scan else ",".join(
             map(str, config or scan_triton.config(kind, dtype, d, None)))
         passes = (("inference fwd", times["infer"], fwd_ideal, infer_bytes, cfg("fwd")),
-                  ("training fwd", times["train"], fwd_ideal, moved.get("scan_fwd_kernel"), cfg("train")),
-                  ("bwd", times["bwd"], bwd_ideal, moved.get("scan_bwd_kernel"), cfg("bwd")),
+                  ("training fwd", times["train"], fwd_ideal, forward_bytes(moved), cfg("train")),
+                  ("bwd", times["bwd"], bwd_ideal, backward_bytes(moved), cfg("bwd")),
                   ("training fwd+bwd", times["train"] + times["bwd"], fwd_ideal + bwd_ideal,
                    sum(moved.values()) or None, ""))
         for name, ms, ideal, nbytes, config_text in passes:

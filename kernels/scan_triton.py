@@ -16,16 +16,24 @@ run the pair scan. The polarized channels take their closed forms (shared/DESIGN
 docstring) fused beside it: ones channels a cumulative sum (``tl.cumsum`` plus the carried sum), exact
 zero channels the elementwise product C_t·Δ_t B_t u_t. Δ-bias + softplus, D·u and the SiLU(z) gate are fused.
 
-Backward: chunks last to first. The forward stored the carried state at each chunk start (one tile per
-chunk, only when a gradient is needed) and the pre-gate output when z is given (mamba_ssm saves it too);
-the backward recomputes the chunk's states with the same pair scan and runs the adjoint
-G_t = C_t·g_t + a_{t+1}·G_{t+1} as a reverse pair scan, carrying one dL/dh per channel between chunks. No per-step
-state ever reaches global memory. dB and dC (sums over all channels d) are reduced over the program's
-BLOCK_D channels in registers and added with fp32 atomics into one (b, N_total, L) buffer (as mamba_ssm
-does per channel; not a partial per program); dA, dD and dΔ-bias are per-batch partials (b × parameter
-size, small) summed in PyTorch; the atomics make dB/dC nondeterministic in the last bits. Batch, channel-block
-and chunk starts are int64 base offsets, tile offsets small int32 (b·d·L may pass 2^31).
-L is a runtime argument (never specialized): one compile serves every sequence length.
+Training bytes: the forward keeps no pre-gate output and only the fp32 state every SAVE_STEPS (256) steps, one
+(b, S, d) tile per segment. The backward walks chunks last to first; entering a segment (at its last chunk) it
+rebuilds the segment's chunk-start states from the saved one in a forward sweep that needs no scan (each chunk's
+end state is a decayed sum, h_end = exp(A ΣΔ)·h_start + Σ_t exp(A Σ_{s>t} Δ_s) Δ_t B_t u_t) into a small
+L2-resident buffer; per chunk it recomputes the states with the same pair scan, rebuilds the pre-gate output
+from them for dz, and runs the adjoint G_t = C_t·g_t + a_{t+1}·G_{t+1} as a reverse pair scan, carrying one dL/dh
+per channel between chunks. No per-step state ever reaches global memory. dB and dC (sums over all channels d)
+are reduced over the program's BLOCK_D channels in registers and added with fp32 atomics into one
+(b, N_total, L) buffer (as mamba_ssm does per channel; not a partial per program); dA, dD and dΔ-bias are
+per-batch partials (b × parameter size, small) summed in PyTorch; the atomics make dB/dC nondeterministic in the
+last bits. Batch, channel-block and chunk starts are int64 base offsets, tile offsets small int32 (b·d·L may
+pass 2^31). L is a runtime argument (never specialized): one compile serves every sequence length whose L·d
+keeps its divisibility by 16; the batch strides are specialized so that Triton vectorizes the loads.
+
+Batch 1: when batch × channel blocks cannot fill two waves of SMs, both passes split L into pieces of whole
+segments, one program each. A state-passing pass writes each segment's contribution from a zero start (forward:
+its end state, ``_scan_seg_kernel``; backward: the adjoint it hands back, ``_scan_adj_kernel``) and its ΣΔ; each
+program folds the segments before (forward) or after (backward) its piece into its start, then walks its piece.
 """
 
 from __future__ import annotations
@@ -39,17 +47,22 @@ from kernels.scan_ref import REFERENCE_ZERO_A, _prepare_dt
 from kernels.triton_jit import jit
 
 # (BLOCK_D, CHUNK, num_warps) per pass and input element size, from benchmarks/compile_kernels.py for sm_90:
-# zero spills with room to spare (~150 registers: the device's Triton may allocate differently), 8 warps.
-# 16 bf16 channels fill one 32-byte sector per time step; batch 8 x d_inner 1536 gives 768 programs.
-# "train" is the forward that saves chunk states for a backward: it must share the backward's CHUNK.
-# 16 x 64 tiles at 4 warps compile at ~255 registers and 16 x 64 backward tiles spill; `make gpu-check`
-# (benchmarks/gpu_check.py) times alternatives on the device so this table can follow device figures.
+# zero spills under Triton 3.9 and the device's 3.6. 16 bf16 channels fill one 32-byte sector per time step;
+# batch 8 x d_inner 1536 gives 768 programs. "train" is the forward that saves states for a backward: it must
+# share the backward's CHUNK. The forwards run at most FWD_MAXNREG registers: left to itself, 3.6's ptxas (CUDA
+# 12.8) picks 96-128 and spills a few bytes; 128 keeps four 4-warp programs per SM. 16 x 64 tiles at 8 warps
+# spill under 3.6 at that cap; `make gpu-check` (benchmarks/gpu_check.py) times alternatives on the device.
 CONFIGS = {
-    ("fwd", 2): (16, 64, 8), ("fwd", 4): (16, 64, 8),
+    ("fwd", 2): (16, 32, 4), ("fwd", 4): (16, 32, 4),
     ("train", 2): (16, 32, 4), ("train", 4): (16, 32, 4),
     ("bwd", 2): (16, 32, 8), ("bwd", 4): (16, 32, 8),
 }
-_NOT_SPECIALIZED = ("L", "n_chunks", "s_ub", "s_tb", "s_zb", "s_yb", "s_gb", "s_h0b")
+FWD_MAXNREG = 128
+SAVE_STEPS = 256  # the training forward keeps the fp32 state every 256 steps (the backward recomputes the rest)
+# L and the chunk count vary per call and are never specialized. The batch strides are: a stride Triton knows to
+# be a multiple of 16 keeps every tile's base 16-byte aligned, which is what lets it vectorize the channel-contiguous
+# loads (ld.global.v*); a new L recompiles only when L·d changes its divisibility by 16.
+_NOT_SPECIALIZED = ("L", "n_chunks")
 
 
 @triton.jit
@@ -72,15 +85,87 @@ def _column(tile, cols, j):
     return tl.sum(tl.where(cols[None, :] == j, tile, 0.0), axis=1)
 
 
+@triton.jit
+def _load_dt(dt_tile, bias, mask, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
+    """Δ after bias and softplus in fp32, 0 outside ``mask`` (past L: a = 1, input 0, the state passes through)."""
+    dt = tl.load(dt_tile, mask=mask, other=0.0).to(tl.float32)
+    if HAS_BIAS:
+        dt += bias[:, None]
+    if SOFTPLUS:
+        dt = _softplus(dt)
+    return tl.where(mask, dt, 0.0)
+
+
+@triton.jit
+def _decays(A_ptr, s_Ad, s_An, offs_d, mask_d, nn, N_ONES: tl.constexpr, S: tl.constexpr):
+    """The (S_PAD, BLOCK_D) tile of A for the carried channels: 0 for ones channels (a = exp(0·Δ) = 1) and padding."""
+    rows = (nn >= N_ONES) & (nn < S)
+    return tl.load(A_ptr + offs_d[None, :] * s_Ad + (nn[:, None] - N_ONES) * s_An,
+                   mask=rows[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
+
+
 @jit(do_not_specialize=_NOT_SPECIALIZED)
+def _scan_seg_kernel(
+    u_ptr, dt_ptr, A_ptr, B_ptr, bias_ptr, H_ptr, sdt_ptr,
+    d, L, n_chunks,
+    s_ub, s_ud, s_ul, s_tb, s_td, s_tl, s_Ad, s_An, s_Bb, s_Bn, s_Bl,
+    N_ONES: tl.constexpr, N_SCAN: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    SEG_CHUNKS: tl.constexpr, S_PAD: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """The state-passing pass of an L-split forward: per (batch, channel block, segment of SEG_CHUNKS chunks), the
+    segment's end state from a zero start, H, and its Σ Δ (its decay is exp(A ΣΔ)). The forward's programs for
+    later segments fold these into their start states. Each chunk adds exp(A Σ_{s>t} Δ_s) Δ_t B_t u_t summed over
+    t (the scan-free sweep of the backward); the carried channels are one (S_PAD, BLOCK_D) register tile."""
+    pid_b = tl.program_id(0).to(tl.int64)
+    d0 = tl.program_id(1).to(tl.int64) * BLOCK_D
+    seg = tl.program_id(2)
+    dd = tl.arange(0, BLOCK_D)
+    offs_d = tl.program_id(1) * BLOCK_D + dd
+    mask_d = offs_d < d
+    tt = tl.arange(0, CHUNK)
+    nn = tl.arange(0, S_PAD)
+    S = N_ONES + N_SCAN
+    bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    A2 = _decays(A_ptr, s_Ad, s_An, offs_d, mask_d, nn, N_ONES, S)
+    H = tl.zeros((S_PAD, BLOCK_D), dtype=tl.float32)
+    sdt = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    c_lo = seg * SEG_CHUNKS
+    for c in range(c_lo, tl.minimum(c_lo + SEG_CHUNKS, n_chunks)):
+        t0 = tl.cast(c, tl.int64) * CHUNK
+        mask_t = t0 + tt < L
+        mask = mask_d[:, None] & mask_t[None, :]
+        dt = _load_dt(dt_ptr + (pid_b * s_tb + d0 * s_td + t0 * s_tl) + dd[:, None] * s_td + tt[None, :] * s_tl,
+                      bias, mask, HAS_BIAS, SOFTPLUS)
+        w = dt * tl.load(u_ptr + (pid_b * s_ub + d0 * s_ud + t0 * s_ul) + dd[:, None] * s_ud + tt[None, :] * s_ul,
+                         mask=mask, other=0.0).to(tl.float32)
+        total = tl.sum(dt, axis=1)
+        after = total[:, None] - tl.cumsum(dt, axis=1)  # Σ_{s>t} Δ_s within the chunk
+        B_row = B_ptr + pid_b * s_Bb + (t0 + tt) * s_Bl
+        local = tl.zeros((S_PAD, BLOCK_D), dtype=tl.float32)
+        for n in range(0, S):
+            An = tl.load(A_ptr + offs_d * s_Ad + (n - N_ONES) * s_An, mask=mask_d & (n >= N_ONES), other=0.0)
+            Bn = tl.load(B_row + n * s_Bn, mask=mask_t, other=0.0).to(tl.float32)
+            v = tl.sum(tl.exp(after * An.to(tl.float32)[:, None]) * w * Bn[None, :], axis=1)
+            local = tl.where(nn[:, None] == n, v[None, :], local)
+        H = tl.exp(A2 * total[None, :]) * H + local
+        sdt += total
+    base = pid_b * tl.cdiv(n_chunks, SEG_CHUNKS) + seg
+    tl.store(H_ptr + (base * S + nn[:, None]) * d + offs_d[None, :], H, mask=(nn < S)[:, None] & mask_d[None, :])
+    tl.store(sdt_ptr + base * d + offs_d, sdt, mask=mask_d)
+
+
+@jit(do_not_specialize=(*_NOT_SPECIALIZED, "segs_per"))
 def _scan_fwd_kernel(
-    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, y_ptr, ypre_ptr, state_ptr,
-    d, L, n_chunks, n_slots,
+    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, H_ptr, sdt_ptr, y_ptr, state_ptr, hseg_ptr,
+    d, L, n_chunks, segs_per,
     s_ub, s_ud, s_ul, s_tb, s_td, s_tl, s_zb, s_zd, s_zl, s_yb, s_yd, s_yl, s_h0b, s_h0d, s_h0n,
     s_Ad, s_An, s_Bb, s_Bn, s_Bl, s_Cb, s_Cn, s_Cl,
     N_ONES: tl.constexpr, N_SCAN: tl.constexpr, N_ZEROS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
-    SAVE: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
+    SAVE: tl.constexpr, SPLIT: tl.constexpr, SEG_CHUNKS: tl.constexpr, S_PAD: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     pid_b = tl.program_id(0).to(tl.int64)
     d0 = tl.program_id(1).to(tl.int64) * BLOCK_D  # tiles: an int64 base offset plus small int32 offsets
@@ -89,81 +174,148 @@ def _scan_fwd_kernel(
     mask_d = offs_d < d
     tt = tl.arange(0, CHUNK)
     S = N_ONES + N_SCAN  # carried state channels: [ones, scan channels]
-    # The carried state lives in this program's (S, BLOCK_D) slices of ``state`` (L1/L2-resident; a register
-    # tile indexed by a loop variable would need a layout conversion per channel). Chunk c reads slot
-    # c % n_slots and writes slot (c + 1) % n_slots, so reads and writes never alias within a chunk; with
-    # n_slots = n_chunks + 1 every chunk start stays there for the backward.
-    carry = state_ptr + pid_b * n_slots * S * d + offs_d
+    # This program's piece of L: segs_per segments of SEG_CHUNKS chunks (all of L unless the forward is split)
+    piece = tl.program_id(2)
+    c_lo = piece * segs_per * SEG_CHUNKS
+    # The carried state lives in this program's (S, BLOCK_D) slices of ``state`` (b, pieces, 2, S, d), L1/L2-resident
+    # (a register tile indexed by a loop variable would need a layout conversion per channel): chunk c reads slot
+    # c % 2 and writes the other, so reads and writes never alias within a chunk.
+    carry = state_ptr + (pid_b * tl.num_programs(2) + piece) * 2 * S * d + offs_d
+    Dv = tl.zeros((BLOCK_D,), dtype=tl.float32)
     if HAS_D:
         Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    for n in range(0, S):
-        h = tl.zeros((BLOCK_D,), dtype=tl.float32)
-        if HAS_H0:
-            h = tl.load(h0_ptr + pid_b * s_h0b + offs_d * s_h0d + n * s_h0n, mask=mask_d, other=0.0).to(tl.float32)
-        tl.store(carry + n * d, h, mask=mask_d)
+    nn = tl.arange(0, S_PAD)
+    rows = (nn < S)[:, None] & mask_d[None, :]
+    h = tl.zeros((S_PAD, BLOCK_D), dtype=tl.float32)
+    if HAS_H0:
+        h = tl.load(h0_ptr + pid_b * s_h0b + offs_d[None, :] * s_h0d + nn[:, None] * s_h0n, mask=rows,
+                    other=0.0).to(tl.float32)
+    if SPLIT:  # the start state: the segments before this piece folded in (their end states from _scan_seg_kernel)
+        A2 = _decays(A_ptr, s_Ad, s_An, offs_d, mask_d, nn, N_ONES, S)
+        for sg in range(0, piece * segs_per):
+            base = pid_b * tl.cdiv(n_chunks, SEG_CHUNKS) + sg
+            h = tl.exp(A2 * tl.load(sdt_ptr + base * d + offs_d, mask=mask_d, other=0.0)[None, :]) * h \
+                + tl.load(H_ptr + (base * S + nn[:, None]) * d + offs_d[None, :], mask=rows, other=0.0)
+    tl.store(carry + (c_lo % 2) * S * d + nn[:, None] * d, h, mask=rows)
     tl.debug_barrier()
-    for c in range(0, n_chunks):
+    for c in range(c_lo, tl.minimum(c_lo + segs_per * SEG_CHUNKS, n_chunks)):
         t0 = tl.cast(c, tl.int64) * CHUNK  # int64: t0 times the time stride may pass 2^31
-        mask = mask_d[:, None] & (t0 + tt < L)[None, :]
-        dt = tl.load(dt_ptr + (pid_b * s_tb + d0 * s_td + t0 * s_tl) + dd[:, None] * s_td + tt[None, :] * s_tl,
-                     mask=mask, other=0.0).to(tl.float32)
-        if HAS_BIAS:
-            dt += bias[:, None]
-        if SOFTPLUS:
-            dt = _softplus(dt)
-        dt = tl.where(mask, dt, 0.0)  # past L: a = 1, input 0, so the state passes through unchanged
+        mask_t = t0 + tt < L
+        mask = mask_d[:, None] & mask_t[None, :]
+        dt = _load_dt(dt_ptr + (pid_b * s_tb + d0 * s_td + t0 * s_tl) + dd[:, None] * s_td + tt[None, :] * s_tl,
+                      bias, mask, HAS_BIAS, SOFTPLUS)
         x = tl.load(u_ptr + (pid_b * s_ub + d0 * s_ud + t0 * s_ul) + dd[:, None] * s_ud + tt[None, :] * s_ul,
                     mask=mask, other=0.0).to(tl.float32)
         w = dt * x
-        h_in = carry + (c % n_slots) * S * d
-        h_out = carry + ((c + 1) % n_slots) * S * d
+        h_in = carry + (c % 2) * S * d
+        h_out = carry + ((c + 1) % 2) * S * d
+        if SAVE:  # the state at every SEG_CHUNKS-th chunk start, the backward's recomputation points
+            h_seg = hseg_ptr + (pid_b * tl.cdiv(n_chunks, SEG_CHUNKS) + c // SEG_CHUNKS) * S * d + offs_d
+            keep = mask_d & (c % SEG_CHUNKS == 0)
         y = tl.zeros((BLOCK_D, CHUNK), dtype=tl.float32)
         if HAS_D:
             y = Dv[:, None] * x
         B_row = B_ptr + pid_b * s_Bb + (t0 + tt) * s_Bl
         C_row = C_ptr + pid_b * s_Cb + (t0 + tt) * s_Cl
-        mask_t = t0 + tt < L
         for n in range(0, N_ONES):  # a = 1: h_t = h_start + Σ_{s≤t} Δ_s B_s u_s
             Bn = tl.load(B_row + n * s_Bn, mask=mask_t, other=0.0).to(tl.float32)
             Cn = tl.load(C_row + n * s_Cn, mask=mask_t, other=0.0).to(tl.float32)
-            hs = tl.cumsum(w * Bn[None, :], axis=1) + tl.load(h_in + n * d, mask=mask_d, other=0.0)[:, None]
+            h_start = tl.load(h_in + n * d, mask=mask_d, other=0.0)
+            if SAVE:
+                tl.store(h_seg + n * d, h_start, mask=keep)
+            hs = tl.cumsum(w * Bn[None, :], axis=1) + h_start[:, None]
             y += hs * Cn[None, :]
             tl.store(h_out + n * d, _column(hs, tt, CHUNK - 1), mask=mask_d)
         for n in range(0, N_SCAN):  # learned channels (and reference-mode zeros): the pair scan
+            j = N_ONES + n
             An = tl.load(A_ptr + offs_d * s_Ad + n * s_An, mask=mask_d, other=0.0).to(tl.float32)
-            Bn = tl.load(B_row + (N_ONES + n) * s_Bn, mask=mask_t, other=0.0).to(tl.float32)
-            Cn = tl.load(C_row + (N_ONES + n) * s_Cn, mask=mask_t, other=0.0).to(tl.float32)
+            Bn = tl.load(B_row + j * s_Bn, mask=mask_t, other=0.0).to(tl.float32)
+            Cn = tl.load(C_row + j * s_Cn, mask=mask_t, other=0.0).to(tl.float32)
+            h_start = tl.load(h_in + j * d, mask=mask_d, other=0.0)
+            if SAVE:
+                tl.store(h_seg + j * d, h_start, mask=keep)
             decay, hs = tl.associative_scan((tl.exp(dt * An[:, None]), w * Bn[None, :]), 1, _pair)
-            hs += decay * tl.load(h_in + (N_ONES + n) * d, mask=mask_d, other=0.0)[:, None]
+            hs += decay * h_start[:, None]
             y += hs * Cn[None, :]
-            tl.store(h_out + (N_ONES + n) * d, _column(hs, tt, CHUNK - 1), mask=mask_d)
+            tl.store(h_out + j * d, _column(hs, tt, CHUNK - 1), mask=mask_d)
         for n in range(0, N_ZEROS):  # exact zeros, a = 0: h_t = Δ_t B_t u_t
             Bn = tl.load(B_row + (S + n) * s_Bn, mask=mask_t, other=0.0).to(tl.float32)
             Cn = tl.load(C_row + (S + n) * s_Cn, mask=mask_t, other=0.0).to(tl.float32)
             y += w * (Bn * Cn)[None, :]
-        out = (pid_b * s_yb + d0 * s_yd + t0 * s_yl) + dd[:, None] * s_yd + tt[None, :] * s_yl
         if HAS_Z:
-            if SAVE:
-                tl.store(ypre_ptr + out, y.to(ypre_ptr.dtype.element_ty), mask=mask)
             zz = tl.load(z_ptr + (pid_b * s_zb + d0 * s_zd + t0 * s_zl) + dd[:, None] * s_zd + tt[None, :] * s_zl,
                          mask=mask, other=0.0).to(tl.float32)
             y = y * zz * tl.sigmoid(zz)
-        tl.store(y_ptr + out, y.to(y_ptr.dtype.element_ty), mask=mask)
+        tl.store(y_ptr + (pid_b * s_yb + d0 * s_yd + t0 * s_yl) + dd[:, None] * s_yd + tt[None, :] * s_yl,
+                 y.to(y_ptr.dtype.element_ty), mask=mask)
         tl.debug_barrier()  # this chunk's carried states are visible to every thread of the next
 
 
 @jit(do_not_specialize=_NOT_SPECIALIZED)
+def _scan_adj_kernel(
+    dt_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, gy_ptr, Q_ptr, sdt_ptr,
+    d, L, n_chunks, seg_lo,
+    s_tb, s_td, s_tl, s_zb, s_zd, s_zl, s_yb, s_yd, s_yl, s_Ad, s_An, s_Cb, s_Cn, s_Cl,
+    N_ONES: tl.constexpr, N_SCAN: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_Z: tl.constexpr,
+    HAS_BIAS: tl.constexpr, SEG_CHUNKS: tl.constexpr, S_PAD: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """The state-passing pass of an L-split backward, per (batch, channel block, segment seg_lo + z): the adjoint a
+    segment hands the one before it from a zero adjoint after it, Q = Σ_t exp(A Σ_{s≤t} Δ_s) C_t g_t (Σ over the
+    segment's steps so far; g = dy·SiLU(z)), and its ΣΔ (it passes a later adjoint on times exp(A ΣΔ))."""
+    pid_b = tl.program_id(0).to(tl.int64)
+    d0 = tl.program_id(1).to(tl.int64) * BLOCK_D
+    seg = seg_lo + tl.program_id(2)
+    dd = tl.arange(0, BLOCK_D)
+    offs_d = tl.program_id(1) * BLOCK_D + dd
+    mask_d = offs_d < d
+    tt = tl.arange(0, CHUNK)
+    nn = tl.arange(0, S_PAD)
+    S = N_ONES + N_SCAN
+    bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    if HAS_BIAS:
+        bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    Q = tl.zeros((S_PAD, BLOCK_D), dtype=tl.float32)
+    sdt = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    c_lo = seg * SEG_CHUNKS
+    for c in range(c_lo, tl.minimum(c_lo + SEG_CHUNKS, n_chunks)):
+        t0 = tl.cast(c, tl.int64) * CHUNK
+        mask_t = t0 + tt < L
+        mask = mask_d[:, None] & mask_t[None, :]
+        dt = _load_dt(dt_ptr + (pid_b * s_tb + d0 * s_td + t0 * s_tl) + dd[:, None] * s_td + tt[None, :] * s_tl,
+                      bias, mask, HAS_BIAS, SOFTPLUS)
+        g = tl.load(gy_ptr + (pid_b * s_yb + d0 * s_yd + t0 * s_yl) + dd[:, None] * s_yd + tt[None, :] * s_yl,
+                    mask=mask, other=0.0).to(tl.float32)
+        if HAS_Z:
+            zz = tl.load(z_ptr + (pid_b * s_zb + d0 * s_zd + t0 * s_zl) + dd[:, None] * s_zd + tt[None, :] * s_zl,
+                         mask=mask, other=0.0).to(tl.float32)
+            g = g * zz * tl.sigmoid(zz)
+        upto = sdt[:, None] + tl.cumsum(dt, axis=1)  # Σ_{s≤t} Δ_s from the segment's start
+        C_row = C_ptr + pid_b * s_Cb + (t0 + tt) * s_Cl
+        for n in range(0, S):
+            An = tl.load(A_ptr + offs_d * s_Ad + (n - N_ONES) * s_An, mask=mask_d & (n >= N_ONES), other=0.0)
+            Cn = tl.load(C_row + n * s_Cn, mask=mask_t, other=0.0).to(tl.float32)
+            v = tl.sum(tl.exp(upto * An.to(tl.float32)[:, None]) * g * Cn[None, :], axis=1)
+            Q = tl.where(nn[:, None] == n, Q + v[None, :], Q)
+        sdt += tl.sum(dt, axis=1)
+    base = pid_b * tl.cdiv(n_chunks, SEG_CHUNKS) + seg
+    tl.store(Q_ptr + (base * S + nn[:, None]) * d + offs_d[None, :], Q, mask=(nn < S)[:, None] & mask_d[None, :])
+    tl.store(sdt_ptr + base * d + offs_d, sdt, mask=mask_d)
+
+
+@jit(do_not_specialize=(*_NOT_SPECIALIZED, "segs_per"))
 def _scan_bwd_kernel(
-    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, ypre_ptr, hchunk_ptr, gy_ptr, ghlast_ptr,
-    gu_ptr, gdt_ptr, gz_ptr, gA_ptr, gB_ptr, gC_ptr, gD_ptr, gbias_ptr, gstate_ptr,
-    d, L, n_chunks,
+    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, hseg_ptr, gy_ptr, ghlast_ptr, Q_ptr, sdt_ptr,
+    gu_ptr, gdt_ptr, gz_ptr, gA_ptr, gB_ptr, gC_ptr, gD_ptr, gbias_ptr, gstate_ptr, hbuf_ptr,
+    d, L, n_chunks, segs_per,
     s_ub, s_ud, s_ul, s_tb, s_td, s_tl, s_zb, s_zd, s_zl, s_yb, s_yd, s_yl, s_gb, s_gd, s_gl,
     s_Ad, s_An, s_Bb, s_Bn, s_Bl, s_Cb, s_Cn, s_Cl,
     N_ONES: tl.constexpr, N_SCAN: tl.constexpr, N_ZEROS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GH: tl.constexpr,
-    CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
+    SPLIT: tl.constexpr, SEG_CHUNKS: tl.constexpr, S_PAD: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_b = tl.program_id(0).to(tl.int64)
     d0 = tl.program_id(1).to(tl.int64) * BLOCK_D  # tiles: an int64 base offset plus small int32 offsets
@@ -173,25 +325,75 @@ def _scan_bwd_kernel(
     tt = tl.arange(0, CHUNK)
     S = N_ONES + N_SCAN
     n_total = S + N_ZEROS
+    n_segs = tl.cdiv(n_chunks, SEG_CHUNKS)
+    # This program's piece of L: segs_per segments of SEG_CHUNKS chunks (all of L unless the backward is split)
+    piece = tl.program_id(2)
+    prog = pid_b * tl.num_programs(2) + piece
+    c_lo = piece * segs_per * SEG_CHUNKS
+    c_hi = tl.minimum(c_lo + segs_per * SEG_CHUNKS, n_chunks)
     # K = dL/dh at the step before the current chunk's end, carried in two slots of gstate as the forward's
-    # state; the chunk-start states are the forward's slots 0 .. n_chunks - 1 (n_slots = n_chunks + 1)
-    K_ptr = gstate_ptr + pid_b * 2 * S * d + offs_d
+    # state; hbuf holds the chunk-start states of the current segment, recomputed from the one the forward saved
+    K_ptr = gstate_ptr + prog * 2 * S * d + offs_d
+    hbuf = hbuf_ptr + prog * SEG_CHUNKS * S * d + offs_d
     gA_row = gA_ptr + pid_b * S * d + offs_d
     Dv = tl.zeros((BLOCK_D,), dtype=tl.float32)
     if HAS_D:
         Dv = tl.load(D_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
+    bias = tl.zeros((BLOCK_D,), dtype=tl.float32)
     if HAS_BIAS:
         bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
-    for n in range(0, S):
-        K = tl.zeros((BLOCK_D,), dtype=tl.float32)
-        if HAS_GH:
-            K = tl.load(ghlast_ptr + pid_b * S * d + n * d + offs_d, mask=mask_d, other=0.0)
-        tl.store(K_ptr + n * d, K, mask=mask_d)
-    tl.debug_barrier()
+    nn = tl.arange(0, S_PAD)
+    rows = (nn < S)[:, None] & mask_d[None, :]
+    K = tl.zeros((S_PAD, BLOCK_D), dtype=tl.float32)
+    if HAS_GH:
+        K = tl.load(ghlast_ptr + pid_b * S * d + nn[:, None] * d + offs_d[None, :], mask=rows, other=0.0)
+    if SPLIT:  # the adjoint entering this piece: the segments after it folded in (from _scan_adj_kernel)
+        A2 = _decays(A_ptr, s_Ad, s_An, offs_d, mask_d, nn, N_ONES, S)
+        for sg in range(0, n_segs - (piece + 1) * segs_per):
+            base = pid_b * n_segs + n_segs - 1 - sg
+            K = tl.exp(A2 * tl.load(sdt_ptr + base * d + offs_d, mask=mask_d, other=0.0)[None, :]) * K \
+                + tl.load(Q_ptr + (base * S + nn[:, None]) * d + offs_d[None, :], mask=rows, other=0.0)
+    tl.store(K_ptr + ((n_chunks - c_hi) % 2) * S * d + nn[:, None] * d, K, mask=rows)
     gD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     gbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
-    for ci in range(0, n_chunks):
+    for ci in range(n_chunks - c_hi, n_chunks - c_lo):  # this piece's chunks, last to first
         c = n_chunks - 1 - ci
+        r_last = c % SEG_CHUNKS
+        # a segment's last chunk (the first one met) recomputes the segment's chunk starts first; branch-free
+        fresh = (r_last == SEG_CHUNKS - 1) | (ci == n_chunks - c_hi)
+        c_seg = c - r_last  # the segment's first chunk
+        h_seg = hseg_ptr + (pid_b * n_segs + c // SEG_CHUNKS) * S * d + offs_d
+        # one (S, BLOCK_D) tile (a loop of S vector copies unrolls and costs ~60 registers)
+        copy = (nn < tl.where(fresh, S, 0))[:, None] & mask_d[None, :]
+        tl.store(hbuf + nn[:, None] * d, tl.load(h_seg + nn[:, None] * d, mask=copy, other=0.0), mask=copy)
+        tl.debug_barrier()
+        # Forward sweep: each chunk's end state from its start, h_end = P·h_start + Σ_t (Π_{s>t} a_s) Δ_t B_t u_t
+        # with Π_{s>t} a_s = exp(A Σ_{s>t} Δ_s): one sum per channel, no scan (only the last state is needed)
+        for r in range(0, tl.where(fresh, r_last, 0)):
+            t0 = tl.cast(c_seg + r, tl.int64) * CHUNK
+            mask_t = t0 + tt < L
+            mask = mask_d[:, None] & mask_t[None, :]
+            dt = _load_dt(dt_ptr + (pid_b * s_tb + d0 * s_td + t0 * s_tl) + dd[:, None] * s_td + tt[None, :] * s_tl,
+                          bias, mask, HAS_BIAS, SOFTPLUS)
+            w = dt * tl.load(u_ptr + (pid_b * s_ub + d0 * s_ud + t0 * s_ul) + dd[:, None] * s_ud + tt[None, :] * s_ul,
+                             mask=mask, other=0.0).to(tl.float32)
+            total = tl.sum(dt, axis=1)
+            after = total[:, None] - tl.cumsum(dt, axis=1)  # Σ_{s>t} Δ_s
+            B_row = B_ptr + pid_b * s_Bb + (t0 + tt) * s_Bl
+            h_in = hbuf + r * S * d
+            h_out = h_in + S * d
+            for n in range(0, N_ONES):  # a = 1: plus the chunk's sum
+                Bn = tl.load(B_row + n * s_Bn, mask=mask_t, other=0.0).to(tl.float32)
+                h_end = tl.sum(w * Bn[None, :], axis=1) + tl.load(h_in + n * d, mask=mask_d, other=0.0)
+                tl.store(h_out + n * d, h_end, mask=mask_d)
+            for n in range(0, N_SCAN):
+                j = N_ONES + n
+                An = tl.load(A_ptr + offs_d * s_Ad + n * s_An, mask=mask_d, other=0.0).to(tl.float32)
+                Bn = tl.load(B_row + j * s_Bn, mask=mask_t, other=0.0).to(tl.float32)
+                h_end = tl.sum(tl.exp(after * An[:, None]) * w * Bn[None, :], axis=1) \
+                    + tl.exp(total * An) * tl.load(h_in + j * d, mask=mask_d, other=0.0)
+                tl.store(h_out + j * d, h_end, mask=mask_d)
+            tl.debug_barrier()
         t0 = tl.cast(c, tl.int64) * CHUNK  # int64: t0 times the time stride may pass 2^31
         mask_t = t0 + tt < L
         mask = mask_d[:, None] & mask_t[None, :]
@@ -200,31 +402,30 @@ def _scan_bwd_kernel(
         # Δ one step ahead, for a_{t+1} of the adjoint; the chunk's last column takes a = 1 because the
         # carried K already includes a_{t+1}
         nxt = mask_d[:, None] & ((tt < CHUNK - 1) & (t0 + tt + 1 < L))[None, :]
-        dt_next = tl.load(dt_tile + s_tl, mask=nxt, other=0.0).to(tl.float32)
+        dt_next = _load_dt(dt_tile + s_tl, bias, nxt, HAS_BIAS, SOFTPLUS)
         if HAS_BIAS:
             dt_raw += bias[:, None]
-            dt_next += bias[:, None]
         dt = dt_raw
         if SOFTPLUS:
             dt = _softplus(dt_raw)
-            dt_next = _softplus(dt_next)
         dt = tl.where(mask, dt, 0.0)
-        dt_next = tl.where(nxt, dt_next, 0.0)
         x = tl.load(u_ptr + (pid_b * s_ub + d0 * s_ud + t0 * s_ul) + dd[:, None] * s_ud + tt[None, :] * s_ul,
                     mask=mask, other=0.0).to(tl.float32)
         w = dt * x
         io = (pid_b * s_gb + d0 * s_gd + t0 * s_gl) + dd[:, None] * s_gd + tt[None, :] * s_gl  # gradient tiles
-        g = tl.load(gy_ptr + (pid_b * s_yb + d0 * s_yd + t0 * s_yl) + dd[:, None] * s_yd + tt[None, :] * s_yl,
-                    mask=mask, other=0.0).to(tl.float32)
+        gy = tl.load(gy_ptr + (pid_b * s_yb + d0 * s_yd + t0 * s_yl) + dd[:, None] * s_yd + tt[None, :] * s_yl,
+                     mask=mask, other=0.0).to(tl.float32)
+        g = gy
         if HAS_Z:
             zz = tl.load(z_ptr + (pid_b * s_zb + d0 * s_zd + t0 * s_zl) + dd[:, None] * s_zd + tt[None, :] * s_zl,
                          mask=mask, other=0.0).to(tl.float32)
-            yp = tl.load(ypre_ptr + io, mask=mask, other=0.0).to(tl.float32)
             sig = tl.sigmoid(zz)
-            tl.store(gz_ptr + io, (g * yp * sig * (1.0 + zz * (1.0 - sig))).to(gz_ptr.dtype.element_ty), mask=mask)
-            g = g * zz * sig
+            g = gy * zz * sig
         gD_acc += tl.sum(g * x, axis=1)
-        saved = hchunk_ptr + (pid_b * (n_chunks + 1) + c) * S * d + offs_d
+        y_pre = tl.zeros((BLOCK_D, CHUNK), dtype=tl.float32)  # the pre-gate output, rebuilt for dz
+        if HAS_D:
+            y_pre = Dv[:, None] * x
+        saved = hbuf + r_last * S * d
         K_in = K_ptr + (ci % 2) * S * d
         K_out = K_ptr + ((ci + 1) % 2) * S * d
         gw = tl.zeros((BLOCK_D, CHUNK), dtype=tl.float32)  # dL/d(Δ_t u_t)
@@ -238,6 +439,7 @@ def _scan_bwd_kernel(
             hs = tl.cumsum(w * Bn[None, :], axis=1) + tl.load(saved + n * d, mask=mask_d, other=0.0)[:, None]
             G = tl.cumsum(g * Cn[None, :], axis=1, reverse=True) \
                 + tl.load(K_in + n * d, mask=mask_d, other=0.0)[:, None]
+            y_pre += hs * Cn[None, :]
             tl.atomic_add(gC_ptr + red + n * L, tl.sum(g * hs, axis=0), mask=mask_t, sem="relaxed")
             tl.atomic_add(gB_ptr + red + n * L, tl.sum(G * w, axis=0), mask=mask_t, sem="relaxed")
             gw += G * Bn[None, :]
@@ -252,8 +454,10 @@ def _scan_bwd_kernel(
             decay, hs = tl.associative_scan((a, wB), 1, _pair)  # the chunk's states, recomputed
             hs += decay * tl.load(saved + j * d, mask=mask_d, other=0.0)[:, None]
             # G_t = g_t C_t + a_{t+1} G_{t+1}, the chunk's last step taking the carried K
-            decay, G = tl.associative_scan((tl.exp(dt_next * An[:, None]), g * Cn[None, :]), 1, _pair, reverse=True)
+            decay, G = tl.associative_scan((tl.exp(dt_next * An[:, None]), g * Cn[None, :]), 1, _pair,
+                                           reverse=True)
             G += decay * tl.load(K_in + j * d, mask=mask_d, other=0.0)[:, None]
+            y_pre += hs * Cn[None, :]
             tl.atomic_add(gC_ptr + red + j * L, tl.sum(g * hs, axis=0), mask=mask_t, sem="relaxed")
             tl.atomic_add(gB_ptr + red + j * L, tl.sum(G * w, axis=0), mask=mask_t, sem="relaxed")
             gw += G * Bn[None, :]
@@ -268,6 +472,10 @@ def _scan_bwd_kernel(
             tl.atomic_add(gC_ptr + red + (S + n) * L, gwz * Bn, mask=mask_t, sem="relaxed")
             tl.atomic_add(gB_ptr + red + (S + n) * L, gwz * Cn, mask=mask_t, sem="relaxed")
             gw += g * (Bn * Cn)[None, :]
+            y_pre += w * (Bn * Cn)[None, :]
+        if HAS_Z:
+            tl.store(gz_ptr + io, (gy * y_pre * sig * (1.0 + zz * (1.0 - sig))).to(gz_ptr.dtype.element_ty),
+                     mask=mask)
         gdt = gw * x + gdt_decay
         if SOFTPLUS:
             gdt = gdt * tl.sigmoid(dt_raw)
@@ -275,14 +483,21 @@ def _scan_bwd_kernel(
         tl.store(gu_ptr + io, (gw * dt + g * Dv[:, None]).to(gu_ptr.dtype.element_ty), mask=mask)
         tl.store(gdt_ptr + io, gdt.to(gdt_ptr.dtype.element_ty), mask=mask)
         tl.debug_barrier()
-    tl.store(gD_ptr + pid_b * d + offs_d, gD_acc, mask=mask_d)
-    tl.store(gbias_ptr + pid_b * d + offs_d, gbias_acc, mask=mask_d)
+    tl.atomic_add(gD_ptr + pid_b * d + offs_d, gD_acc, mask=mask_d, sem="relaxed")  # the pieces' sum
+    tl.atomic_add(gbias_ptr + pid_b * d + offs_d, gbias_acc, mask=mask_d, sem="relaxed")
 
 
 def config(kind: str, dtype: torch.dtype, d: int, block_d: int | None) -> tuple[int, int, int]:
     """(BLOCK_D, CHUNK, num_warps) for a pass from :data:`CONFIGS`; ``block_d`` overrides (tests shrink it)."""
     bd, chunk, warps = CONFIGS[(kind, min(torch.finfo(dtype).bits // 8, 4))]
     return block_d or min(bd, max(triton.next_power_of_2(d), 2)), chunk, warps
+
+
+def split_pieces(programs: int, n_segs: int, device: torch.device) -> int:
+    """How many pieces of L the forward runs in parallel: enough programs for ~2 waves of SMs (132 on an H100/H200
+    when the device cannot be asked), at most one piece per segment; 1 when batch × channel blocks fill them."""
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+    return 1 if programs >= 2 * sms else min(n_segs, triton.cdiv(2 * sms, programs))
 
 
 def _strides3(t):
@@ -293,73 +508,104 @@ class SelectiveScanTriton(torch.autograd.Function):
     """Autograd wrapper: returns (y in u's dtype, last state (b, d, n_ones + N_scan) fp32)."""
 
     @staticmethod
-    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, h0, softplus, n_ones, n_zeros, chunk, block_d, save):
+    def forward(ctx, u, delta, A, B, C, D, z, delta_bias, h0, softplus, n_ones, n_zeros, chunk, block_d, save,
+                seg_chunks, pieces):
         b, d, L = u.shape
         n_scan = A.shape[1]
         S = n_ones + n_scan
         fwd_block_d, fwd_chunk, warps = config("train" if save else "fwd", u.dtype, d, block_d)
         assert not save or fwd_chunk == config("bwd", u.dtype, d, None)[1], "CONFIGS: train and bwd CHUNK differ"
         chunk = chunk or fwd_chunk
+        seg_chunks = seg_chunks or max(1, SAVE_STEPS // chunk)
         n_chunks = triton.cdiv(L, chunk)
+        n_segs = triton.cdiv(n_chunks, seg_chunks)
+        d_blocks = triton.cdiv(d, fwd_block_d)
+        pieces_arg = pieces
+        segs_per = triton.cdiv(n_segs, pieces or split_pieces(b * d_blocks, n_segs, u.device))
+        pieces = triton.cdiv(n_segs, segs_per)
         y = like(u)
-        ypre = like(u) if save and z is not None else None
-        n_slots = n_chunks + 1 if save else 2
-        state = torch.empty(b, n_slots, S, d, device=u.device, dtype=torch.float32)
+        state = torch.empty(b, pieces, 2, S, d, device=u.device, dtype=torch.float32)
+        # the fp32 state at every seg_chunks-th chunk start: the backward recomputes the rest
+        hseg = torch.empty(b, n_segs, S, d, device=u.device, dtype=torch.float32) if save else None
         flags = dict(N_ONES=n_ones, N_SCAN=n_scan, N_ZEROS=n_zeros, SOFTPLUS=bool(softplus), HAS_D=D is not None,
-                     HAS_Z=z is not None, HAS_BIAS=delta_bias is not None)
-        _scan_fwd_kernel[(b, triton.cdiv(d, fwd_block_d))](
-            u, delta, A, B, C, D, z, delta_bias, h0, y, ypre, state, d, L, n_chunks, n_slots,
+                     HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SEG_CHUNKS=seg_chunks)
+        S_PAD = triton.next_power_of_2(S)
+        H = sdt = None
+        if pieces > 1:  # state passing: every segment's zero-start end state and ΣΔ, for the later pieces to fold in
+            H = torch.empty(b, n_segs, S, d, device=u.device, dtype=torch.float32)
+            sdt = torch.empty(b, n_segs, d, device=u.device, dtype=torch.float32)
+            _scan_seg_kernel[(b, d_blocks, (pieces - 1) * segs_per)](
+                u, delta, A, B, delta_bias, H, sdt, d, L, n_chunks, *u.stride(), *delta.stride(), *A.stride(),
+                *B.stride(), N_ONES=n_ones, N_SCAN=n_scan, SOFTPLUS=bool(softplus), HAS_BIAS=delta_bias is not None,
+                SEG_CHUNKS=seg_chunks, S_PAD=S_PAD, CHUNK=chunk, BLOCK_D=fwd_block_d, num_warps=warps,
+                maxnreg=FWD_MAXNREG)
+        _scan_fwd_kernel[(b, d_blocks, pieces)](
+            u, delta, A, B, C, D, z, delta_bias, h0, H, sdt, y, state, hseg, d, L, n_chunks, segs_per,
             *u.stride(), *delta.stride(), *_strides3(z), *y.stride(), *_strides3(h0), *A.stride(),
-            *B.stride(), *C.stride(), HAS_H0=h0 is not None, SAVE=save, CHUNK=chunk, BLOCK_D=fwd_block_d,
-            num_warps=warps, **flags)
+            *B.stride(), *C.stride(), HAS_H0=h0 is not None, SAVE=save, SPLIT=pieces > 1, S_PAD=S_PAD, CHUNK=chunk,
+            BLOCK_D=fwd_block_d, num_warps=warps, maxnreg=FWD_MAXNREG, **flags)
         if save:
-            ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, ypre, state)
-            ctx.flags, ctx.chunk, ctx.block_d = flags, chunk, block_d
+            ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, hseg)
+            ctx.flags, ctx.chunk, ctx.block_d, ctx.pieces = flags, chunk, block_d, pieces_arg
         ctx.set_materialize_grads(False)
-        return y, state[:, n_chunks % n_slots].transpose(1, 2)
+        return y, state[:, -1, n_chunks % 2].transpose(1, 2)
 
     @staticmethod
     def backward(ctx, gy, ghlast):
-        u, delta, A, B, C, D, z, delta_bias, ypre, hchunk = ctx.saved_tensors
+        u, delta, A, B, C, D, z, delta_bias, hseg = ctx.saved_tensors
         flags = ctx.flags
         b, d, L = u.shape
         S, n_total = flags["N_ONES"] + flags["N_SCAN"], B.shape[1]
         block_d, _, warps = config("bwd", u.dtype, d, ctx.block_d)
         chunk = ctx.chunk
-        n_chunks = hchunk.shape[1] - 1
+        n_chunks = triton.cdiv(L, chunk)
         dev, f32 = u.device, torch.float32
         gy = torch.zeros_like(u) if gy is None else gy
         ghlast = None if ghlast is None else ghlast.float().transpose(1, 2).contiguous()
         gu, gdelta = like(u), like(u, delta.dtype)
         gz = like(u, z.dtype) if z is not None else None
-        if ypre is None:
-            ypre = gu  # placeholder pointer (unused without z); shares the gradient layout
         gA = torch.zeros(b, S, d, device=dev, dtype=f32)
-        gstate = torch.empty(b, 2, S, d, device=dev, dtype=f32)
+        seg_chunks, S_PAD = flags["SEG_CHUNKS"], triton.next_power_of_2(S)
+        n_segs, d_blocks = triton.cdiv(n_chunks, seg_chunks), triton.cdiv(d, block_d)
+        segs_per = triton.cdiv(n_segs, ctx.pieces or split_pieces(b * d_blocks, n_segs, u.device))
+        pieces = triton.cdiv(n_segs, segs_per)
+        gstate = torch.empty(b, pieces, 2, S, d, device=dev, dtype=f32)
+        hbuf = torch.empty(b, pieces, seg_chunks, S, d, device=dev, dtype=f32)  # each piece's segment chunk starts
         gB, gC = (torch.zeros(b, n_total, L, device=dev, dtype=f32) for _ in range(2))
-        gD, gbias = (torch.empty(b, d, device=dev, dtype=f32) for _ in range(2))
-        assert gu.stride() == ypre.stride() == gdelta.stride()
-        _scan_bwd_kernel[(b, triton.cdiv(d, block_d))](
-            u, delta, A, B, C, D, z, delta_bias, ypre, hchunk, gy, ghlast,
-            gu, gdelta, gz, gA, gB, gC, gD, gbias, gstate, d, L, n_chunks,
+        gD, gbias = (torch.zeros(b, d, device=dev, dtype=f32) for _ in range(2))
+        assert gz is None or gu.stride() == gz.stride() == gdelta.stride()
+        Q = sdt = None
+        if pieces > 1:  # state passing: each later segment's adjoint from a zero one after it, and its ΣΔ
+            Q = torch.empty(b, n_segs, S, d, device=dev, dtype=f32)
+            sdt = torch.empty(b, n_segs, d, device=dev, dtype=f32)
+            _scan_adj_kernel[(b, d_blocks, n_segs - segs_per)](
+                delta, A, C, z, delta_bias, gy, Q, sdt, d, L, n_chunks, segs_per, *delta.stride(), *_strides3(z),
+                *gy.stride(), *A.stride(), *C.stride(), N_ONES=flags["N_ONES"], N_SCAN=flags["N_SCAN"],
+                SOFTPLUS=flags["SOFTPLUS"], HAS_Z=flags["HAS_Z"], HAS_BIAS=flags["HAS_BIAS"], SEG_CHUNKS=seg_chunks,
+                S_PAD=S_PAD, CHUNK=chunk, BLOCK_D=block_d, num_warps=warps)
+        _scan_bwd_kernel[(b, d_blocks, pieces)](
+            u, delta, A, B, C, D, z, delta_bias, hseg, gy, ghlast, Q, sdt,
+            gu, gdelta, gz, gA, gB, gC, gD, gbias, gstate, hbuf, d, L, n_chunks, segs_per,
             *u.stride(), *delta.stride(), *_strides3(z), *gy.stride(), *gu.stride(), *A.stride(),
-            *B.stride(), *C.stride(), HAS_GH=ghlast is not None, CHUNK=chunk, BLOCK_D=block_d,
-            num_warps=warps, **flags)
+            *B.stride(), *C.stride(), HAS_GH=ghlast is not None, SPLIT=pieces > 1, S_PAD=S_PAD, CHUNK=chunk,
+            BLOCK_D=block_d, num_warps=warps, **flags)
         need = ctx.needs_input_grad
         grad = lambda i, g, like_: g.to(like_.dtype) if need[i] else None
         n1 = flags["N_ONES"]
         return (gu, gdelta, grad(2, gA.sum(0)[n1:S].t(), A), grad(3, gB, B), grad(4, gC, C),
                 grad(5, gD.sum(0), D), gz, grad(7, gbias.sum(0), delta_bias),
-                gstate[:, n_chunks % 2].transpose(1, 2) if need[8] else None, None, None, None, None, None, None)
+                gstate[:, 0, n_chunks % 2].transpose(1, 2) if need[8] else None, *[None] * 8)
 
 
 def selective_scan(
     u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
     n_ones=0, n_zeros=0, zero_mode="exact", return_last_state=False, initial_state=None,
-    chunk_size=None, block_d=None,
+    chunk_size=None, block_d=None, seg_chunks=None, pieces=None,
 ):
     """Triton selective scan; arguments as :func:`kernels.scan_ref.selective_scan_chunked`, plus
-    ``initial_state`` (b, d, N_total) to continue from (fp32)."""
+    ``initial_state`` (b, d, N_total) to continue from (fp32). ``chunk_size``, ``block_d`` and ``seg_chunks``
+    (chunks per saved state and per piece of an L split) override the shipped tiles, ``pieces`` the number of
+    programs the forward splits L into (default :func:`split_pieces`); tests shrink them."""
     assert zero_mode in ("exact", "reference")
     d, N = A.shape
     A_scan = A.float()
@@ -372,7 +618,7 @@ def selective_scan(
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                            for t in (u, delta, A_scan, B, C, D, z, delta_bias, h0))
     y, h = SelectiveScanTriton.apply(u, delta, A_scan, B, C, D, z, delta_bias, h0, delta_softplus, n_ones,
-                                     exact_zeros, chunk_size, block_d, save)
+                                     exact_zeros, chunk_size, block_d, save, seg_chunks, pieces)
     if not return_last_state:
         return y
     if exact_zeros:  # a = 0: the last state is the last step's input Δ_L B_L u_L (a zero initial state decays)

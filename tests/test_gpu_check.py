@@ -78,7 +78,7 @@ def test_gpu_check_rehearsal_writes_a_complete_report(tmp_path):
     shipped = [r for r in scan if not r["variant"].startswith("polar, ")]
     # the byte model counts at least the ideal bytes (a tensor it missed would flatter the bandwidth)
     assert all(r["ms"] > 0 and r["moved MB"] >= r["ideal MB"] and r["% copy ideal"] is not None for r in shipped)
-    # the training forward saves states and the pre-gate y: it moves more than the inference forward
+    # the training forward saves states: it moves more than the inference forward
     by = {(r["variant"], r["pass"]): r for r in scan}
     assert by["polar 1+4+1", "training fwd"]["moved MB"] >= by["polar 1+4+1", "inference fwd"]["moved MB"]
     assert parts["peers"]["loaded"] == ["fla_conv", "fla_linear_ce", "fla_rms_norm"] and parts["ssd"]["loaded"]

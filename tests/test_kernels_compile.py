@@ -43,8 +43,11 @@ def compile_mamba_130m(tmp_path, triton_path=None) -> dict:
     assert {(r["dtype"], r["polar"]) for r in rows} == {(d, p) for d in ("bf16", "fp32") for p in (False, True)}
     assert all(r["ok"] and r["spill_bytes"] == 0 and 0 < r["registers"] <= 255 for r in rows)
     assert all(r["read_mb"] > 0 and r["written_mb"] > 0 for r in rows)
-    scan_chunks = {r["settings"].split("CHUNK=")[1].split()[0] for r in rows if r["kernel"] == "scan_fwd_kernel"}
-    assert len(scan_chunks) == 2  # the training forward (saves chunk states) and the inference forward
+    scan_fwd = {r["settings"] for r in rows if r["kernel"] == "scan_fwd_kernel"}
+    # the training forward (saves states) and the inference forward both compiled, in every variant
+    assert {"SAVE=True" in s for s in scan_fwd} == {True, False}
+    scans = [r for r in rows if r["kernel"].startswith("scan_")]
+    assert all(r["vector_loads"] for r in scans)  # ld.global.v*: the channel-contiguous tiles load 16-byte aligned
     return report
 
 

@@ -57,28 +57,57 @@ def assert_all_close(got, want, dtype, names=NAMES):
         torch.testing.assert_close(a.float(), b.float(), **TOL[dtype], msg=lambda m, name=name: f"{name}: {m}")
 
 
-CASES = {  # (n_ones, n_zeros, zero_mode, dtype, L, chunk, layout): L not a multiple of the chunk, d=5 vs block 4
-    "baseline": (0, 0, "exact", torch.float32, 13, 4, "model"),
-    "polar-exact": (1, 1, "exact", torch.float32, 13, 4, "model"),
-    "polar-reference": (1, 2, "reference", torch.float32, 11, 8, "model"),
-    "two-ones-contiguous": (2, 0, "exact", torch.float32, 9, 16, "contiguous"),
-    "polar-exact-bf16": (1, 1, "exact", torch.bfloat16, 10, 4, "model"),
-    "polar-reference-bf16": (1, 1, "reference", torch.bfloat16, 7, 4, "contiguous"),
+CASES = {  # (n_ones, n_zeros, zero_mode, dtype, L, chunk, layout, chunks per saved state): L not a multiple of the
+    # chunk, d=5 vs block 4, the saved states' segments of one chunk, several chunks and the whole sequence
+    "baseline": (0, 0, "exact", torch.float32, 13, 4, "model", 1),
+    "polar-exact": (1, 1, "exact", torch.float32, 13, 4, "model", 3),
+    "polar-reference": (1, 2, "reference", torch.float32, 11, 8, "model", None),
+    "two-ones-contiguous": (2, 0, "exact", torch.float32, 9, 16, "contiguous", None),
+    "polar-exact-bf16": (1, 1, "exact", torch.bfloat16, 10, 4, "model", 2),
+    "polar-reference-bf16": (1, 1, "reference", torch.bfloat16, 7, 4, "contiguous", 1),
 }
 
 
 @pytest.mark.parametrize("case", CASES)
 def test_triton_scan_matches_reference(device, case):
-    n_ones, n_zeros, zero_mode, dtype, L, chunk, layout = CASES[case]
+    n_ones, n_zeros, zero_mode, dtype, L, chunk, layout, seg = CASES[case]
     inputs = make_inputs(2, 5, L, 3, n_ones, n_zeros, dtype, device, layout=layout)
     kw = dict(n_ones=n_ones, n_zeros=n_zeros, zero_mode=zero_mode)
     gy = torch.randn(2, 5, L, device=device)
     gh = torch.randn(2, 5, n_ones + 3 + n_zeros, device=device)
     want = scan_outputs_and_grads(scan_ref.selective_scan_chunked, inputs, gy, gh, **kw)
-    got = scan_outputs_and_grads(scan_triton.selective_scan, inputs, gy, gh, chunk_size=chunk, block_d=4, **kw)
+    got = scan_outputs_and_grads(scan_triton.selective_scan, inputs, gy, gh, chunk_size=chunk, block_d=4,
+                                 seg_chunks=seg, pieces=1, **kw)  # L splits: the test below
     assert_all_close(got, want, dtype)
     if layout == "model":  # y keeps the model's channel-contiguous layout (out_proj reads it without a copy)
         assert got[0].stride(1) == 1
+
+
+@pytest.mark.parametrize("b,seg_chunks,pieces", [(1, 2, None), (2, 3, 1), (1, 1, 2)])
+def test_triton_scan_recomputes_unsaved_states_from_a_carried_state(device, b, seg_chunks, pieces):
+    """The training forward keeps one state per ``seg_chunks`` chunks and no pre-gate output; the backward
+    recomputes the chunk starts between saved states (a sweep per segment) and the pre-gate y for dz; forward and
+    backward run L as ``pieces`` programs (None: split_pieces, here one per segment; 1: one program walks every
+    segment; 2: two segments per piece), each folding the earlier segments' end states (forward) or the later
+    segments' adjoints (backward) into its start. Against the
+    reference (chunked scan plus the initial-state closed form), with an initial state, batch 1 and 2, L = 18
+    (five 4-step chunks, the last one half full, the last segment partial): outputs and every gradient, h0's too.
+    Catches a chunk start read from the wrong segment or slot, a sweep that skips or repeats a chunk, a wrong
+    partial last segment, a pre-gate y rebuilt without a channel kind (dz), and a piece that starts from the wrong
+    state or adjoint (h0, dL/dh_L or a segment left out or folded twice, a missing decay)."""
+    from kernels import dispatch
+
+    L, nt = 18, 1 + 3 + 1
+    inputs = make_inputs(b, 5, L, 3, 1, 1, torch.float32, device)
+    h0 = torch.randn(b, 5, nt, device=device, requires_grad=True)
+    gy, gh = torch.randn(b, 5, L, device=device), torch.randn(b, 5, nt, device=device)
+    kw = dict(n_ones=1, n_zeros=1, initial_state=h0)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("POLAR_KERNELS", "torch")
+        want = scan_outputs_and_grads(dispatch.selective_scan, [*inputs, h0], gy, gh, **kw)
+    got = scan_outputs_and_grads(scan_triton.selective_scan, [*inputs, h0], gy, gh, chunk_size=4, block_d=4,
+                                 seg_chunks=seg_chunks, pieces=pieces, **kw)
+    assert_all_close(got, want, torch.float32, names=[*NAMES, "initial_state"])
 
 
 @pytest.mark.parametrize("zero_mode,n_ones,n_zeros", [("exact", 1, 1), ("reference", 0, 1)])
@@ -119,11 +148,13 @@ def test_triton_scan_without_optional_inputs(device):
 
 
 def test_triton_scan_inference_saves_nothing(device):
-    """Under no_grad the forward keeps no chunk states: same y, and the compiled kernel is reused."""
+    """Under no_grad the forward keeps no states and, at batch 1, splits L into one piece per segment (a 4-step
+    chunk here): same y. Catches an inference forward that needs the training forward's saved states."""
     inputs = [t.detach() if t is not None else None for t in make_inputs(1, 3, 7, 2, 1, 1, torch.float32, device)]
     u, delta, A_log, B, C, D, z, bias = inputs
     with torch.no_grad():
-        got = scan_triton.selective_scan(u, delta, -torch.exp(A_log), B, C, D, z, bias, True, 1, 1, chunk_size=4)
+        got = scan_triton.selective_scan(u, delta, -torch.exp(A_log), B, C, D, z, bias, True, 1, 1, chunk_size=4,
+                                         seg_chunks=1)
     want = scan_ref.selective_scan_chunked(u, delta, -torch.exp(A_log), B, C, D, z, bias, True, 1, 1)
     torch.testing.assert_close(got, want, **TOL[torch.float32])
 
