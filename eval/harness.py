@@ -25,7 +25,7 @@ from lm_eval.api.registry import register_model
 from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
 
-from eval.loading import load_for_eval
+from eval.loading import hf_tokenizer_folder, load_for_eval
 from pretrain import checkpoint as ckpt
 from pretrain.export import checkpoint_location, eval_folder
 
@@ -115,17 +115,20 @@ class PolarLM(TemplateLM):
 
     @torch.no_grad()
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
-        """Greedy (or sampled, with ``do_sample``/``temperature``) continuation, cut at the first stop string.
-        One request at a time: a parallel prefill of the context, then one cached step per token (Mamba's
-        recurrent state or the Transformer's KV cache)."""
+        """Greedy (or sampled, with ``do_sample``/``temperature``) continuation, cut at the first stop string;
+        with none (RULER's tasks give ``until: []``) it runs to EOS or ``max_gen_toks``. One request at a time:
+        a parallel prefill of the context, then one cached step per token (Mamba's recurrent state or the
+        Transformer's KV cache)."""
         from models.generation import sample_next
 
         out = []
         for req in tqdm(requests, desc="generate_until", disable=disable_tqdm):
             context, kwargs = req.args
             kwargs = dict(kwargs)
-            until = kwargs.pop("until", None) or [self.tok_decode([self.eot_token_id])]
-            until = [until] if isinstance(until, str) else list(until)
+            until = kwargs.pop("until", None) or []
+            # As lm-eval's hf model: empty stop strings are ignored (our decoded EOS is '', which would split
+            # on nothing and stop after one token); EOS itself stops by id below.
+            until = [s for s in ([until] if isinstance(until, str) else until) if s]
             max_new = int(kwargs.pop("max_gen_toks", self.max_gen_toks))
             temperature = float(kwargs.pop("temperature", 0.0)) if kwargs.pop("do_sample", False) else 0.0
             ids = self.tok_encode(context)[-self.max_length:] or [self.prefix_token_id]
@@ -155,6 +158,8 @@ def lm_eval_namespace(args: argparse.Namespace) -> argparse.Namespace:
     """lm-eval's run arguments with ours folded in: ``--model`` defaults to polar, our offline tasks are
     always on the include path (before ``--include_path``'s), CHECKPOINT and ``--step`` go into
     ``--model_args`` (the step resolved, so the result file records which checkpoint it scored), and
+    a reference without ``tokenizer.json`` gets ``tokenizer=`` a folder transformers can load with our ids
+    (lm-eval's RULER tasks size their prompts with it; eval.loading.hf_tokenizer_folder), and
     ``--output_path`` defaults to the checkpoint's eval folder (RUN/eval/step-N/lm.json: lm-eval then writes
     ``lm_<timestamp>.json``, never overwriting an earlier result)."""
     from eval.options import lm_eval_dests
@@ -181,6 +186,10 @@ def lm_eval_namespace(args: argparse.Namespace) -> argparse.Namespace:
             model_args["step"] = ckpt.step_of(loc[1])
         elif step is not None:
             raise FileNotFoundError(f"{ref} has no checkpoints: --step needs a run directory")
+        if "tokenizer" not in model_args:  # RULER's tasks load model_args' tokenizer (else pretrained) themselves
+            hf_tok = hf_tokenizer_folder(ref, model_args.get("step"))
+            if hf_tok is not None and hf_tok != Path(str(ref)):
+                model_args["tokenizer"] = str(hf_tok)
     ns.model_args = model_args
     from eval.tasks.generate import builtin_tasks_dir  # our offline tasks without --include_path (its own win)
 

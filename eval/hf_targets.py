@@ -137,6 +137,16 @@ class HFCausalLM(Generation, nn.Module):
         return LMOutput(logits=logits if return_logits else None, loss=loss)
 
 
+def check_positions(model: nn.Module, tokens: int, what: str) -> None:
+    """Refuse a sequence longer than a transformers model's position table (``max_position_embeddings``):
+    past it the model is undefined (learned positions) or untrained (rotary), and the reason is not the
+    one the evaluation measures. Our own models and models without such a limit pass."""
+    limit = getattr(model.config, "max_position_embeddings", None) if isinstance(model, HFCausalLM) else None
+    if limit and tokens > limit:
+        raise ValueError(f"{what}: {tokens} tokens exceed the model's {limit} positions (max_position_embeddings); "
+                         f"use lengths up to {limit}")
+
+
 def is_transformers_folder(folder: Path) -> bool:
     """A folder with a transformers config.json that our own loader does not read (see eval.loading)."""
     import json

@@ -9,6 +9,9 @@ any of these (downloaded into the Hub cache).
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 
 import torch
@@ -41,16 +44,22 @@ def load_any_model(path: str | Path, step: int | None = None) -> nn.Module:
     return load_model(folder, step)
 
 
+def tokenizer_reference(folder: Path, step: int | None = None) -> Path | None:
+    """The tokenizer of a local model folder (any kind: tokenizer/load.py): the files beside it, or the one its
+    run config names."""
+    if any((folder / f).is_file() for f in (MODEL_FILE, *HF_FILES)):
+        return folder
+    loc = checkpoint_location(folder, step)
+    tok = loc and ckpt.read_state(*loc)["config"]["data"].get("tokenizer")
+    return Path(tok) if tok else None
+
+
 def find_tokenizer(path: str | Path, step: int | None = None):
     """The tokenizer files beside an export or transformers folder (any kind: tokenizer/load.py), else the one
     named by a checkpoint's config."""
-    p = model_folder(path, step)
-    if any((p / f).is_file() for f in (MODEL_FILE, *HF_FILES)):
-        return load_tokenizer(p)
-    loc = checkpoint_location(p, step)
-    tok = loc and ckpt.read_state(*loc)["config"]["data"].get("tokenizer")
-    if tok:
-        return load_tokenizer(tok)
+    ref = tokenizer_reference(model_folder(path, step), step)
+    if ref is not None:
+        return load_tokenizer(ref)
     raise FileNotFoundError(f"no tokenizer for {path}: neither {MODEL_FILE} / tokenizer.json beside it nor "
                             "data.tokenizer in its run config; pass tokenizer=PATH / --tokenizer PATH")
 
@@ -63,3 +72,30 @@ def load_for_eval(path: str | Path, step: int | None = None, tokenizer: str | Pa
     model = load_any_model(path, step).to(device=device, dtype=dtype).eval()
     tok = load_tokenizer(tokenizer) if tokenizer else find_tokenizer(path, step)
     return model, tok
+
+
+def hf_tokenizer_folder(path: str | Path, step: int | None = None) -> Path | None:
+    """A folder ``transformers.AutoTokenizer`` loads with our exact ids, for tools that measure prompts in
+    tokens themselves (lm-eval's RULER tasks): a local reference that has ``tokenizer.json`` itself, else a
+    copy of the run's tokenizer (any kind) with its Hugging Face files, written once into
+    ~/.cache/polar-mamba/hf-tokenizers/ (keyed by its fingerprint). None when the reference is not local or
+    names no tokenizer."""
+    p = Path(path)
+    if not p.exists():
+        return None
+    if (p / HF_FILES[0]).is_file():
+        return p
+    ref = tokenizer_reference(p, step)
+    if ref is None:
+        return None
+    tok = load_tokenizer(ref)
+    out = Path.home() / ".cache" / "polar-mamba" / "hf-tokenizers" / tok.fingerprint[:16]
+    if not (out / HF_FILES[0]).is_file():
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+        tok.save_pretrained(tmp)
+        try:
+            os.replace(tmp, out)  # atomic: a concurrent writer's identical copy may have won the race
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return out

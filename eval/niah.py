@@ -38,7 +38,7 @@ _KEY_WORDS = ("amber", "brisk", "cobalt", "dusty", "elder", "frosty", "gilded", 
               "kindly", "lunar", "mossy", "noble", "olive", "proud", "quiet", "rusty", "silver", "tawny")
 _KEY_NOUNS = ("anchor", "badger", "candle", "dagger", "ember", "falcon", "garden", "harbor", "island", "jasper",
               "kettle", "lantern", "meadow", "needle", "orchard", "pepper", "quarry", "raven", "saddle", "thistle")
-_SENTENCE_END = (".", "!", "?", "\n")
+SENTENCE_END = (".", "!", "?", "\n")
 
 
 @dataclass
@@ -103,7 +103,7 @@ def haystack_text(spec: str) -> str:
 
 def sentence_boundaries(tok: Tokenizer, ids: list[int]) -> list[int]:
     """Positions p where a needle may go: 0, len(ids), and after every token ending a sentence or a line."""
-    inner = [p for p in range(1, len(ids)) if tok.id_to_piece(ids[p - 1]).endswith(_SENTENCE_END)]
+    inner = [p for p in range(1, len(ids)) if tok.id_to_piece(ids[p - 1]).endswith(SENTENCE_END)]
     return [0, *inner, len(ids)]
 
 

@@ -22,7 +22,8 @@ from typing import Any, NamedTuple
 
 from models.plugins import load_plugins
 
-BUILTIN = ("eval.kinds.lm", "eval.kinds.niah", "eval.kinds.recency")
+BUILTIN = ("eval.kinds.lm", "eval.kinds.niah", "eval.kinds.recency", "eval.kinds.ruler",
+           "eval.kinds.passkey", "eval.kinds.position_loss")
 _REGISTRY: dict[str, Evaluation] = {}
 DOCS = "docs/eval.md"
 RESERVED = ("sweep", "every", "out", "shard")  # `polar eval sweep` and its own options

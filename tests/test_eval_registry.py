@@ -51,6 +51,9 @@ NIAH_RULER = ["--lengths", "160", "--depths", "50", "--samples", "1", "--distrac
 RECENCY = ["--context", "24", "--target", "8", "--sizes", "4/24", "--positions", "3", "--windows", "4",
            "--data", "builtin"]
 LM = ["--tasks", "polar_lastword", "--limit", "2", "--device", "cpu"]
+RULER = ["--tasks", "niah_single_1,ruler_vt", "--lengths", "400", "--depths", "50", "--samples", "1", "--max-new", "4"]
+PASSKEY = ["--lengths", "200", "--depths", "0,100", "--samples", "1", "--max-new", "3"]
+POSITION_LOSS = ["--length", "128", "--windows", "1", "--train-length", "32"]
 
 
 @pytest.fixture
@@ -91,7 +94,7 @@ def test_builtin_kinds_and_help_texts_state_our_defaults(capsys):
     eval help; an evaluation missing from the registry."""
     from pretrain.cli import main
 
-    assert {"lm", "niah", "recency", "token_count"} <= set(evaluations())
+    assert {"lm", "niah", "recency", "ruler", "passkey", "position_loss", "token_count"} <= set(evaluations())
     for kind in evaluations().values():
         assert 0 < len(kind.description) < 300, kind.name
     with pytest.raises(SystemExit):
@@ -182,21 +185,25 @@ def assert_commands_reproduce(run: Path, step: int, commands: list[str], cwd: Pa
 
 @pytest.mark.slow
 def test_every_reproduce_command_of_a_card_runs_as_written(run, tmp_path, offline_task_index):
-    """Results of every built-in kind (lm without any --include_path, two NIAH configurations, recency) go
-    into a card; each NIAH configuration appears with its needle and digits; then every reproduce command of
-    the card is run as written from a fresh shell. Catches: an lm command that fails with "Tasks not found"
-    (no task generation / --include_path), a NIAH section showing only the newest configuration or not
-    saying which needle, a command whose settings differ from the result's, a result file without its kind."""
+    """Results of every built-in kind (lm without any --include_path, two NIAH configurations, recency,
+    ruler, passkey, position_loss) go into a card; each NIAH configuration appears with its needle and
+    digits, RULER with its summary table; then every reproduce command of the card is run as written from a
+    fresh shell. Catches: an lm command that fails with "Tasks not found" (no task generation /
+    --include_path), a NIAH section showing only the newest configuration or not saying which needle, a
+    command whose settings differ from the result's, a result file without its kind."""
     from pretrain.cli import main
 
-    for kind, options in (("lm", LM), ("niah", NIAH_SHORT), ("niah", NIAH_RULER), ("recency", RECENCY)):
+    for kind, options in (("lm", LM), ("niah", NIAH_SHORT), ("niah", NIAH_RULER), ("recency", RECENCY),
+                          ("ruler", RULER), ("passkey", PASSKEY), ("position_loss", POSITION_LOSS)):
         assert main(["eval", kind, str(run), "--step", "5", *options]) == 0
     assert main(["eval", "niah", str(run), *NIAH_SHORT, "--step", "3"]) == 0  # another step: not in step 5's card
     card = card_of(run, 5)
     assert "needle `'#{value}.'` with a 1-digit value" in card and "RULER's needle with a 7-digit value" in card
     assert "| 48 |" in card and "| 160 |" in card and "polar_lastword" in card and "first 4 tok" in card
+    assert "RULER on step 5" in card and "| ruler_vt |" in card and "Passkey retrieval on step 5" in card
+    assert "position_loss/beyond" in card
     commands = eval_commands(card)
-    assert len(commands) == 4 and sum(c.startswith("polar eval niah") for c in commands) == 2
+    assert len(commands) == 7 and sum(c.startswith("polar eval niah") for c in commands) == 2
     assert all("--include_path" not in c for c in commands)
     assert shlex.split(next(c for c in commands if " lm " in c))[3:] == [str(run), "--step", "5", *LM]
     assert_commands_reproduce(run, 5, commands, tmp_path)

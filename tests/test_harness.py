@@ -104,16 +104,57 @@ def test_generate_until_runs_the_transformer_baseline(tiny_export):
     lm = PolarLM(pretrained=str(tiny_export), max_length=64)
     lm.model = build_model(ModelConfig.preset("transformer-tiny", vocab_size=lm.model.config.vocab_size)).eval()
     prompt = "ROMEO:\nBut soft, what light"
+    (got,) = lm.generate_until([Req(prompt, {"until": ["\x00never"], "max_gen_toks": 12})], disable_tqdm=True)
+    assert got == lm.tok.decode(greedy_until_eos(lm, prompt, 12))
+
+
+def greedy_until_eos(lm, prompt: str, n: int) -> list[int]:
+    """Independent reference: up to ``n`` greedy tokens by full forwards without a cache, stopping before EOS."""
     ids, new = lm.tok.encode(prompt), []
     with torch.no_grad():
-        while len(new) < 12:
+        while len(new) < n:
             nxt = int(lm.model(torch.tensor([ids + new])).logits[0, -1, : lm.model.config.vocab_size].argmax())
             if nxt == lm.eot_token_id:
                 break
             new.append(nxt)
-    ref = lm.tok.decode(new)
-    (got,) = lm.generate_until([Req(prompt, {"until": ["\x00never"], "max_gen_toks": 12})], disable_tqdm=True)
-    assert got == ref
+    return new
+
+
+@pytest.mark.parametrize("until", [[], "", [""], None], ids=["empty-list", "empty-string", "list-of-empty", "none"])
+def test_empty_stop_list_generates_to_max_gen_toks(polar_lm, until):
+    """RULER's tasks pass ``until: []``: generation runs to max_gen_toks or EOS, as lm-eval's hf model does.
+    Catches the old fallback to the decoded EOS, '' for our tokenizer: ``text.split('')`` raised "empty
+    separator" (and ``'' in text`` would have stopped after one token)."""
+    prompt, n = "KING HENRY:\nOnce more unto the breach", 16
+    ref = greedy_until_eos(polar_lm, prompt, n)
+    assert len(ref) > 1  # the bug this catches stopped after one token
+    kwargs = {"max_gen_toks": n} if until is None else {"until": until, "max_gen_toks": n}
+    (got,) = polar_lm.generate_until([Req(prompt, kwargs)], disable_tqdm=True)
+    assert got == polar_lm.tok.decode(ref)
+
+
+def test_run_folder_gives_ruler_a_loadable_tokenizer(tiny_run, eval_tokenizer_dir, tmp_path, monkeypatch, rng):
+    """`polar eval lm RUN` hands lm-eval's RULER tasks (which load model_args' tokenizer, else pretrained, with
+    transformers.AutoTokenizer) a folder that loads with our exact ids. Catches the run folder reaching
+    AutoTokenizer as it was ("You need to have sentencepiece or tiktoken installed"), and a tokenizer that
+    loads but tokenizes differently (RULER would then size its prompts wrongly)."""
+    from lm_eval.tasks.ruler.common_utils import get_tokenizer, resolve_tokenizer_name
+
+    from eval.harness import lm_eval_namespace
+    from eval.registry import get
+    from tokenizer.tokenizer import Tokenizer
+
+    monkeypatch.setenv("HOME", str(tmp_path))  # the converted copy goes to the user cache
+    args = get("lm").parse(["--tasks", "niah_single_1"], str(tiny_run), "--step", "3")
+    ns = lm_eval_namespace(args)
+    assert ns.model_args["pretrained"] == str(tiny_run) and ns.model_args["step"] == 3
+    hf = get_tokenizer(resolve_tokenizer_name(ns.model_args))
+    ours = Tokenizer.load(eval_tokenizer_dir)
+    words = ["The", " special", " magic", " number", " is", ":", " 1234567", ".", "\n", " What", " uuid", "-"]
+    for _ in range(50):
+        text = "".join(rng.choice(words) for _ in range(rng.randrange(1, 40)))
+        assert hf(text, add_special_tokens=False).input_ids == ours.encode(text), repr(text)
+    assert lm_eval_namespace(args).model_args == ns.model_args  # the cached copy is reused
 
 
 def test_hf_tokenizer_files_have_our_ids(tiny_export, rng):

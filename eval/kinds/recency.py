@@ -10,13 +10,18 @@ from pathlib import Path
 from eval.registry import DOCS, Evaluation, Score, register
 
 
-def default_data(checkpoint: str, step: int | None) -> str:
-    """The run's own prepared data (its val split) when the checkpoint is a run of ours, else 'builtin'."""
+def run_data_config(checkpoint: str, step: int | None) -> dict:
+    """The ``data`` section of the run config a checkpoint of ours was trained with ({} for other models)."""
     from pretrain import checkpoint as ckpt
     from pretrain.export import checkpoint_location
 
     loc = checkpoint_location(checkpoint, step) if Path(checkpoint).exists() else None
-    data = loc and ckpt.read_state(*loc)["config"]["data"].get("path")
+    return ckpt.read_state(*loc)["config"]["data"] if loc else {}
+
+
+def default_data(checkpoint: str, step: int | None) -> str:
+    """The run's own prepared data (its val split) when the checkpoint is a run of ours, else 'builtin'."""
+    data = run_data_config(checkpoint, step).get("path")
     return data if data and (Path(data) / "manifest.json").is_file() else "builtin"
 
 
