@@ -39,14 +39,14 @@ def tokenizers(eval_tokenizer_dir, hay):
     from tokenizers import models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
-    from eval.hf_targets import HFTokenizer
+    from tokenizer.hf_tokenizer import HFTokenizer
     from tokenizer.tokenizer import Tokenizer
 
     bpe = RawTokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.train_from_iterator([hay.text[:300_000]], trainers.BpeTrainer(
         vocab_size=2000, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), special_tokens=["<eos>"]))
-    hf = HFTokenizer(PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>"))
+    hf = HFTokenizer(PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>"), "bpe-in-test")
     return {"sentencepiece": (Tokenizer.load(eval_tokenizer_dir), 16384), "byte-bpe": (hf, 8192),
             "chars": (CharTokenizer(), 16384)}
 
