@@ -4,6 +4,10 @@ Order under ``auto``, per op: mamba_ssm / causal_conv1d CUDA kernels (importable
 our Triton kernels (on CUDA) -> the PyTorch reference (CPU and fallback). Not every op has every backend
 (:data:`OPS`); an op without the requested one uses the next slower one it has.
 
+Document resets (``seq_idx``, :mod:`kernels.documents`) go to backends that implement them: mamba_ssm's
+Mamba-1 selective scan cannot reset (its issue 180), so a scan with ``seq_idx`` skips it for the next backend
+and says so once in the log; causal-conv1d and mamba_ssm's SSD take ``seq_idx`` themselves.
+
 ``POLAR_KERNELS=auto|cuda|triton|torch`` forces a backend; a forced backend that cannot run raises
 :class:`KernelBackendError` naming why and the fix. ``POLAR_KERNELS=triton`` also runs on CPU tensors
 when ``TRITON_INTERPRET=1`` (the Triton interpreter: how the kernels are tested without a GPU).
@@ -32,6 +36,7 @@ OPS = {  # op -> backends that implement it, fastest first
     "add_rmsnorm": ("triton", "torch"),
     "linear_cross_entropy": ("triton", "torch"),
 }
+NO_RESETS = {"selective_scan": ("cuda",)}  # op -> backends that cannot reset at document boundaries
 CUDA_PACKAGES = {  # op -> module with the stock CUDA kernel
     "selective_scan": "mamba_ssm.ops.selective_scan_interface",
     "causal_conv1d": "causal_conv1d",
@@ -88,11 +93,12 @@ def unavailable_reason(backend: str, device: torch.device, op: str | None = None
     return f"unknown backend {backend!r}"
 
 
-def choose_backend(device: torch.device | str = "cpu", op: str = "selective_scan") -> str:
-    """The backend ``op`` on ``device`` will use, honouring ``POLAR_KERNELS``."""
+def choose_backend(device: torch.device | str = "cpu", op: str = "selective_scan", resets: bool = False) -> str:
+    """The backend ``op`` on ``device`` will use, honouring ``POLAR_KERNELS``; with ``resets``, one that can reset
+    at document boundaries."""
     device = torch.device(device)
     want = requested_backend()
-    candidates = OPS[op]
+    candidates = [b for b in OPS[op] if not (resets and b in NO_RESETS.get(op, ()))]
     if want == "auto":  # the Triton interpreter is for testing: only a forced choice runs it
         candidates = [b for b in candidates if b != "triton" or device.type == "cuda"]
     else:
@@ -109,8 +115,13 @@ def _announce(op: str, backend: str) -> None:
         log.info("kernel backend for %s: %s", op, backend)  # to the log file only (pretrain/console.py)
 
 
-def _backend(op: str, device: torch.device) -> str:
-    backend = choose_backend(device, op)
+def _backend(op: str, device: torch.device, seq_idx: torch.Tensor | None = None) -> str:
+    backend = choose_backend(device, op, resets=seq_idx is not None)
+    if seq_idx is not None and (op, "resets") not in _announced:
+        _announced.add((op, "resets"))
+        if (usual := choose_backend(device, op)) != backend:
+            log.warning("%s: the %s kernel cannot reset at document boundaries; document_boundaries: reset runs "
+                        "it on %s", op, usual, backend)
     _announce(op, backend)
     return backend
 
@@ -132,12 +143,13 @@ def describe(device: torch.device | str = "cpu") -> dict[str, str]:
 
 def selective_scan(
     u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-    n_ones=0, n_zeros=0, zero_mode="exact", return_last_state=False, initial_state=None,
+    n_ones=0, n_zeros=0, zero_mode="exact", return_last_state=False, initial_state=None, seq_idx=None,
 ):
     """Selective scan with polarized channels; signature and shapes of :mod:`kernels.scan_ref`, plus
-    ``initial_state`` (b, d, N_total) to continue from (added by linearity: :func:`scan_ref.initial_state_terms`)."""
+    ``initial_state`` (b, d, N_total) to continue from (added by linearity: :func:`scan_ref.initial_state_terms`)
+    and ``seq_idx`` (b, L) to reset at document boundaries."""
     args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, n_ones, n_zeros, zero_mode)
-    backend = _backend("selective_scan", u.device)
+    backend = _backend("selective_scan", u.device, seq_idx)
     if backend == "cuda":
         from kernels import scan_cuda
 
@@ -146,14 +158,14 @@ def selective_scan(
     elif backend == "triton":  # the kernel starts from the state itself
         from kernels import scan_triton
 
-        return scan_triton.selective_scan(*args, return_last_state, initial_state)
+        return scan_triton.selective_scan(*args, return_last_state, initial_state, seq_idx)
     else:
-        out = scan_ref.selective_scan_chunked(*args, return_last_state)
+        out = scan_ref.selective_scan_chunked(*args, return_last_state, seq_idx)
     if initial_state is None:
         return out
     y, h = out if return_last_state else (out, None)
     dy, dh = scan_ref.initial_state_terms(initial_state, delta, A, C, z, delta_bias, delta_softplus,
-                                          n_ones, n_zeros, zero_mode)
+                                          n_ones, n_zeros, zero_mode, seq_idx=seq_idx)
     y = (y + dy).to(u.dtype)
     return (y, h + dh) if return_last_state else y
 
@@ -170,19 +182,20 @@ def selective_step(
 
 
 def ssd(x, dt, A, B, C, D=None, dt_bias=None, dt_softplus=False, n_ones=0, n_zeros=0,
-        initial_state=None, return_final_state=False, chunk_size=256):
+        initial_state=None, return_final_state=False, chunk_size=256, seq_idx=None):
     """Mamba-2's SSD scan with polarized channels; signature and shapes of :func:`kernels.ssd_ref.ssd_chunked`.
     mamba_ssm's ``mamba_chunk_scan_combined`` (CUDA) or our chunked PyTorch form runs the learned channels,
     :func:`ssd_ref.polarized_ssd` adds the polar ones."""
-    if _backend("ssd", x.device) == "cuda":
+    if _backend("ssd", x.device, seq_idx) == "cuda":
         stock = _probe(CUDA_PACKAGES["ssd"])[0].mamba_chunk_scan_combined
 
-        def core(x, dt, A, B, C, h0):
-            return stock(x, dt, A, B, C, chunk_size, initial_states=h0, return_final_states=True)
+        def core(x, dt, A, B, C, h0, seq_idx):
+            seq = None if seq_idx is None else seq_idx.to(torch.int32).contiguous()
+            return stock(x, dt, A, B, C, chunk_size, initial_states=h0, seq_idx=seq, return_final_states=True)
     else:
         core = functools.partial(ssd_ref.chunked_core, chunk_size=chunk_size)
     return ssd_ref.polarized_ssd(core, x, dt, A, B, C, D, dt_bias, dt_softplus, n_ones, n_zeros, initial_state,
-                                 return_final_state)
+                                 return_final_state, seq_idx)
 
 
 def ssd_step(state, x, dt, A, B, C, D=None, dt_bias=None, dt_softplus=False, n_ones=0, n_zeros=0):
@@ -190,16 +203,22 @@ def ssd_step(state, x, dt, A, B, C, D=None, dt_bias=None, dt_softplus=False, n_o
     return ssd_ref.ssd_step(state, x, dt, A, B, C, D, dt_bias, dt_softplus, n_ones, n_zeros)
 
 
-def causal_conv1d(x, weight, bias=None, activation="silu"):
-    """Causal depthwise conv1d + activation ("silu" or None): x (b, d, L), weight (d, k), bias (d,)."""
-    backend = _backend("causal_conv1d", x.device)
+def causal_conv1d(x, weight, bias=None, activation="silu", seq_idx=None):
+    """Causal depthwise conv1d + activation ("silu" or None): x (b, d, L), weight (d, k), bias (d,); with
+    ``seq_idx`` (b, L) no tap crosses a document boundary."""
+    backend = _backend("causal_conv1d", x.device, seq_idx)
     if backend == "cuda":
-        return _probe(CUDA_PACKAGES["causal_conv1d"])[0].causal_conv1d_fn(x, weight, bias, activation=activation)
+        fn = _probe(CUDA_PACKAGES["causal_conv1d"])[0].causal_conv1d_fn
+        if seq_idx is None:
+            return fn(x, weight, bias, activation=activation)
+        if x.stride(1) != 1:  # causal-conv1d takes seq_idx only with channels contiguous
+            x = x.transpose(1, 2).contiguous().transpose(1, 2)
+        return fn(x, weight, bias, seq_idx=seq_idx.to(torch.int32).contiguous(), activation=activation)
     if backend == "triton":
         from kernels import conv_triton
 
-        return conv_triton.causal_conv1d(x, weight, bias, activation)
-    return conv_ref.causal_conv1d(x, weight, bias, activation)
+        return conv_triton.causal_conv1d(x, weight, bias, activation, seq_idx)
+    return conv_ref.causal_conv1d(x, weight, bias, activation, seq_idx)
 
 
 def add_rmsnorm(x, residual, weight, eps):

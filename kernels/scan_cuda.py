@@ -3,7 +3,8 @@
 The stock kernel runs the learned channels (plus the zero channels as A = -100 in reference mode) with
 D = None and z = None, on Δ already biased and softplus-ed; :func:`kernels.scan_ref.polarized_scan` adds
 the exact polar channels in closed form, D·u and the SiLU(z) gate in fp32 PyTorch. Autograd flows
-through both parts.
+through both parts. The stock kernel cannot reset at document boundaries (mamba_ssm issue 180), so
+:mod:`kernels.dispatch` never sends it a ``seq_idx``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ def selective_scan(
 ):
     """``stock_fn`` has mamba_ssm's ``selective_scan_fn`` signature; other arguments as ``scan_ref``."""
 
-    def core(uf, dt, A_scan, B_scan, C_scan):
+    def core(uf, dt, A_scan, B_scan, C_scan, seq_idx):
+        assert seq_idx is None, "mamba_ssm's selective scan has no document resets: dispatch routes them elsewhere"
         return stock_fn(uf, dt, A_scan, B_scan.contiguous(), C_scan.contiguous(), D=None, z=None,
                         delta_bias=None, delta_softplus=False, return_last_state=True)
 

@@ -11,6 +11,9 @@ exp(Δ·A) (A = -inf would make the backward pass 0·inf = NaN); they have close
     ones:  h_t = Σ_{s≤t} Δ_s B_s u_s          (a cumulative sum)
     zeros: h_t = Δ_t B_t u_t                  (instantaneous)
 
+Document resets (:mod:`kernels.documents`): with ``seq_idx`` every channel's state is zeroed before the first
+token of each packed document (a_t -> 0 there), so the ones channel becomes a cumulative sum per document.
+
 ``zero_mode="reference"`` instead runs the zero channels as ordinary channels with A = -100, as the
 paper's code does (exp(-100·Δ) is not 0 for small Δ), so its numbers can be reproduced.
 
@@ -26,6 +29,8 @@ import functools
 
 import torch
 import torch.nn.functional as F
+
+from kernels import documents
 
 REFERENCE_ZERO_A = -100.0  # the paper's code realises A_t = 0 as A = -100
 
@@ -93,16 +98,20 @@ def selective_step(
 
 def selective_scan_sequential(
     u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-    n_ones=0, n_zeros=0, zero_mode="exact", return_last_state=False,
+    n_ones=0, n_zeros=0, zero_mode="exact", return_last_state=False, seq_idx=None,
 ):
-    """The oracle: an explicit per-token loop over all channels with a_t fixed at 1 / 0 for polar ones.
+    """The oracle: an explicit per-token loop over all channels with a_t fixed at 1 / 0 for polar ones, the
+    state zeroed at each document start when ``seq_idx`` is given.
 
     Slow (autograd through L steps); used by tests and as the definition of correctness.
     """
     b, d, L = u.shape
     state = u.new_zeros(b, d, n_ones + A.shape[1] + n_zeros, dtype=compute_dtype(u))
+    keep = None if seq_idx is None else documents.keep(seq_idx, state.dtype)
     ys = []
     for t in range(L):
+        if keep is not None:
+            state = state * keep[:, t, None, None]
         y, state = selective_step(
             state, u[..., t], delta[..., t], A, B[..., t], C[..., t], D,
             None if z is None else z[..., t], delta_bias, delta_softplus, n_ones, n_zeros, zero_mode,
@@ -121,7 +130,8 @@ class _ChunkedScan(torch.autograd.Function):
     from it (so memory is O(L/T) states, not O(L)) and runs the adjoint recurrence
     G_t = C_t gy_t + a_{t+1} G_{t+1} in reverse.
 
-    Inputs (fp32): u, dt (L, b, d); A (d, n); B, C (L, b, n). Returns y (L, b, d), h_last (b, d, n).
+    Inputs (fp32): u, dt (L, b, d); A (d, n); B, C (L, b, n); keep (L, b) or None: 0 where a document starts
+    (the decay a_t is multiplied by it, :mod:`kernels.documents`). Returns y (L, b, d), h_last (b, d, n).
     """
 
     @staticmethod
@@ -134,7 +144,12 @@ class _ChunkedScan(torch.autograd.Function):
         return H
 
     @staticmethod
-    def forward(ctx, u, dt, A, B, C, chunk_size: int):
+    def _decays(dt, A, keep):
+        dA = torch.exp(dt[..., None] * A)
+        return dA if keep is None else dA * keep[:, :, None, None]
+
+    @staticmethod
+    def forward(ctx, u, dt, A, B, C, keep, chunk_size: int):
         L, b, d = u.shape
         n = A.shape[1]
         y = u.new_empty(L, b, d)
@@ -144,18 +159,20 @@ class _ChunkedScan(torch.autograd.Function):
         for i, s in enumerate(starts):
             e = min(s + chunk_size, L)
             h0s[i] = h
-            dA = torch.exp(dt[s:e, :, :, None] * A)
+            dA = _ChunkedScan._decays(dt[s:e], A, None if keep is None else keep[s:e])
             dBu = (dt[s:e] * u[s:e])[..., None] * B[s:e, :, None, :]
             H = _ChunkedScan._chunk_states(h, dA, dBu)
             y[s:e] = torch.einsum("tbdn,tbn->tbd", H, C[s:e])
             h = H[-1].clone()
         ctx.save_for_backward(u, dt, A, B, C, h0s)
+        ctx.keep = keep
         ctx.chunk_size = chunk_size
         return y, h
 
     @staticmethod
     def backward(ctx, gy, gh_last):
         u, dt, A, B, C, h0s = ctx.saved_tensors
+        keep = ctx.keep
         T = ctx.chunk_size
         L = u.shape[0]
         gu, gdt, gB, gC = (torch.empty_like(t) for t in (u, dt, B, C))
@@ -165,7 +182,7 @@ class _ChunkedScan(torch.autograd.Function):
         for i in reversed(range(h0s.shape[0])):
             s = i * T
             e = min(s + T, L)
-            dA = torch.exp(dt[s:e, :, :, None] * A)
+            dA = _ChunkedScan._decays(dt[s:e], A, None if keep is None else keep[s:e])
             w = dt[s:e] * u[s:e]
             H = _ChunkedScan._chunk_states(h0s[i], dA, w[..., None] * B[s:e, :, None, :])
             G = gy[s:e, :, :, None] * C[s:e, :, None, :]
@@ -181,25 +198,28 @@ class _ChunkedScan(torch.autograd.Function):
             gdt[s:e] = gw * u[s:e] + torch.einsum("tbdn,dn->tbd", g_dtA, A)
             gu[s:e] = gw * dt[s:e]
             gA += torch.einsum("tbdn,tbd->dn", g_dtA, dt[s:e])
-        return gu, gdt, gA, gB, gC, None
+        return gu, gdt, gA, gB, gC, None, None
 
 
-def polar_channel_terms(w, B_ones, C_ones, B_zeros, C_zeros):
+def polar_channel_terms(w, B_ones, C_ones, B_zeros, C_zeros, seq_idx=None):
     """The exact polarized channels in closed form (module docstring) for w = Δ_t u_t (b, d, L) and their B, C
-    columns (b, n_ones, L) and (b, n_zeros, L): ones h_t = Σ_{s≤t} w_s B_s, zeros h_t = w_t B_t. Returns what
-    they add to y, <C_t, h_t> (b, d, L), and their last states (b, d, n_ones), (b, d, n_zeros). Shared by
-    every backend of the Mamba-1 scan and of Mamba-2's SSD (:mod:`kernels.ssd_ref`)."""
-    h_ones = torch.cumsum(w[:, :, None, :] * B_ones[:, None], dim=-1)  # (b, d, n_ones, L)
+    columns (b, n_ones, L) and (b, n_zeros, L): ones h_t = Σ_{s≤t} w_s B_s (over s in t's document when
+    ``seq_idx`` is given), zeros h_t = w_t B_t. Returns what they add to y, <C_t, h_t> (b, d, L), and their last
+    states (b, d, n_ones), (b, d, n_zeros). Shared by every backend of the Mamba-1 scan and of Mamba-2's SSD
+    (:mod:`kernels.ssd_ref`)."""
+    terms = w[:, :, None, :] * B_ones[:, None]
+    h_ones = torch.cumsum(terms, -1) if seq_idx is None else documents.segmented_cumsum(terms, seq_idx)
     dy = torch.einsum("bdkl,bkl->bdl", h_ones, C_ones) + w * (B_zeros * C_zeros).sum(1, keepdim=True)
     return dy, h_ones[..., -1], w[:, :, None, -1] * B_zeros[:, None, :, -1]
 
 
 def polarized_scan(
     core, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-    n_ones=0, n_zeros=0, zero_mode="exact", return_last_state=False,
+    n_ones=0, n_zeros=0, zero_mode="exact", return_last_state=False, seq_idx=None,
 ):
-    """The selective scan with polarized channels around ``core(u, dt, A, B, C) -> (y, h_last)``, a plain
-    diagonal scan (u, dt: (b, d, L) in the compute dtype, dt after bias and softplus). ``core`` runs the
+    """The selective scan with polarized channels around ``core(u, dt, A, B, C, seq_idx) -> (y, h_last)``, a plain
+    diagonal scan (u, dt: (b, d, L) in the compute dtype, dt after bias and softplus; resetting at the
+    documents of ``seq_idx`` when it is not None). ``core`` runs the
     learned channels (and the zero channels as A = -100 in reference mode); the exact polar channels are
     added in closed form (module docstring), then D·u and the SiLU(z) gate. Any backend whose kernel has
     no polarization (our chunked scan, mamba_ssm's ``selective_scan_fn``) is polarized through this."""
@@ -212,12 +232,12 @@ def polarized_scan(
     if zero_mode == "reference" and n_zeros:
         A_scan = torch.cat([A_scan, A_scan.new_full((d, n_zeros), REFERENCE_ZERO_A)], dim=1)
     n_scan = A_scan.shape[1]
-    y, h_scan = core(uf, dt, A_scan, Bf[:, n_ones : n_ones + n_scan], Cf[:, n_ones : n_ones + n_scan])
+    y, h_scan = core(uf, dt, A_scan, Bf[:, n_ones : n_ones + n_scan], Cf[:, n_ones : n_ones + n_scan], seq_idx)
     y = y.to(cdt)
     n_exact_zeros = n_zeros if zero_mode == "exact" else 0
     if n_ones or n_exact_zeros:
         dy, h_ones, h_zeros = polar_channel_terms(dt * uf, Bf[:, :n_ones], Cf[:, :n_ones],
-                                                  Bf[:, n_ones + n_scan :], Cf[:, n_ones + n_scan :])
+                                                  Bf[:, n_ones + n_scan :], Cf[:, n_ones + n_scan :], seq_idx)
         y = y + dy
         h_scan = torch.cat([h_ones, h_scan, h_zeros], dim=-1)
     if D is not None:
@@ -230,7 +250,7 @@ def polarized_scan(
 
 def initial_state_terms(
     h0, delta, A, C, z=None, delta_bias=None, delta_softplus=False, n_ones=0, n_zeros=0, zero_mode="exact",
-    block=256,
+    block=256, seq_idx=None,
 ):
     """What a scan started from state ``h0`` (b, d, N_total) adds to the same scan started from zero.
 
@@ -238,7 +258,8 @@ def initial_state_terms(
     P_t = Π_{s≤t} a_s = :func:`discrete_transition` of the cumulative Δ (exp(A·ΣΔ) for learned channels,
     1 for ones, 0 or exp(-100·ΣΔ) for zeros): y_t gains <C_t, P_t ⊙ h0> · SiLU(z_t) and h_L gains
     P_L ⊙ h0. Returns (dy (b, d, L), dh (b, d, N_total)) in the compute dtype. Lets every backend continue
-    from a state (chunked prefill) without a kernel change.
+    from a state (chunked prefill) without a kernel change. With ``seq_idx``, h0 reaches only the window's
+    first document (P_t = 0 from the first reset on).
     """
     dt = _prepare_dt(delta, delta_bias, delta_softplus)
     S = dt.cumsum(-1).transpose(1, 2)  # (b, L, d): Σ_{s≤t} Δ_s
@@ -249,21 +270,26 @@ def initial_state_terms(
                     for s in range(0, S.shape[1], block)], dim=-1)
     if z is not None:
         dy = dy * F.silu(z.to(dt.dtype))
-    return dy, discrete_transition(S[:, -1], A, n_ones, n_zeros, zero_mode) * h0
+    dh = discrete_transition(S[:, -1], A, n_ones, n_zeros, zero_mode) * h0
+    if seq_idx is not None:
+        first = documents.before_first_reset(seq_idx).to(dy.dtype)  # (b, L)
+        dy, dh = dy * first[:, None], dh * first[:, -1, None, None]
+    return dy, dh
 
 
-def _chunked_core(u, dt, A, B, C, chunk_size: int):
+def _chunked_core(u, dt, A, B, C, seq_idx, chunk_size: int):
     tm = lambda x: x.permute(2, 0, 1).contiguous()  # (b, c, L) -> (L, b, c)
-    y, h = _ChunkedScan.apply(tm(u), tm(dt), A, tm(B), tm(C), chunk_size)
+    keep = None if seq_idx is None else documents.keep(seq_idx, u.dtype).t().contiguous()
+    y, h = _ChunkedScan.apply(tm(u), tm(dt), A, tm(B), tm(C), keep, chunk_size)
     return y.permute(1, 2, 0), h
 
 
 def selective_scan_chunked(
     u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-    n_ones=0, n_zeros=0, zero_mode="exact", return_last_state=False, chunk_size=16,
+    n_ones=0, n_zeros=0, zero_mode="exact", return_last_state=False, seq_idx=None, chunk_size=16,
 ):
     """The fast CPU path: same signature and results as :func:`selective_scan_sequential`
     (:class:`_ChunkedScan` polarized by :func:`polarized_scan`)."""
     core = functools.partial(_chunked_core, chunk_size=chunk_size)
     return polarized_scan(core, u, delta, A, B, C, D, z, delta_bias, delta_softplus, n_ones, n_zeros, zero_mode,
-                          return_last_state)
+                          return_last_state, seq_idx)

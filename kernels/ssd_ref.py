@@ -16,6 +16,11 @@ uses), so any SSD backend (ours, mamba_ssm's Triton kernels) serves a polarized 
 Shapes follow mamba_ssm's ``mamba_chunk_scan_combined``: x (b, L, h, p); dt (b, L, h); A, D, dt_bias (h,);
 B, C (b, L, g, N_total); state (b, h, p, N_total). The scan runs in fp32 (fp64 for fp64 inputs, so
 gradcheck works); y comes back in x's dtype, the state in the compute dtype.
+
+Document resets (:mod:`kernels.documents`): with ``seq_idx`` (b, L) every channel's state is zeroed before each
+packed document's first token, as mamba_ssm's SSD does with its ``seq_idx``: within a chunk a position sees
+only its own document's inputs, a chunk's end state only the inputs of the chunk's last document, and the
+carried state only positions of the document it came from.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from kernels import documents
 from kernels.scan_ref import compute_dtype, discrete_transition, polar_channel_terms
 
 
@@ -72,24 +78,29 @@ def ssd_step(state, x, dt, A, B, C, D=None, dt_bias=None, dt_softplus=False, n_o
 
 
 def ssd_sequential(x, dt, A, B, C, D=None, dt_bias=None, dt_softplus=False, n_ones=0, n_zeros=0,
-                   initial_state=None, return_final_state=False):
-    """The oracle: :func:`ssd_step` token by token, every channel (polar ones with a_t fixed at 1 / 0)."""
+                   initial_state=None, return_final_state=False, seq_idx=None):
+    """The oracle: :func:`ssd_step` token by token, every channel (polar ones with a_t fixed at 1 / 0), the
+    state zeroed at each document start of ``seq_idx``."""
     b, L, h, p = x.shape
     state = x.new_zeros(b, h, p, B.shape[-1], dtype=compute_dtype(x)) if initial_state is None else initial_state
+    keep = None if seq_idx is None else documents.keep(seq_idx, compute_dtype(x))
     ys = []
     for t in range(L):
+        if keep is not None:
+            state = state * keep[:, t, None, None, None]
         y, state = ssd_step(state, x[:, t], dt[:, t], A, B[:, t], C[:, t], D, dt_bias, dt_softplus, n_ones, n_zeros)
         ys.append(y)
     y = torch.stack(ys, dim=1)
     return (y, state) if return_final_state else y
 
 
-def chunked_core(x, dt, A, B, C, initial_state=None, chunk_size=256):
+def chunked_core(x, dt, A, B, C, initial_state=None, seq_idx=None, chunk_size=256):
     """The SSD algorithm (Dao & Gu 2024, §6) on the learned channels: x, dt (Δ after bias and softplus), B,
     C in the compute dtype. Within a chunk of T positions the output is a masked, decay-weighted
     "attention" C_t·B_s·exp(Σ_{s<r≤t} Δ_r A) over the chunk (matmuls); the chunk's end state is the same
     weighting of its inputs; a short recurrence over chunks carries the state, whose contribution to each
-    position is C_t·exp(Σ_{r≤t} Δ_r A)·H_chunk. Plain autograd. Returns (y (b, L, h, p), final state)."""
+    position is C_t·exp(Σ_{r≤t} Δ_r A)·H_chunk. With ``seq_idx`` each of the three weightings is masked to
+    one document (module docstring). Plain autograd. Returns (y (b, L, h, p), final state)."""
     b, L, h, p = x.shape
     g, n = B.shape[2], B.shape[3]
     r, T = h // g, chunk_size
@@ -105,6 +116,10 @@ def chunked_core(x, dt, A, B, C, initial_state=None, chunk_size=256):
     Bc, Cc = chunks(B, g, n), chunks(C, g, n)
     cum = log_a.cumsum(2)  # (b, c, T, g, r): log of the decay from the chunk start through t
     causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()[:, :, None, None]
+    if seq_idx is not None:  # padding continues the last document; each chunk also knows the position before it
+        seq = F.pad(seq_idx, (0, pad), mode="replicate").reshape(b, c, T)
+        prev = torch.cat([seq[:, :1, :1], seq[:, :-1, -1:]], dim=1)  # (b, c, 1): the document a carried state is in
+        causal = causal & (seq[:, :, :, None] == seq[:, :, None])[..., None, None]  # (b, c, t, s, 1, 1)
     # exp of a masked exponent (not a masked exp): s > t would overflow, and 0 · inf is NaN in the backward
     decay = torch.exp((cum[:, :, :, None] - cum[:, :, None]).masked_fill(~causal, float("-inf")))  # (b,c,t,s,g,r)
     scores = torch.einsum("bctgn,bcsgn->bctsg", Cc, Bc)
@@ -112,25 +127,32 @@ def chunked_core(x, dt, A, B, C, initial_state=None, chunk_size=256):
     # predictable: pretrain/memory.py's estimate counts it (models/archs.py)
     y = torch.einsum("bctsgr,bcsgrp->bctgrp", scores[..., None] * decay, w)
     to_end = torch.exp(cum[:, :, -1:] - cum)  # decay from s to the chunk end
+    from_start = torch.exp(cum)  # decay from the chunk start to t
+    chunk_decay = torch.exp(cum[:, :, -1])  # (b, c, g, r)
+    if seq_idx is not None:
+        to_end = to_end * (seq == seq[:, :, -1:])[..., None, None]
+        from_start = from_start * (seq == prev)[..., None, None]
+        chunk_decay = chunk_decay * (seq[:, :, -1] == prev[:, :, 0])[..., None, None]
     chunk_states = torch.einsum("bcsgn,bcsgrp->bcgrpn", Bc, to_end[..., None] * w)
-    chunk_decay = torch.exp(cum[:, :, -1])[..., None, None]  # (b, c, g, r, 1, 1)
+    chunk_decay = chunk_decay[..., None, None]  # (b, c, g, r, 1, 1)
     H = x.new_zeros(b, g, r, p, n) if initial_state is None else initial_state.reshape(b, g, r, p, n)
     starts = []
     for i in range(c):
         starts.append(H)
         H = chunk_decay[:, i] * H + chunk_states[:, i]
-    y = y + torch.exp(cum)[..., None] * torch.einsum("bctgn,bcgrpn->bctgrp", Cc, torch.stack(starts, 1))
+    y = y + from_start[..., None] * torch.einsum("bctgn,bcgrpn->bctgrp", Cc, torch.stack(starts, 1))
     return y.reshape(b, c * T, h, p)[:, :L], H.reshape(b, h, p, n)
 
 
 @_no_autocast
 def polarized_ssd(core, x, dt, A, B, C, D=None, dt_bias=None, dt_softplus=False, n_ones=0, n_zeros=0,
-                  initial_state=None, return_final_state=False):
-    """SSD with polarized channels around ``core(x, dt, A, B, C, initial_state) -> (y, final_state)``, a plain
-    SSD over the learned channels (dt after bias and softplus, compute dtype). The ones and zeros channels
+                  initial_state=None, return_final_state=False, seq_idx=None):
+    """SSD with polarized channels around ``core(x, dt, A, B, C, initial_state, seq_idx) -> (y, final_state)``, a
+    plain SSD over the learned channels (dt after bias and softplus, compute dtype; resetting at the documents
+    of ``seq_idx`` when it is not None). The ones and zeros channels
     are added in closed form, in Mamba-1's (b, d, L) layout with each group's heads as its channels; a
     carried ones state adds <C_t, h0> to every position and to the final state (a_t = 1), a zeros state
-    nothing (a_t = 0). Then D·x."""
+    nothing (a_t = 0); with ``seq_idx`` both only within the window's first document. Then D·x."""
     b, L, h, p = x.shape
     g, n_total = B.shape[2], B.shape[3]
     N = n_total - n_ones - n_zeros
@@ -140,21 +162,27 @@ def polarized_ssd(core, x, dt, A, B, C, D=None, dt_bias=None, dt_softplus=False,
     h0 = None if initial_state is None else initial_state.to(cdt)
     learned = slice(n_ones, n_ones + N)
     y, state = core(xf, dt, A.to(cdt), Bf[..., learned], Cf[..., learned],
-                    None if h0 is None else h0[..., learned].contiguous())
+                    None if h0 is None else h0[..., learned].contiguous(), seq_idx)
     y = y.to(cdt)
     if n_ones or n_zeros:
         # (b, L, g, [r, p] or n) -> (b·g, r·p or n, L): a group's heads share B and C like Mamba-1's channels
         as_channels = lambda t: t.reshape(b, L, g, -1).permute(0, 2, 3, 1).reshape(b * g, -1, L)
         w = as_channels(dt[..., None] * xf)
         ones, zeros = slice(0, n_ones), slice(n_ones + N, n_total)
+        rows_seq = None if seq_idx is None else seq_idx.repeat_interleave(g, 0)  # one row per (batch, group)
         dy, h_ones, h_zeros = polar_channel_terms(w, as_channels(Bf[..., ones]), as_channels(Cf[..., ones]),
-                                                  as_channels(Bf[..., zeros]), as_channels(Cf[..., zeros]))
+                                                  as_channels(Bf[..., zeros]), as_channels(Cf[..., zeros]), rows_seq)
         y = y + dy.reshape(b, g, -1, L).permute(0, 3, 1, 2).reshape(b, L, h, p)
         heads = lambda s: s.reshape(b, h, p, -1)  # (b·g, r·p, k) -> (b, h, p, k)
         h_ones = heads(h_ones)
         if h0 is not None and n_ones:
-            y = y + torch.einsum("bhpk,blhk->blhp", h0[..., :n_ones], _per_head(Cf[..., :n_ones], h, 2))
-            h_ones = h_ones + h0[..., :n_ones]
+            carried = torch.einsum("bhpk,blhk->blhp", h0[..., :n_ones], _per_head(Cf[..., :n_ones], h, 2))
+            h0_ones = h0[..., :n_ones]
+            if seq_idx is not None:
+                first = documents.before_first_reset(seq_idx).to(cdt)
+                carried, h0_ones = carried * first[..., None, None], h0_ones * first[:, -1, None, None, None]
+            y = y + carried
+            h_ones = h_ones + h0_ones
         state = torch.cat([h_ones, state, heads(h_zeros)], dim=-1)
     if D is not None:
         y = y + D.to(cdt)[:, None] * xf
@@ -163,9 +191,9 @@ def polarized_ssd(core, x, dt, A, B, C, D=None, dt_bias=None, dt_softplus=False,
 
 
 def ssd_chunked(x, dt, A, B, C, D=None, dt_bias=None, dt_softplus=False, n_ones=0, n_zeros=0,
-                initial_state=None, return_final_state=False, chunk_size=256):
+                initial_state=None, return_final_state=False, chunk_size=256, seq_idx=None):
     """The CPU path: :func:`chunked_core` polarized by :func:`polarized_ssd`; same results as
     :func:`ssd_sequential`."""
     core = functools.partial(chunked_core, chunk_size=chunk_size)
     return polarized_ssd(core, x, dt, A, B, C, D, dt_bias, dt_softplus, n_ones, n_zeros, initial_state,
-                         return_final_state)
+                         return_final_state, seq_idx)

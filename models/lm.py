@@ -32,7 +32,11 @@ class LMOutput(NamedTuple):
 class Mixer(nn.Module):
     """A sequence-mixing layer: ``forward(hidden (b, L, d_model), state=None)``; with a state from
     :meth:`new_state` the input continues it (one token or a chunk) and leaves the new state there. In a
-    :class:`MixerBlock` it also brings its init, ``reset_parameters()``."""
+    :class:`MixerBlock` it also brings its init, ``reset_parameters()``. A mixer with ``document_resets``
+    also takes ``seq_idx=`` (b, L) in training and mixes nothing across packed documents
+    (:mod:`kernels.documents`; ``data.document_boundaries: reset``)."""
+
+    document_resets: ClassVar[bool] = False
 
     def new_state(self, batch: int, device: torch.device, dtype: torch.dtype) -> Any:
         raise NotImplementedError(f"{type(self).__name__} has no inference state: define new_state")
@@ -53,12 +57,12 @@ class MixerBlock(nn.Module):
         self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mixer = mixer(cfg)
 
-    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None,
-                state: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, state: Any = None,
+                **documents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         normed, stream = self.norm(hidden, residual)
         if not self.residual_in_fp32:
             stream = stream.to(hidden.dtype if residual is None else torch.promote_types(hidden.dtype, residual.dtype))
-        return self.mixer(normed, state), stream
+        return self.mixer(normed, state, **documents), stream
 
     def reset_parameters(self) -> None:
         self.mixer.reset_parameters()
@@ -73,11 +77,15 @@ class Backbone(nn.Module):
         self.layers = nn.ModuleList(block(cfg) for _ in range(cfg.n_layer))
         self.norm_f = (AddLayerNorm if cfg.final_norm == "layernorm" else RMSNorm)(cfg.d_model, cfg.norm_eps)
 
-    def forward(self, input_ids: torch.Tensor, states: list | None = None) -> torch.Tensor:
-        """Final normalised hidden states (b, L, d_model); with ``states`` (one per layer), continuing them."""
+    def forward(self, input_ids: torch.Tensor, states: list | None = None,
+                seq_idx: torch.Tensor | None = None) -> torch.Tensor:
+        """Final normalised hidden states (b, L, d_model); with ``states`` (one per layer), continuing them; with
+        ``seq_idx`` (b, L), resetting at packed documents' boundaries (only passed on when given, so a block
+        that has no resets keeps its plain signature)."""
         hidden, residual = self.embeddings(input_ids), None
+        documents = {} if seq_idx is None else {"seq_idx": seq_idx}
         for i, layer in enumerate(self.layers):
-            hidden, residual = layer(hidden, residual, None if states is None else states[i])
+            hidden, residual = layer(hidden, residual, None if states is None else states[i], **documents)
         return self.norm_f(hidden, residual)[0]
 
 
@@ -129,14 +137,25 @@ class CausalLM(Generation, HubMixin, nn.Module):
             pairs += [(layer.mixer, p) for p in layer.mixer.kernel_parameters()]
         return pairs
 
+    @property
+    def document_resets(self) -> bool:
+        """Whether every layer can reset at document boundaries (``forward(..., seq_idx=)``)."""
+        return all(type(layer.mixer).document_resets for layer in self.backbone.layers)
+
     def forward(self, input_ids: torch.Tensor, labels: torch.Tensor | None = None,
-                states: list | None = None, return_logits: bool = True) -> LMOutput:
+                states: list | None = None, return_logits: bool = True,
+                seq_idx: torch.Tensor | None = None) -> LMOutput:
         """``labels[b, t]`` is the token that should follow ``input_ids[b, t]`` (already shifted, as
         nanoGPT's targets); -100 is ignored. The loss is the mean cross-entropy in fp32, computed chunk by
         chunk from the hidden states so the (tokens x vocab) logits are never materialised for it; they
         are only computed when ``return_logits`` (training passes False). With ``states`` (from
-        ``new_states``) the input continues them and leaves them updated."""
-        hidden = self.backbone(input_ids, states)
+        ``new_states``) the input continues them and leaves them updated. ``seq_idx`` (b, L), the packed
+        document of each position, makes every layer start each document from a zero state (training with
+        ``data.document_boundaries: reset``)."""
+        if seq_idx is not None and not self.document_resets:
+            raise ValueError(f"{type(self).__name__} cannot reset at document boundaries: use "
+                             "data.document_boundaries: carry")
+        hidden = self.backbone(input_ids, states, seq_idx)
         loss = None
         if labels is not None:
             loss = dispatch.linear_cross_entropy(hidden.flatten(0, 1), self.lm_head.weight, labels.flatten(),

@@ -61,6 +61,8 @@ class MambaConfig(SSMModelConfig):
 class MambaMixer(Mixer):
     """One selective SSM layer: in_proj -> causal conv + SiLU -> x_proj -> Δ, B, C -> scan -> gate -> out_proj."""
 
+    document_resets = True
+
     def __init__(self, cfg: MambaConfig):
         super().__init__()
         self.cfg = cfg
@@ -122,10 +124,12 @@ class MambaMixer(Mixer):
             zero_mode=self.cfg.polarize.zero_mode,
         )
 
-    def forward(self, hidden: torch.Tensor, state: LayerState | None = None) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, state: LayerState | None = None,
+                seq_idx: torch.Tensor | None = None) -> torch.Tensor:
         """hidden: (b, L, d_model). With ``state``, a single token (L == 1) is one recurrent step and a
         longer input is a parallel prefill that continues from ``state`` and leaves its final state there
-        (so a long prompt can be prefilled chunk by chunk in constant memory)."""
+        (so a long prompt can be prefilled chunk by chunk in constant memory). ``seq_idx`` (b, L): the conv
+        and the scan reset at every packed document's first token."""
         L = hidden.shape[1]
         # (b, d_inner, L) views of in_proj's (b, L, 2 d_inner) output; split on the last dim so the backward
         # joins the two gradients into one contiguous (b, L, 2 d_inner) tensor for in_proj (no transpose copy)
@@ -138,13 +142,16 @@ class MambaMixer(Mixer):
             x = torch.cat([state.conv.to(x.dtype), x], dim=-1)
             state.conv.copy_(x[..., -(k - 1) :])
             h0 = state.ssm if bool(state.ssm.any()) else None
-        x = dispatch.causal_conv1d(x, self.conv1d.weight[:, 0], self.conv1d.bias, activation="silu")
+        if state is not None and seq_idx is not None:
+            seq_idx = torch.cat([seq_idx[:, :1].expand(-1, k - 1), seq_idx], dim=1)  # the cache is in document 0
+        x = dispatch.causal_conv1d(x, self.conv1d.weight[:, 0], self.conv1d.bias, activation="silu", seq_idx=seq_idx)
         if state is not None:
             x = x[..., k - 1 :]
+            seq_idx = None if seq_idx is None else seq_idx[:, k - 1 :]
         dt, B, C = self._ssm_inputs(x.transpose(1, 2))
         out = dispatch.selective_scan(
             x, dt, B=B, C=C, z=z, delta_bias=self.dt_proj.bias.float(), delta_softplus=True,
-            return_last_state=state is not None, initial_state=h0, **self._scan_kwargs(),
+            return_last_state=state is not None, initial_state=h0, seq_idx=seq_idx, **self._scan_kwargs(),
         )
         if state is not None:
             out, state.ssm = out

@@ -87,6 +87,8 @@ class GatedRMSNorm(nn.Module):
 class Mamba2Mixer(Mixer):
     """One SSD layer: in_proj -> conv + SiLU over (x, B, C) -> SSD per head -> gated RMSNorm -> out_proj."""
 
+    document_resets = True
+
     def __init__(self, cfg: Mamba2Config):
         super().__init__()
         self.cfg = cfg
@@ -119,9 +121,11 @@ class Mamba2Mixer(Mixer):
         """conv1d's weights go to the conv kernel directly."""
         return list(self.conv1d.parameters())
 
-    def forward(self, hidden: torch.Tensor, state: LayerState | None = None) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, state: LayerState | None = None,
+                seq_idx: torch.Tensor | None = None) -> torch.Tensor:
         """hidden (b, L, d_model). With ``state``, the input continues it (one token: a recurrent step;
-        more: a chunked prefill from the carried state) and leaves its final state there."""
+        more: a chunked prefill from the carried state) and leaves its final state there. ``seq_idx`` (b, L):
+        the conv and the SSD reset at every packed document's first token."""
         b, L, _ = hidden.shape
         k = self.cfg.ssm.d_conv
         z, xBC, dt = self.in_proj(hidden).split([self.cfg.d_inner, self.conv_dim, self.n_heads], dim=-1)
@@ -129,9 +133,13 @@ class Mamba2Mixer(Mixer):
         if state is not None:  # the conv continues from the cached inputs
             xBC = torch.cat([state.conv.to(xBC.dtype), xBC], dim=-1)
             state.conv.copy_(xBC[..., -(k - 1) :])
-        xBC = dispatch.causal_conv1d(xBC, self.conv1d.weight[:, 0], self.conv1d.bias, activation="silu")
+        if state is not None and seq_idx is not None:
+            seq_idx = torch.cat([seq_idx[:, :1].expand(-1, k - 1), seq_idx], dim=1)  # the cache is in document 0
+        xBC = dispatch.causal_conv1d(xBC, self.conv1d.weight[:, 0], self.conv1d.bias, activation="silu",
+                                     seq_idx=seq_idx)
         if state is not None:
             xBC = xBC[..., k - 1 :]
+            seq_idx = None if seq_idx is None else seq_idx[:, k - 1 :]
         x, B, C = xBC.transpose(1, 2).split([self.cfg.d_inner, self.bc_dim, self.bc_dim], dim=-1)
         x = x.reshape(b, L, self.n_heads, self.head_dim)
         B, C = (t.reshape(b, L, self.n_groups, -1) for t in (B, C))
@@ -141,7 +149,8 @@ class Mamba2Mixer(Mixer):
             y, state.ssm = dispatch.ssd_step(state.ssm, x[:, 0], dt[:, 0], B=B[:, 0], C=C[:, 0], **kw)
         else:
             y = dispatch.ssd(x, dt, B=B, C=C, initial_state=None if state is None else state.ssm,
-                             return_final_state=state is not None, chunk_size=self.cfg.ssm.chunk_size, **kw)
+                             return_final_state=state is not None, chunk_size=self.cfg.ssm.chunk_size,
+                             seq_idx=seq_idx, **kw)
             if state is not None:
                 y, state.ssm = y
         return self.out_proj(self.norm(y.reshape(b, L, -1), z))

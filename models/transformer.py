@@ -77,7 +77,10 @@ class KVCache(LayerStateBase):
 
 
 class Attention(Mixer):
-    """Causal multi-head self-attention with RoPE."""
+    """Causal multi-head self-attention with RoPE; with ``seq_idx``, intra-document (a query sees only keys of its
+    own packed document, as Llama 3 and OLMo-core mask packed pretraining windows)."""
+
+    document_resets = True
 
     def __init__(self, cfg: TransformerConfig):
         super().__init__()
@@ -85,19 +88,24 @@ class Attention(Mixer):
         self.qkv_proj = nn.Linear(cfg.d_model, 3 * cfg.d_model, bias=False)
         self.o_proj = nn.Linear(cfg.d_model, cfg.d_model, bias=False)
 
-    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None, seq_idx: torch.Tensor | None = None) -> torch.Tensor:
         """x (b, L, d_model). With ``cache``, x continues the cached positions, and its keys and values are
-        appended to the cache."""
+        appended to the cache. ``seq_idx`` (b, L) (training, no cache): attention within each document only."""
+        if seq_idx is not None and cache is not None:
+            raise ValueError("document masking (seq_idx) is for training windows, not with a KV cache")
         b, L, d = x.shape
         past = 0 if cache is None else cache.k.shape[2]
         q, k, v = self.qkv_proj(x).view(b, L, 3, self.n_head, self.head_dim).unbind(2)
         cos, sin = rope_tables(L, self.head_dim, self.theta, x.device, start=past)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         flash = _flash_attn() if x.is_cuda and q.dtype in (torch.float16, torch.bfloat16) else None
-        if flash is not None and cache is None:
+        if flash is not None and cache is None and seq_idx is None:
             return self.o_proj(flash(q, k, v, causal=True).reshape(b, L, d))
         q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (b, h, L, head_dim)
         mask = None
+        if seq_idx is not None:  # causal and same document; (b, 1, L, L) broadcast over heads
+            mask = (seq_idx[:, None, :, None] == seq_idx[:, None, None, :]) & torch.ones(
+                L, L, dtype=torch.bool, device=x.device).tril()
         if cache is not None:
             k, v = torch.cat([cache.k, k], dim=2), torch.cat([cache.v, v], dim=2)
             cache.k, cache.v = k, v
@@ -138,10 +146,10 @@ class TransformerBlock(nn.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps)
         self.mlp = SwiGLU(cfg)
 
-    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None,
-                cache: KVCache | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, cache: KVCache | None = None,
+                **documents: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         normed, stream = self.norm(hidden, residual)
-        normed, stream = self.mlp_norm(self.mixer(normed.to(hidden.dtype), cache), stream)
+        normed, stream = self.mlp_norm(self.mixer(normed.to(hidden.dtype), cache, **documents), stream)
         return self.mlp(normed.to(hidden.dtype)), stream
 
     @torch.no_grad()

@@ -1,0 +1,226 @@
+"""Document resets (``seq_idx``, issue 25): a packed window of k documents must give the outputs and every gradient
+of running each document on its own from a zero state. Checked for the Mamba-1 scan (sequential oracle and
+chunked path; baseline, polarized with both zero modes, a carried initial state), the causal conv, Mamba-2's SSD
+(sequential and chunked) and whole models of every architecture; plus the dispatch routing resets away from
+mamba_ssm's selective scan, which cannot reset."""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from kernels import conv_ref, dispatch, documents, scan_ref, ssd_ref
+from models.build import build_model
+from models.config import ModelConfig
+
+# document lengths of one window: single-token documents, documents crossing chunk boundaries (chunks of 3 and
+# 4 below), a first "document" that is the tail of one begun before the window (seq_idx need not start at 0)
+LENGTHS = [[1, 5, 4, 3], [7, 1, 1, 6], [15]]
+FIRST = [0, 6, 2]  # seq_idx of each row's first position
+
+
+def seq_idx_for(lengths, first=0, batch=1):
+    row = torch.tensor(sum(([first + i] * n for i, n in enumerate(lengths)), []))
+    return row.repeat(batch, 1)
+
+
+def by_document(fn, lengths, tensors, dim):
+    """cat over documents of ``fn(*slices)``: each document run alone from a zero state."""
+    bounds = np.cumsum([0, *lengths])
+    outs = [fn(*(t.narrow(dim, int(s), int(e - s)) for t in tensors)) for s, e in zip(bounds[:-1], bounds[1:])]
+    return torch.cat(outs, dim)
+
+
+def assert_same_outputs_and_grads(packed, separate, leaves, names, tol=1e-5):
+    """``packed`` and ``separate`` are outputs of the same leaves; compares them and the gradients of a random
+    weighting of them with respect to every leaf (fp32: ``tol`` relative to each tensor's scale)."""
+    w = torch.randn_like(packed)
+    torch.testing.assert_close(packed, separate, rtol=tol, atol=tol * separate.abs().max().item())
+    g1 = torch.autograd.grad((packed * w).sum(), leaves)
+    g2 = torch.autograd.grad((separate * w).sum(), leaves)
+    for name, a, b in zip(names, g1, g2, strict=True):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol * max(b.abs().max().item(), 1e-3),
+                                   msg=lambda m, name=name: f"grad {name}: {m}")
+
+
+def scan_inputs(b, d, L, N, n_total):
+    u, delta, z = (torch.randn(b, d, L) for _ in range(3))
+    A = -torch.exp(torch.randn(d, N))
+    B, C = torch.randn(b, n_total, L), torch.randn(b, n_total, L)
+    D, bias = torch.randn(d), torch.randn(d) * 0.3
+    return [t.requires_grad_() for t in (u, delta, A, B, C, D, z, bias)]
+
+
+SCANS = {"sequential": scan_ref.selective_scan_sequential,
+         "chunked": functools.partial(scan_ref.selective_scan_chunked, chunk_size=3)}
+
+
+@pytest.mark.parametrize("scan", SCANS)
+@pytest.mark.parametrize("n_ones,n_zeros,zero_mode", [(0, 0, "exact"), (1, 1, "exact"), (2, 1, "reference")])
+@pytest.mark.parametrize("row", range(len(LENGTHS)))
+def test_scan_with_resets_is_each_document_alone(scan, n_ones, n_zeros, zero_mode, row):
+    lengths, N = LENGTHS[row], 4
+    L = sum(lengths)
+    leaves = scan_inputs(2, 3, L, N, n_ones + N + n_zeros)
+    u, delta, A, B, C, D, z, bias = leaves
+    kw = dict(D=D, delta_bias=bias, delta_softplus=True, n_ones=n_ones, n_zeros=n_zeros, zero_mode=zero_mode)
+    fn = SCANS[scan]
+    packed = fn(u, delta, A, B, C, z=z, seq_idx=seq_idx_for(lengths, FIRST[row], 2), **kw)
+    separate = by_document(lambda u, dl, B, C, z: fn(u, dl, A, B, C, z=z, **kw), lengths, (u, delta, B, C, z), -1)
+    assert_same_outputs_and_grads(packed, separate, leaves, ["u", "delta", "A", "B", "C", "D", "z", "delta_bias"])
+
+
+@pytest.mark.parametrize("n_ones,n_zeros,zero_mode", [(0, 0, "exact"), (1, 1, "exact"), (1, 2, "reference")])
+def test_initial_state_reaches_only_the_first_document(n_ones, n_zeros, zero_mode):
+    """dispatch.selective_scan continuing from a state with resets (its initial_state terms) against the oracle
+    loop started from that state: outputs, the last state and every gradient, the state's included."""
+    lengths, N = [4, 1, 5], 3
+    n_total, L = n_ones + N + n_zeros, sum(lengths)
+    leaves = scan_inputs(2, 3, L, N, n_total) + [torch.randn(2, 3, n_total).requires_grad_()]
+    u, delta, A, B, C, D, z, bias, h0 = leaves
+    seq_idx = seq_idx_for(lengths, batch=2)
+    kw = dict(D=D, delta_bias=bias, delta_softplus=True, n_ones=n_ones, n_zeros=n_zeros, zero_mode=zero_mode)
+    y, h = dispatch.selective_scan(u, delta, A, B, C, z=z, seq_idx=seq_idx, initial_state=h0, return_last_state=True,
+                                   **kw)
+    state, keep, ys = h0, documents.keep(seq_idx, torch.float32), []
+    for t in range(L):
+        yt, state = scan_ref.selective_step(state * keep[:, t, None, None], u[..., t], delta[..., t], A, B[..., t],
+                                            C[..., t], z=z[..., t], dt_bias=bias, dt_softplus=True, D=D,
+                                            n_ones=n_ones, n_zeros=n_zeros, zero_mode=zero_mode)
+        ys.append(yt)
+    names = ["u", "delta", "A", "B", "C", "D", "z", "delta_bias", "h0"]
+    assert_same_outputs_and_grads(torch.cat([y.flatten(), h.flatten()]),
+                                  torch.cat([torch.stack(ys, -1).flatten(), state.flatten()]), leaves, names)
+
+
+@pytest.mark.parametrize("row", range(len(LENGTHS)))
+def test_conv_with_resets_is_each_document_alone(row):
+    lengths = LENGTHS[row]
+    x, weight, bias = torch.randn(2, 5, sum(lengths)), torch.randn(5, 4), torch.randn(5)
+    leaves = [t.requires_grad_() for t in (x, weight, bias)]
+    packed = conv_ref.causal_conv1d(x, weight, bias, seq_idx=seq_idx_for(lengths, FIRST[row], 2))
+    separate = by_document(lambda x: conv_ref.causal_conv1d(x, weight, bias), lengths, (x,), -1)
+    assert_same_outputs_and_grads(packed, separate, leaves, ["x", "weight", "bias"])
+
+
+SSDS = {"sequential": ssd_ref.ssd_sequential, "chunked (3)": functools.partial(ssd_ref.ssd_chunked, chunk_size=3),
+        "chunked (4)": functools.partial(ssd_ref.ssd_chunked, chunk_size=4)}
+
+
+@pytest.mark.parametrize("ssd", SSDS)
+@pytest.mark.parametrize("n_ones,n_zeros", [(0, 0), (1, 1)])
+@pytest.mark.parametrize("row", range(len(LENGTHS)))
+def test_ssd_with_resets_is_each_document_alone(ssd, n_ones, n_zeros, row):
+    lengths, (h, p, g, N) = LENGTHS[row], (4, 2, 2, 3)
+    L, n_total = sum(lengths), n_ones + N + n_zeros
+    x, dt = torch.randn(2, L, h, p), torch.randn(2, L, h) * 0.5
+    A, D, bias = -torch.exp(torch.randn(h)), torch.randn(h), torch.randn(h) * 0.3
+    B, C = torch.randn(2, L, g, n_total), torch.randn(2, L, g, n_total)
+    leaves = [t.requires_grad_() for t in (x, dt, A, B, C, D, bias)]
+    kw = dict(D=D, dt_bias=bias, dt_softplus=True, n_ones=n_ones, n_zeros=n_zeros)
+    fn = SSDS[ssd]
+    packed = fn(x, dt, A, B, C, seq_idx=seq_idx_for(lengths, FIRST[row], 2), **kw)
+    separate = by_document(lambda x, dt, B, C: fn(x, dt, A, B, C, **kw), lengths, (x, dt, B, C), 1)
+    assert_same_outputs_and_grads(packed, separate, leaves, ["x", "dt", "A", "B", "C", "D", "dt_bias"])
+
+
+def test_ssd_initial_state_with_resets_matches_the_oracle():
+    lengths, (h, p, g, N) = [2, 6, 3], (2, 2, 1, 3)
+    L, n_total = sum(lengths), N + 2
+    x, dt = torch.randn(2, L, h, p), torch.randn(2, L, h) * 0.5
+    A, B, C = -torch.exp(torch.randn(h)), torch.randn(2, L, g, n_total), torch.randn(2, L, g, n_total)
+    h0 = torch.randn(2, h, p, n_total)
+    leaves = [t.requires_grad_() for t in (x, dt, A, B, C, h0)]
+    kw = dict(n_ones=1, n_zeros=1, initial_state=h0, return_final_state=True, seq_idx=seq_idx_for(lengths, batch=2))
+    out = [torch.cat([y.flatten(), s.flatten()]) for y, s in (ssd_ref.ssd_chunked(x, dt, A, B, C, chunk_size=4, **kw),
+                                                               ssd_ref.ssd_sequential(x, dt, A, B, C, **kw))]
+    assert_same_outputs_and_grads(*out, leaves, ["x", "dt", "A", "B", "C", "h0"])
+
+
+MODELS = {
+    "mamba": dict(arch="mamba", d_model=16, n_layer=2, vocab_size=40, ssm={"d_state": 4}),
+    "mamba polarized": dict(arch="mamba", d_model=16, n_layer=2, vocab_size=40, ssm={"d_state": 4},
+                            polarize={"ones": 1, "zeros": 1}),
+    "mamba polarized reference": dict(arch="mamba", d_model=16, n_layer=2, vocab_size=40, ssm={"d_state": 4},
+                                      polarize={"ones": 1, "zeros": 1, "zero_mode": "reference"}),
+    "mamba2 polarized": dict(arch="mamba2", d_model=16, n_layer=2, vocab_size=40,
+                             ssm={"d_state": 4, "head_dim": 8, "chunk_size": 4}, polarize={"ones": 1, "zeros": 1}),
+    "mamba2": dict(arch="mamba2", d_model=16, n_layer=2, vocab_size=40, ssm={"d_state": 4, "head_dim": 8,
+                                                                             "chunk_size": 4}),
+    "transformer": dict(arch="transformer", d_model=16, n_layer=2, n_head=2, vocab_size=40),
+}
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_model_with_resets_is_each_document_alone(name, monkeypatch):
+    """Logits of a packed window with ``seq_idx`` equal each document's logits run alone, and so do the
+    gradients of every parameter (all layers, conv windows included)."""
+    monkeypatch.setenv("POLAR_KERNELS", "torch")
+    model = build_model(ModelConfig.from_dict(MODELS[name]))
+    lengths = [3, 1, 6, 4]
+    ids = torch.randint(0, 40, (2, sum(lengths)))
+    params = [p for p in model.parameters() if p.requires_grad]
+    packed = model(ids, seq_idx=seq_idx_for(lengths, batch=2)).logits
+    separate = by_document(lambda ids: model(ids).logits, lengths, (ids,), 1)
+    assert_same_outputs_and_grads(packed, separate, params, [n for n, p in model.named_parameters()], tol=2e-5)
+
+
+def test_window_of_one_document_is_carry(monkeypatch):
+    """A window that is one document (seq_idx constant) runs exactly what carry runs."""
+    monkeypatch.setenv("POLAR_KERNELS", "torch")
+    model = build_model(ModelConfig.from_dict(MODELS["mamba polarized"]))
+    ids = torch.randint(0, 40, (2, 9))
+    torch.testing.assert_close(model(ids, seq_idx=torch.full((2, 9), 3)).logits, model(ids).logits,
+                               rtol=1e-6, atol=1e-6)
+
+
+def test_resets_never_reach_mamba_ssm_selective_scan(monkeypatch, caplog):
+    """With mamba_ssm's Mamba-1 scan importable (and preferred), a reset run goes to the next backend, says so
+    once in the log, and never calls the stock kernel; a carry run still calls it."""
+    calls = []
+
+    class StockScan:
+        @staticmethod
+        def selective_scan_fn(u, delta, A, B, C, **kw):
+            calls.append(1)
+            return scan_ref._chunked_core(u, delta, A, B, C, None, chunk_size=4)
+
+    real = dispatch.unavailable_reason
+    monkeypatch.setattr(dispatch, "unavailable_reason",
+                        lambda backend, device, op=None: None if backend == "cuda" else real(backend, device, op))
+    monkeypatch.setattr(dispatch, "_probe", lambda module: (StockScan, None))
+    monkeypatch.setattr(dispatch, "_announced", set())
+    monkeypatch.delenv("POLAR_KERNELS", raising=False)
+    u, delta, A, B, C, D, z, bias = scan_inputs(1, 3, 8, 2, 2)
+    kw = dict(D=D, z=z, delta_bias=bias, delta_softplus=True)
+    seq_idx = seq_idx_for([3, 5])
+    with caplog.at_level(logging.WARNING, logger="kernels.dispatch"):
+        y = dispatch.selective_scan(u, delta, A, B, C, seq_idx=seq_idx, **kw)
+        dispatch.selective_scan(u, delta, A, B, C, seq_idx=seq_idx, **kw)
+    assert calls == []
+    torch.testing.assert_close(y, scan_ref.selective_scan_sequential(u, delta, A, B, C, seq_idx=seq_idx, **kw))
+    warnings = [r.getMessage() for r in caplog.records if "cannot reset" in r.getMessage()]
+    assert len(warnings) == 1 and "cuda" in warnings[0] and "torch" in warnings[0], warnings
+    dispatch.selective_scan(u, delta, A, B, C, **kw)
+    assert calls == [1]
+
+
+def test_segmented_cumsum_matches_a_loop(np_rng):
+    lengths = [int(n) for n in np_rng.integers(1, 6, size=5)]
+    seq_idx = seq_idx_for(lengths, batch=2)
+    x = torch.randn(2, 3, sum(lengths))
+    want, total = torch.empty_like(x), torch.zeros(2, 3)
+    r = documents.resets(seq_idx)
+    for t in range(x.shape[-1]):
+        total = torch.where(r[:, t, None], 0.0, total) + x[..., t]
+        want[..., t] = total
+    torch.testing.assert_close(documents.segmented_cumsum(x, seq_idx), want)
+
+
+def test_seq_idx_from_document_starts():
+    assert documents.seq_idx_from_starts(np.array([2, 3, 7]), 8).tolist() == [0, 0, 1, 2, 2, 2, 2, 3]
+    assert documents.seq_idx_from_starts(np.array([], dtype=np.int64), 3).tolist() == [0, 0, 0]
