@@ -11,7 +11,6 @@ sees no earlier tokens. Position 0 never resets: an initial state flows into the
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
 
@@ -48,8 +47,3 @@ def segmented_cumsum(x: torch.Tensor, seq_idx: torch.Tensor) -> torch.Tensor:
     index = start.view(start.shape[0], *[1] * (x.dim() - 2), -1).expand_as(x)
     return total - torch.gather(before, -1, index)
 
-
-def seq_idx_from_starts(starts: np.ndarray, length: int) -> np.ndarray:
-    """int32 (length,) document index per position of a window whose documents start at offsets ``starts``
-    (ascending; offsets outside (0, length) change nothing)."""
-    return np.searchsorted(np.asarray(starts), np.arange(length), side="right").astype(np.int32)

@@ -54,6 +54,9 @@ class DataConfig:
     micro_batch_size: int = bounded(8, gt=0)  # sequences per process per micro-step
     global_batch_size: int = bounded(64, gt=0)  # sequences per optimizer step (all processes, all micro-steps)
     verify_checksums: bool = False  # sha256 every shard at start (slow for large data)
+    # carry: packed documents pass state into each other (mamba_ssm, the paper). reset: every layer starts each
+    # document from a zero state (kernels/documents.py); needs data with document indexes and a model that resets
+    document_boundaries: Literal["carry", "reset"] = "carry"
 
     def __post_init__(self):
         if self.sources and self.path not in (None, DEFAULT_DATA_PATH):

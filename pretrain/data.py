@@ -230,6 +230,11 @@ class PackedDataset:
         hi = np.searchsorted(ends, start + self.seq_len, side="right")
         return ends[lo:hi] - start
 
+    def seq_idx(self, index: int) -> np.ndarray:
+        """int32 (seq_len,): the document of each input position of window ``index``, counted from the window's
+        first (kernels/documents.py: where a model resets with ``data.document_boundaries: reset``)."""
+        return np.searchsorted(self.document_starts(index), np.arange(self.seq_len), side="right").astype(np.int32)
+
     def permutation(self, seed: int, epoch: int, key: tuple[int, ...] = ()) -> np.ndarray:
         """The visiting order of epoch ``epoch``: a new permutation per epoch, the same on every rank; ``key``
         separates the sources of a mixture (pretrain/mixture.py; empty for a single source)."""
@@ -244,7 +249,8 @@ class DistributedSampleLoader:
     Global micro-step ``s`` covers global samples ``[c, c + micro_batch_size * world_size)`` with
     ``c = consumed_samples``; this rank takes those ``g`` with ``g % world_size == rank``. Sample ``g`` is
     ``mixture.window(g)`` (pretrain/mixture.py; a single dataset is a mixture of one). Each batch is
-    ``(input_ids, labels)``, LongTensors of shape ``[micro_batch_size, seq_len]``, labels shifted by one.
+    ``(input_ids, labels)``, LongTensors of shape ``[micro_batch_size, seq_len]``, labels shifted by one; with
+    ``document_boundaries="reset"`` also each window's ``seq_idx`` (int32, same shape) as a third element.
     """
 
     def __init__(
@@ -255,6 +261,7 @@ class DistributedSampleLoader:
         world_size: int = 1,
         seed: int = 0,
         consumed_samples: int = 0,
+        document_boundaries: str = "carry",
     ):
         from pretrain.mixture import Mixture, Source
 
@@ -270,6 +277,7 @@ class DistributedSampleLoader:
         self.world_size = world_size
         self.seed = seed
         self.consumed_samples = consumed_samples
+        self.resets = document_boundaries == "reset"
 
     def state_dict(self) -> dict[str, int]:
         # seed and world size are informative only: resume is defined by consumed_samples alone.
@@ -298,4 +306,7 @@ class DistributedSampleLoader:
         batch = np.stack([self.mixture.window(g) for g in indices])
         self.consumed_samples += self.micro_batch_size * self.world_size
         batch = torch.from_numpy(batch.astype(np.int64))
+        if self.resets:
+            seq_idx = torch.from_numpy(np.stack([self.mixture.seq_idx(g) for g in indices]))
+            return batch[:, :-1], batch[:, 1:], seq_idx
         return batch[:, :-1], batch[:, 1:]

@@ -135,3 +135,8 @@ class Mixture:
     def window(self, g: int) -> np.ndarray:
         s, w = self.locate(g)
         return self.sources[s].dataset.window(w)
+
+    def seq_idx(self, g: int) -> np.ndarray:
+        """The document of each input position of sample ``g`` (:meth:`pretrain.data.PackedDataset.seq_idx`)."""
+        s, w = self.locate(g)
+        return self.sources[s].dataset.seq_idx(w)

@@ -188,6 +188,9 @@ def render_card(repo_id: str, state: dict[str, Any], run_dir: Path, params: int,
         f"| precision / parallelism | {cfg['precision']['dtype']}, DeepSpeed ZeRO-{cfg['distributed']['zero_stage']} |",
         f"| hardware | {hardware} |",
     ]
+    if data.get("document_boundaries") == "reset":  # a training convention: the exported model is unchanged
+        lines.append("| packed documents | every layer's state reset at each document start "
+                     "(`data.document_boundaries: reset`); inference is unchanged (one document) |")
     if (init := model.get("init_from") or {}).get("path"):  # model.init_from: continued from a checkpoint
         lines.append(f"| initialised from | `{init['path']}` (revision {init['revision'] or 'local'}, weights sha256 "
                      f"`{init['sha256']}`) |")

@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from models.build import build_model
@@ -105,6 +106,9 @@ class Trainer:
             resize = saved["world_size"] != self.env.world_size and cfg.distributed.zero_stage in (1, 2)
 
         model = build_model(cfg.model)
+        if cfg.data.document_boundaries == "reset" and not model.document_resets:
+            raise ValueError(f"data.document_boundaries: reset needs an architecture whose layers reset at document "
+                             f"boundaries; model.arch {cfg.model.arch} does not: use data.document_boundaries: carry")
         if init_weights is not None:
             model.load_state_dict(init_weights)
             self.print(f"initialised from {cfg.model.init_from.path} ({cfg.model.init_from.revision or 'local'}, "
@@ -113,7 +117,8 @@ class Trainer:
         self.grad_accum = grad_accumulation_steps(cfg, self.env.world_size)
         self.engine = build_engine(cfg, model, self.env, load_universal=resize)
         self.loader = DistributedSampleLoader(self.mixture, cfg.data.micro_batch_size, self.env.rank,
-                                              self.env.world_size, cfg.run.seed)
+                                              self.env.world_size, cfg.run.seed,
+                                              document_boundaries=cfg.data.document_boundaries)
         self.state = TrainState()
         if resume_tag is not None:
             client = self.checkpointer.load(self.engine, resume_tag, universal=resize)
@@ -173,6 +178,8 @@ class Trainer:
                     f"({tokens.vocab_size}): set model.vocab_size to {tokens.vocab_size}"
                 )
             tokens.check_vocab(cfg.model.vocab_size)
+            if cfg.data.document_boundaries == "reset":
+                tokens.document_ends()  # refuses data prepared without document indexes, naming the fix
             sources.append(Source(src.label, src.weight, PackedDataset(tokens, cfg.data.seq_len, cfg.model.vocab_size)))
         return Mixture(sources, cfg.run.seed)
 
@@ -248,9 +255,9 @@ class Trainer:
         lr = lr_at(s.step, self.cfg, self.budget)
         totals = torch.zeros(3, dtype=torch.float64, device=self.env.device)  # loss sum, non-finite count, stop
         for micro in range(self.grad_accum):
-            x, y = (t.to(self.env.device, non_blocking=True) for t in next(self.loader))
+            x, y, *documents = (t.to(self.env.device, non_blocking=True) for t in next(self.loader))
             with self.autocast():
-                loss = self.engine(x, labels=y, return_logits=False).loss
+                loss = self.engine(x, labels=y, return_logits=False, **self._documents(documents)).loss
             for cb in self.callbacks:
                 loss = cb.on_loss(self, loss)
             ok = torch.isfinite(loss)
@@ -300,15 +307,25 @@ class Trainer:
         mine = list(range(self.env.rank, n, world))
         total, count = 0.0, 0
         for i in range(0, len(mine), self.cfg.data.micro_batch_size):
-            batch = torch.stack([torch.from_numpy(data.window(j).astype("int64"))
-                                 for j in mine[i : i + self.cfg.data.micro_batch_size]]).to(self.env.device)
+            windows = mine[i : i + self.cfg.data.micro_batch_size]
+            batch = torch.stack([torch.from_numpy(data.window(j).astype("int64")) for j in windows]).to(self.env.device)
+            documents = []
+            if self.cfg.data.document_boundaries == "reset":  # validated as trained: resets at its documents
+                documents = [torch.from_numpy(np.stack([data.seq_idx(j) for j in windows])).to(self.env.device)]
             with self.autocast():
-                loss = self.engine(batch[:, :-1], labels=batch[:, 1:], return_logits=False).loss
+                loss = self.engine(batch[:, :-1], labels=batch[:, 1:], return_logits=False,
+                                   **self._documents(documents)).loss
             total += loss.item() * batch.numel()
             count += batch.numel()
         self.engine.train()
         total, count = self._all_sum(total, count)
         return total / max(count, 1)
+
+    @staticmethod
+    def _documents(documents: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+        """The forward's ``seq_idx`` keyword when the batch carries one (``document_boundaries: reset``); carry
+        passes nothing, so its forward is exactly what it always was."""
+        return {"seq_idx": documents[0]} if documents else {}
 
     def fit(self) -> int:
         """Steps until the budget is spent or a callback stops the run; returns the exit code. Every callback

@@ -16,6 +16,12 @@ import torch
 from kernels import conv_ref, dispatch, documents, scan_ref, ssd_ref
 from models.build import build_model
 from models.config import ModelConfig
+from pretrain.cli import main
+from pretrain.data import DistributedSampleLoader, PackedDataset, TokenShards
+from tests.data_helpers import random_docs, write_jsonl
+from tests.train_helpers import fault_env, losses, ok, preempted, train, write_config
+
+pytest_plugins = ["tests.data_fixtures"]
 
 # document lengths of one window: single-token documents, documents crossing chunk boundaries (chunks of 3 and
 # 4 below), a first "document" that is the tail of one begun before the window (seq_idx need not start at 0)
@@ -221,6 +227,50 @@ def test_segmented_cumsum_matches_a_loop(np_rng):
     torch.testing.assert_close(documents.segmented_cumsum(x, seq_idx), want)
 
 
-def test_seq_idx_from_document_starts():
-    assert documents.seq_idx_from_starts(np.array([2, 3, 7]), 8).tolist() == [0, 0, 1, 2, 2, 2, 2, 3]
-    assert documents.seq_idx_from_starts(np.array([], dtype=np.int64), 3).tolist() == [0, 0, 0]
+
+@pytest.fixture(scope="module")
+def short_docs(tmp_path_factory, data) -> dict[str, str]:
+    """The session's 512-piece tokenizer over 400 short random documents: several boundaries per window."""
+    import random
+
+    base = tmp_path_factory.mktemp("short-docs")
+    src = write_jsonl(base / "docs.jsonl", random_docs(random.Random(0), 400, max_words=25))
+    assert main(["prepare", "--dataset", str(src), "--tokenizer", data["tokenizer"], "--out", str(base / "data"),
+                 "--val-fraction", "0.1"]) == 0
+    return {"tokenizer": data["tokenizer"], "path": str(base / "data")}
+
+
+def test_loader_marks_a_new_document_after_every_eos(short_docs):
+    """The reset loader's seq_idx steps exactly after each EOS of the input (read from the tokens, not the index),
+    and its tokens are the carry loader's, batch for batch."""
+    tokens = TokenShards(short_docs["path"], "train")
+    eos = tokens.manifest["eos_id"]
+    ds = PackedDataset(tokens, 48)
+    carry, reset = (DistributedSampleLoader(ds, 4, seed=3, document_boundaries=mode) for mode in ("carry", "reset"))
+    starts = 0
+    for _ in range(6):
+        (x, y), (x2, y2, seq_idx) = next(carry), next(reset)
+        assert torch.equal(x, x2) and torch.equal(y, y2) and seq_idx.dtype == torch.int32
+        steps = seq_idx[:, 1:] != seq_idx[:, :-1]
+        assert torch.equal(steps, x[:, :-1] == eos) and (seq_idx[:, 0] == 0).all()
+        starts += int(steps.sum())
+    assert starts > 8  # the check above compared real boundaries
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_reset_training_resumes_bitwise_and_differs_from_carry(tmp_path, short_docs):
+    """2 processes x grad accumulation 2 under ZeRO-2: a reset run stopped by SIGTERM and resumed has the losses of
+    the uninterrupted one, bit for bit (seq_idx travels with each micro-batch and follows from the sample);
+    carry on the same data and initial weights has another loss from the first step on."""
+    common = dict(data={"document_boundaries": "reset"}, eval={"every": 4})
+    full = write_config(tmp_path, short_docs, name="full", **common)
+    split = write_config(tmp_path, short_docs, name="split", **common)
+    carry = write_config(tmp_path, short_docs, name="carry")
+    ok(train(full, 2))
+    preempted(train(split, 2, env=fault_env(signal_at_step=3)), 2)
+    assert "resumed from" in ok(train(split, 2)).stdout
+    expected = losses(tmp_path / "runs" / "full")
+    assert len(expected) == 8 and losses(tmp_path / "runs" / "split") == expected
+    ok(train(carry, 2))
+    assert losses(tmp_path / "runs" / "carry")[0] != expected[0]
