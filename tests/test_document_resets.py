@@ -274,3 +274,39 @@ def test_reset_training_resumes_bitwise_and_differs_from_carry(tmp_path, short_d
     assert len(expected) == 8 and losses(tmp_path / "runs" / "split") == expected
     ok(train(carry, 2))
     assert losses(tmp_path / "runs" / "carry")[0] != expected[0]
+
+
+def test_stock_ssd_and_conv_receive_seq_idx(monkeypatch):
+    """Where the stock CUDA kernels take ``seq_idx`` themselves (mamba_ssm's SSD, causal-conv1d), dispatch hands it
+    to them as int32, with x channel-contiguous for causal-conv1d (its requirement for seq_idx)."""
+    seen = {}
+
+    class Stock:
+        @staticmethod
+        def mamba_chunk_scan_combined(x, dt, A, B, C, chunk_size, initial_states=None, seq_idx=None,
+                                      return_final_states=False):
+            seen["ssd"] = seq_idx
+            return ssd_ref.chunked_core(x, dt, A, B, C, initial_states, seq_idx.long(), chunk_size)
+
+        @staticmethod
+        def causal_conv1d_fn(x, weight, bias=None, seq_idx=None, activation=None):
+            seen["conv"] = (seq_idx, x.stride(1))
+            return conv_ref.causal_conv1d(x, weight, bias, activation, seq_idx.long())
+
+    real = dispatch.unavailable_reason
+    monkeypatch.setattr(dispatch, "unavailable_reason",
+                        lambda backend, device, op=None: None if backend == "cuda" else real(backend, device, op))
+    monkeypatch.setattr(dispatch, "_probe", lambda module: (Stock, None))
+    monkeypatch.delenv("POLAR_KERNELS", raising=False)
+    lengths = [2, 5, 3]
+    seq_idx = seq_idx_for(lengths, batch=2)
+    x, w = torch.randn(2, 4, 10), torch.randn(4, 4)
+    y = dispatch.causal_conv1d(x, w, None, seq_idx=seq_idx)
+    assert seen["conv"][0].dtype == torch.int32 and seen["conv"][1] == 1
+    torch.testing.assert_close(y, conv_ref.causal_conv1d(x, w, None, seq_idx=seq_idx))
+    xs, dt, A = torch.randn(2, 10, 2, 3), torch.randn(2, 10, 2), -torch.rand(2) - 0.5
+    B, C = torch.randn(2, 10, 1, 5), torch.randn(2, 10, 1, 5)
+    kw = dict(dt_softplus=True, n_ones=1, n_zeros=1, seq_idx=seq_idx)
+    y = dispatch.ssd(xs, dt, A, B, C, chunk_size=4, **kw)
+    assert seen["ssd"].dtype == torch.int32
+    torch.testing.assert_close(y, ssd_ref.ssd_sequential(xs, dt, A, B, C, **kw), rtol=1e-5, atol=1e-5)
