@@ -167,16 +167,19 @@ def mixer_inputs(b, d, L, N, n_ones, n_zeros, dtype, device, dt_rank=48):
 def part_scan(ctx) -> dict:
     """Our Triton scan at mamba-130m's shapes: inference forward (no saved states), training forward (saves
     the fp32 state every 256 steps) and backward, each timed alone; then the PyTorch reference and a few
-    (BLOCK_D, CHUNK, warps) alternatives to the shipped table, batch 8 polarized."""
+    (BLOCK_D, CHUNK, warps) alternatives to the shipped table, batch 8 polarized, and the polarized scan resetting
+    at packed documents of L/8 tokens (``data.document_boundaries: reset``)."""
     from kernels import scan_ref, scan_triton
 
     shapes, dtype = shapes_for(ctx), compute_dtype(ctx)
     d, L, N = shapes.d_inner, shapes.seq, shapes.n_state
     result = dict(dtype=str(dtype), rows=[])
 
-    def measure(b, n1, n0, variant, config=None, impl=scan_triton.selective_scan):
+    def measure(b, n1, n0, variant, config=None, impl=scan_triton.selective_scan, resets=False):
         leaves = [t.requires_grad_() for t in mixer_inputs(b, d, L, N, n1, n0, dtype, ctx.device)]
         kw = dict(delta_softplus=True, n_ones=n1, n_zeros=n0)
+        if resets:  # documents of L/8 tokens, the window starting mid-document
+            kw["seq_idx"] = (torch.arange(L, device=ctx.device, dtype=torch.int32) // max(L // 8, 1)).repeat(b, 1)
         saved = dict(scan_triton.CONFIGS)
         if config is not None:
             scan_triton.CONFIGS.update(dict.fromkeys(saved, config))
@@ -210,6 +213,7 @@ def part_scan(ctx) -> dict:
         measure(b, 0, 0, f"baseline N{N}")
         measure(b, 1, 1, f"polar 1+{N}+1")
     result["summary"] = goal_line(result["rows"])  # the shipped configuration's rows
+    measure(shapes.scan_batches[-1], 1, 1, f"polar 1+{N}+1, document resets", resets=True)
     measure(shapes.scan_batches[0], 1, 1, "polar, PyTorch reference", impl=scan_ref.selective_scan_chunked)
     for config in shapes.sweep:
         try:
