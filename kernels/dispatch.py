@@ -146,26 +146,25 @@ def selective_scan(
     n_ones=0, n_zeros=0, zero_mode="exact", return_last_state=False, initial_state=None, seq_idx=None,
 ):
     """Selective scan with polarized channels; signature and shapes of :mod:`kernels.scan_ref`, plus
-    ``initial_state`` (b, d, N_total) to continue from (added by linearity: :func:`scan_ref.initial_state_terms`)
-    and ``seq_idx`` (b, L) to reset at document boundaries."""
+    ``initial_state`` (b, d, N_total) to continue from (our kernels start from it; for mamba_ssm's it is added by
+    linearity: :func:`scan_ref.initial_state_terms`) and ``seq_idx`` (b, L) to reset at document boundaries."""
     args = (u, delta, A, B, C, D, z, delta_bias, delta_softplus, n_ones, n_zeros, zero_mode)
     backend = _backend("selective_scan", u.device, seq_idx)
-    if backend == "cuda":
-        from kernels import scan_cuda
-
-        stock = _probe(CUDA_PACKAGES["selective_scan"])[0].selective_scan_fn
-        out = scan_cuda.selective_scan(stock, *args, return_last_state)
-    elif backend == "triton":  # the kernel starts from the state itself
+    if backend == "triton":
         from kernels import scan_triton
 
         return scan_triton.selective_scan(*args, return_last_state, initial_state, seq_idx)
-    else:
-        out = scan_ref.selective_scan_chunked(*args, return_last_state, seq_idx)
+    if backend == "torch":
+        return scan_ref.selective_scan_chunked(*args, return_last_state, seq_idx, initial_state=initial_state)
+    from kernels import scan_cuda
+
+    stock = _probe(CUDA_PACKAGES["selective_scan"])[0].selective_scan_fn
+    out = scan_cuda.selective_scan(stock, *args, return_last_state)
     if initial_state is None:
         return out
     y, h = out if return_last_state else (out, None)
     dy, dh = scan_ref.initial_state_terms(initial_state, delta, A, C, z, delta_bias, delta_softplus,
-                                          n_ones, n_zeros, zero_mode, seq_idx=seq_idx)
+                                          n_ones, n_zeros, zero_mode)
     y = (y + dy).to(u.dtype)
     return (y, h + dh) if return_last_state else y
 

@@ -18,8 +18,9 @@ def selective_scan(
 ):
     """``stock_fn`` has mamba_ssm's ``selective_scan_fn`` signature; other arguments as ``scan_ref``."""
 
-    def core(uf, dt, A_scan, B_scan, C_scan, seq_idx):
+    def core(uf, dt, A_scan, B_scan, C_scan, seq_idx, h0):
         assert seq_idx is None, "mamba_ssm's selective scan has no document resets: dispatch routes them elsewhere"
+        assert h0 is None, "mamba_ssm's selective scan has no initial state: dispatch adds its terms"
         return stock_fn(uf, dt, A_scan, B_scan.contiguous(), C_scan.contiguous(), D=None, z=None,
                         delta_bias=None, delta_softplus=False, return_last_state=True)
 

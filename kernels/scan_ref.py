@@ -131,7 +131,8 @@ class _ChunkedScan(torch.autograd.Function):
     G_t = C_t gy_t + a_{t+1} G_{t+1} in reverse.
 
     Inputs (fp32): u, dt (L, b, d); A (d, n); B, C (L, b, n); keep (L, b) or None: 0 where a document starts
-    (the decay a_t is multiplied by it, :mod:`kernels.documents`). Returns y (L, b, d), h_last (b, d, n).
+    (the decay a_t is multiplied by it, :mod:`kernels.documents`); h0 (b, d, n) or None (zero): the state to
+    continue from. Returns y (L, b, d), h_last (b, d, n).
     """
 
     @staticmethod
@@ -149,11 +150,11 @@ class _ChunkedScan(torch.autograd.Function):
         return dA if keep is None else dA * keep[:, :, None, None]
 
     @staticmethod
-    def forward(ctx, u, dt, A, B, C, keep, chunk_size: int):
+    def forward(ctx, u, dt, A, B, C, keep, h0, chunk_size: int):
         L, b, d = u.shape
         n = A.shape[1]
         y = u.new_empty(L, b, d)
-        h = u.new_zeros(b, d, n)
+        h = u.new_zeros(b, d, n) if h0 is None else h0.clone()
         starts = list(range(0, L, chunk_size))
         h0s = u.new_empty(len(starts), b, d, n)
         for i, s in enumerate(starts):
@@ -198,7 +199,7 @@ class _ChunkedScan(torch.autograd.Function):
             gdt[s:e] = gw * u[s:e] + torch.einsum("tbdn,dn->tbd", g_dtA, A)
             gu[s:e] = gw * dt[s:e]
             gA += torch.einsum("tbdn,tbd->dn", g_dtA, dt[s:e])
-        return gu, gdt, gA, gB, gC, None, None
+        return gu, gdt, gA, gB, gC, None, carry if ctx.needs_input_grad[6] else None, None
 
 
 def polar_channel_terms(w, B_ones, C_ones, B_zeros, C_zeros, seq_idx=None):
@@ -215,11 +216,13 @@ def polar_channel_terms(w, B_ones, C_ones, B_zeros, C_zeros, seq_idx=None):
 
 def polarized_scan(
     core, u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
-    n_ones=0, n_zeros=0, zero_mode="exact", return_last_state=False, seq_idx=None,
+    n_ones=0, n_zeros=0, zero_mode="exact", return_last_state=False, seq_idx=None, initial_state=None,
 ):
-    """The selective scan with polarized channels around ``core(u, dt, A, B, C, seq_idx) -> (y, h_last)``, a plain
-    diagonal scan (u, dt: (b, d, L) in the compute dtype, dt after bias and softplus; resetting at the
-    documents of ``seq_idx`` when it is not None). ``core`` runs the
+    """The selective scan with polarized channels around ``core(u, dt, A, B, C, seq_idx, h0) -> (y, h_last)``, a
+    plain diagonal scan (u, dt: (b, d, L) in the compute dtype, dt after bias and softplus; resetting at the
+    documents of ``seq_idx`` when it is not None; continuing from ``h0`` (b, d, n), its channels of
+    ``initial_state``, when that is not None). A carried ones state adds <C_t, h0> to y and h0 to the last state
+    (a_t = 1; up to the first reset), an exact zeros state nothing. ``core`` runs the
     learned channels (and the zero channels as A = -100 in reference mode); the exact polar channels are
     added in closed form (module docstring), then D·u and the SiLU(z) gate. Any backend whose kernel has
     no polarization (our chunked scan, mamba_ssm's ``selective_scan_fn``) is polarized through this."""
@@ -232,12 +235,20 @@ def polarized_scan(
     if zero_mode == "reference" and n_zeros:
         A_scan = torch.cat([A_scan, A_scan.new_full((d, n_zeros), REFERENCE_ZERO_A)], dim=1)
     n_scan = A_scan.shape[1]
-    y, h_scan = core(uf, dt, A_scan, Bf[:, n_ones : n_ones + n_scan], Cf[:, n_ones : n_ones + n_scan], seq_idx)
+    h0 = None if initial_state is None else initial_state.to(cdt)
+    y, h_scan = core(uf, dt, A_scan, Bf[:, n_ones : n_ones + n_scan], Cf[:, n_ones : n_ones + n_scan], seq_idx,
+                     None if h0 is None else h0[..., n_ones : n_ones + n_scan].contiguous())
     y = y.to(cdt)
     n_exact_zeros = n_zeros if zero_mode == "exact" else 0
     if n_ones or n_exact_zeros:
         dy, h_ones, h_zeros = polar_channel_terms(dt * uf, Bf[:, :n_ones], Cf[:, :n_ones],
                                                   Bf[:, n_ones + n_scan :], Cf[:, n_ones + n_scan :], seq_idx)
+        if h0 is not None and n_ones:
+            carried, h0_ones = torch.einsum("bdk,bkl->bdl", h0[..., :n_ones], Cf[:, :n_ones]), h0[..., :n_ones]
+            if seq_idx is not None:
+                first = documents.before_first_reset(seq_idx).to(cdt)
+                carried, h0_ones = carried * first[:, None], h0_ones * first[:, -1, None, None]
+            dy, h_ones = dy + carried, h_ones + h0_ones
         y = y + dy
         h_scan = torch.cat([h_ones, h_scan, h_zeros], dim=-1)
     if D is not None:
@@ -250,7 +261,7 @@ def polarized_scan(
 
 def initial_state_terms(
     h0, delta, A, C, z=None, delta_bias=None, delta_softplus=False, n_ones=0, n_zeros=0, zero_mode="exact",
-    block=256, seq_idx=None,
+    block=256,
 ):
     """What a scan started from state ``h0`` (b, d, N_total) adds to the same scan started from zero.
 
@@ -258,8 +269,7 @@ def initial_state_terms(
     P_t = Π_{s≤t} a_s = :func:`discrete_transition` of the cumulative Δ (exp(A·ΣΔ) for learned channels,
     1 for ones, 0 or exp(-100·ΣΔ) for zeros): y_t gains <C_t, P_t ⊙ h0> · SiLU(z_t) and h_L gains
     P_L ⊙ h0. Returns (dy (b, d, L), dh (b, d, N_total)) in the compute dtype. Lets every backend continue
-    from a state (chunked prefill) without a kernel change. With ``seq_idx``, h0 reaches only the window's
-    first document (P_t = 0 from the first reset on).
+    from a state without a kernel change (mamba_ssm's scan, which has no initial state).
     """
     dt = _prepare_dt(delta, delta_bias, delta_softplus)
     S = dt.cumsum(-1).transpose(1, 2)  # (b, L, d): Σ_{s≤t} Δ_s
@@ -270,26 +280,23 @@ def initial_state_terms(
                     for s in range(0, S.shape[1], block)], dim=-1)
     if z is not None:
         dy = dy * F.silu(z.to(dt.dtype))
-    dh = discrete_transition(S[:, -1], A, n_ones, n_zeros, zero_mode) * h0
-    if seq_idx is not None:
-        first = documents.before_first_reset(seq_idx).to(dy.dtype)  # (b, L)
-        dy, dh = dy * first[:, None], dh * first[:, -1, None, None]
-    return dy, dh
+    return dy, discrete_transition(S[:, -1], A, n_ones, n_zeros, zero_mode) * h0
 
 
-def _chunked_core(u, dt, A, B, C, seq_idx, chunk_size: int):
+def _chunked_core(u, dt, A, B, C, seq_idx, h0, chunk_size: int):
     tm = lambda x: x.permute(2, 0, 1).contiguous()  # (b, c, L) -> (L, b, c)
     keep = None if seq_idx is None else documents.keep(seq_idx, u.dtype).t().contiguous()
-    y, h = _ChunkedScan.apply(tm(u), tm(dt), A, tm(B), tm(C), keep, chunk_size)
+    y, h = _ChunkedScan.apply(tm(u), tm(dt), A, tm(B), tm(C), keep, h0, chunk_size)
     return y.permute(1, 2, 0), h
 
 
 def selective_scan_chunked(
     u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
     n_ones=0, n_zeros=0, zero_mode="exact", return_last_state=False, seq_idx=None, chunk_size=16,
+    initial_state=None,
 ):
-    """The fast CPU path: same signature and results as :func:`selective_scan_sequential`
-    (:class:`_ChunkedScan` polarized by :func:`polarized_scan`)."""
+    """The fast CPU path: same signature and results as :func:`selective_scan_sequential`, plus ``initial_state``
+    (b, d, N_total) to continue from (:class:`_ChunkedScan` polarized by :func:`polarized_scan`)."""
     core = functools.partial(_chunked_core, chunk_size=chunk_size)
     return polarized_scan(core, u, delta, A, B, C, D, z, delta_bias, delta_softplus, n_ones, n_zeros, zero_mode,
-                          return_last_state, seq_idx)
+                          return_last_state, seq_idx, initial_state)

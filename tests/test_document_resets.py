@@ -193,7 +193,7 @@ def test_resets_never_reach_mamba_ssm_selective_scan(monkeypatch, caplog):
         @staticmethod
         def selective_scan_fn(u, delta, A, B, C, **kw):
             calls.append(1)
-            return scan_ref._chunked_core(u, delta, A, B, C, None, chunk_size=4)
+            return scan_ref._chunked_core(u, delta, A, B, C, None, None, chunk_size=4)
 
     real = dispatch.unavailable_reason
     monkeypatch.setattr(dispatch, "unavailable_reason",
