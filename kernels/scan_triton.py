@@ -34,6 +34,18 @@ Batch 1: when batch × channel blocks cannot fill two waves of SMs, both passes 
 segments, one program each. A state-passing pass writes each segment's contribution from a zero start (forward:
 its end state, ``_scan_seg_kernel``; backward: the adjoint it hands back, ``_scan_adj_kernel``) and its ΣΔ; each
 program folds the segments before (forward) or after (backward) its piece into its start, then walks its piece.
+
+Packed documents (``seq_idx`` (b, L), the document of every position, non-decreasing; mamba_ssm's convention):
+position t ≥ 1 starts a document when seq_idx[t] != seq_idx[t-1], and there a_t = 0 in every carried channel
+(h_t = Δ_t B_t u_t). Each pass reads the chunk's seq_idx and the previous position's (no extra pass over the data),
+under a constexpr HAS_SEQ_IDX (without seq_idx the kernels compile as before). The pair scans take a = 0 at
+starts; the ones channels, whose plain cumulative sums cannot reset, run the pair scan with a ∈ {0, 1} instead
+(forward sum and reverse adjoint sum); the adjoint takes a_{t+1} = 0 before a start. The closed-form sums
+drop what a start cuts off: a chunk's end state (backward rebuild, ``_scan_seg_kernel``) keeps only the steps from
+its last start on and its start state only if it has none; a segment's adjoint (``_scan_adj_kernel``) keeps only
+the steps before its first start; a segment holding a start passes nothing across it in the pieces' folds (a
+(b, segments) ``keep`` flag beside its ΣΔ). Exact zero channels have no memory and need nothing; an initial
+state reaches only the first document.
 """
 
 from __future__ import annotations
