@@ -164,7 +164,8 @@ class CausalConv1dTriton(torch.autograd.Function):
         gb = torch.empty(n_parts, d, device=x.device, dtype=torch.float32) if bias is not None else None
         _conv_bwd_kernel[grid](x, weight, bias, seq_idx, gy, gx, gw, gb, b, d, L, *strides, *gy.stride(), *gx.stride(),
                                *_strides2(seq_idx), **flags)
-        return gx, gw.sum(0).to(weight.dtype), None if bias is None else gb.sum(0).to(bias.dtype), None, None, None, None
+        gbias = None if bias is None else gb.sum(0).to(bias.dtype)
+        return gx, gw.sum(0).to(weight.dtype), gbias, None, None, None, None
 
 
 def causal_conv1d(x, weight, bias=None, activation="silu", seq_idx=None, block_d=None, block_l=None):

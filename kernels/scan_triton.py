@@ -318,8 +318,8 @@ def _scan_adj_kernel(
     d, L, n_chunks, seg_lo,
     s_tb, s_td, s_tl, s_zb, s_zd, s_zl, s_yb, s_yd, s_yl, s_Ad, s_An, s_Cb, s_Cn, s_Cl, s_qb, s_ql,
     N_ONES: tl.constexpr, N_SCAN: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_Z: tl.constexpr,
-    HAS_BIAS: tl.constexpr, HAS_SEQ_IDX: tl.constexpr, SEG_CHUNKS: tl.constexpr, S_PAD: tl.constexpr, CHUNK: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SEQ_IDX: tl.constexpr, SEG_CHUNKS: tl.constexpr, S_PAD: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """The state-passing pass of an L-split backward, per (batch, channel block, segment seg_lo + z): the adjoint a
     segment hands the one before it from a zero adjoint after it, Q = Σ_t exp(A Σ_{s≤t} Δ_s) C_t g_t (Σ over the
@@ -696,8 +696,8 @@ class SelectiveScanTriton(torch.autograd.Function):
             u, delta, A, B, C, D, z, delta_bias, seq_idx, hseg, gy, ghlast, Q, sdt, keep,
             gu, gdelta, gz, gA, gB, gC, gD, gbias, gstate, hbuf, d, L, n_chunks, segs_per,
             *u.stride(), *delta.stride(), *_strides3(z), *gy.stride(), *gu.stride(), *A.stride(),
-            *B.stride(), *C.stride(), *_strides2(seq_idx), HAS_GH=ghlast is not None, SPLIT=pieces > 1, S_PAD=S_PAD, CHUNK=chunk,
-            BLOCK_D=block_d, num_warps=warps, **flags)
+            *B.stride(), *C.stride(), *_strides2(seq_idx), HAS_GH=ghlast is not None, SPLIT=pieces > 1, S_PAD=S_PAD,
+            CHUNK=chunk, BLOCK_D=block_d, num_warps=warps, **flags)
         need = ctx.needs_input_grad
         grad = lambda i, g, like_: g.to(like_.dtype) if need[i] else None
         n1 = flags["N_ONES"]

@@ -212,7 +212,7 @@ def separate_documents(u, delta, A, B, C, D, z, delta_bias, delta_softplus, retu
         starts = [0, *[t for t in range(1, len(q)) if q[t] != q[t - 1]], len(q)]
         row = []
         for k, (s, e) in enumerate(zip(starts, starts[1:], strict=False)):
-            cut = lambda t, s=s, e=e: None if t is None else t[i : i + 1, :, s:e]
+            cut = lambda t, i=i, s=s, e=e: None if t is None else t[i : i + 1, :, s:e]
             y, h = scan_ref.selective_scan_chunked(cut(u), cut(delta), A, cut(B), cut(C), D, cut(z), delta_bias,
                                                    delta_softplus, return_last_state=True, **kw)
             if k == 0 and initial_state is not None:
