@@ -264,6 +264,32 @@ def test_triton_scan_resets_at_document_starts(device, case):
     assert_all_close([y, h], want[:2], torch.float32)
 
 
+def test_triton_scan_resets_at_random_document_starts(device, rng):
+    """Random document lengths (1 to 13 steps, drawn from the test's seed) and first indices over L = 29 in 4-step
+    chunks, two chunks per saved state, batch 2 and batch 1 split into pieces, polarized with reference-mode zeros
+    (a scan channel): same check as above."""
+    zero_mode = "reference"
+    L, nt = 29, 1 + 3 + 1
+
+    def draw_row():
+        lens = []
+        while sum(lens) < L:
+            lens.append(min(rng.choice([1, 1, 2, 3, 4, 5, 7, 9, 13]), L - sum(lens)))
+        first = rng.randrange(0, 50)
+        return [first + k for k, n in enumerate(lens) for _ in range(n)]
+
+    for b, pieces in ((2, 1), (1, None)):
+        seq_idx = torch.tensor([draw_row() for _ in range(b)], dtype=torch.int32, device=device)
+        inputs = make_inputs(b, 5, L, 3, 1, 1, torch.float32, device)
+        h0 = torch.randn(b, 5, nt, device=device, requires_grad=True)
+        gy, gh = torch.randn(b, 5, L, device=device), torch.randn(b, 5, nt, device=device)
+        kw = dict(n_ones=1, n_zeros=1, zero_mode=zero_mode, seq_idx=seq_idx, initial_state=h0)
+        want = scan_outputs_and_grads(separate_documents, [*inputs, h0], gy, gh, **kw)
+        got = scan_outputs_and_grads(scan_triton.selective_scan, [*inputs, h0], gy, gh, chunk_size=4, block_d=4,
+                                     seg_chunks=2, pieces=pieces, **kw)
+        assert_all_close(got, want, torch.float32, names=[*NAMES, "initial_state"])
+
+
 def test_triton_scan_one_document_is_no_reset(device):
     """seq_idx with one document (any index) gives the results of no seq_idx, gradients included: the reset path
     adds nothing where no document starts (the ones channels' pair scan equals their cumulative sum)."""
