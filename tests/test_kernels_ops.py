@@ -101,7 +101,7 @@ def test_triton_conv_resets_at_document_starts(device, k, act):
     # one document (any index) is no reset
     one = torch.full_like(seq_idx, 4)
     torch.testing.assert_close(conv_triton.causal_conv1d(x, w, b, act, seq_idx=one, block_d=4, block_l=8),
-                               conv_triton.causal_conv1d(x, w, b, act, block_d=4, block_l=8), rtol=0, atol=0)
+                               conv_triton.causal_conv1d(x, w, b, act, block_d=4, block_l=8), **TOL[torch.float32])
 
 
 # residual add + RMSNorm: 21 rows (not a multiple of the row block), d=10 (not a power of two)
