@@ -20,9 +20,9 @@ import torch
 # Pointer arguments each kernel writes ("+": also read: in place, or fp32 atomic adds); every other tensor
 # argument is read. A kernel launched without an entry raises, so a new kernel cannot be counted as all reads.
 WRITES = {
-    "scan_seg_kernel": ("H_ptr", "sdt_ptr"),
+    "scan_seg_kernel": ("H_ptr", "sdt_ptr", "keep_ptr"),
     "scan_fwd_kernel": ("y_ptr", "state_ptr", "hseg_ptr"),
-    "scan_adj_kernel": ("Q_ptr", "sdt_ptr"),
+    "scan_adj_kernel": ("Q_ptr", "sdt_ptr", "keep_ptr"),
     "scan_bwd_kernel": ("gu_ptr", "gdt_ptr", "gz_ptr", "+gA_ptr", "+gB_ptr", "+gC_ptr", "+gD_ptr", "+gbias_ptr",
                         "gstate_ptr", "+hbuf_ptr"),
     "conv_fwd_kernel": ("y_ptr",),

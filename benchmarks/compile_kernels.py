@@ -3,6 +3,8 @@
 The real model (a preset, on PyTorch's ``meta`` device, kernels forced to Triton) runs one training step
 (forward with the chunked loss, then backward) while :func:`kernels.triton_jit.capture` records each kernel
 launch with its real arguments: the model's strides, the shipped block sizes, flags and ``num_warps``.
+Every launch is captured twice: as the model makes it, and with packed documents (a ``seq_idx`` handed to the
+Triton scan and conv, their ``HAS_SEQ_IDX`` variants).
 Each distinct launch is then compiled by Triton's own compiler for ``GPUTarget("cuda", 90, 32)`` with the
 ``ptxas`` that Triton picks for sm_90 (3.9: its bundled ``ptxas-blackwell``, CUDA 13; 3.6, the device's: its
 bundled ``ptxas``, CUDA 12.8; the table names it), and the cubin's resource usage is read with the bundled
@@ -19,6 +21,8 @@ Run: PYTHONPATH=. .venv/bin/python benchmarks/compile_kernels.py [--presets mamb
 from __future__ import annotations
 
 import argparse
+import contextlib
+import inspect
 import json
 import os
 import re
@@ -42,9 +46,38 @@ DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
 PRESETS = ("mamba-130m", "mamba-370m", "mamba-550m")
 
 
-def captured_launches(preset: str, dtype: torch.dtype, polar: bool, batch: int, seq: int, layers: int = 1):
+@contextlib.contextmanager
+def _packed_documents():
+    """Inside, the Triton scan and conv get a ``seq_idx`` (packed documents: their HAS_SEQ_IDX variants) when the
+    caller passes none."""
+    from kernels import conv_triton, scan_triton
+
+    originals = {m: m.__dict__[n] for m, n in ((scan_triton, "selective_scan"), (conv_triton, "causal_conv1d"))}
+
+    def with_seq_idx(fn):
+        def call(*args, **kwargs):
+            bound = inspect.signature(fn).bind(*args, **kwargs)
+            if bound.arguments.get("seq_idx") is None:
+                x = bound.arguments["u" if "u" in bound.arguments else "x"]
+                bound.arguments["seq_idx"] = torch.zeros(x.shape[0], x.shape[-1], dtype=torch.int32, device=x.device)
+            return fn(*bound.args, **bound.kwargs)
+
+        return call
+
+    for module, fn in originals.items():
+        setattr(module, fn.__name__, with_seq_idx(fn))
+    try:
+        yield
+    finally:
+        for module, fn in originals.items():
+            setattr(module, fn.__name__, fn)
+
+
+def captured_launches(preset: str, dtype: torch.dtype, polar: bool, batch: int, seq: int, layers: int = 1,
+                      packed: bool = False):
     """The Triton launches of a training step (forward + loss + backward) and of an inference forward (no saved
-    states, e.g. a NIAH prefill) of ``preset`` on meta tensors, at ``batch`` and at batch 1."""
+    states, e.g. a NIAH prefill) of ``preset`` on meta tensors, at ``batch`` and at batch 1; ``packed``: with
+    document starts (seq_idx) in the scan and the conv."""
     from models import MambaLM, ModelConfig
 
     name = f"{preset}-polar" if polar else preset
@@ -55,7 +88,7 @@ def captured_launches(preset: str, dtype: torch.dtype, polar: bool, batch: int, 
         with torch.device("meta"):
             model = MambaLM(cfg).to(dtype)
             ids = torch.zeros(batch, seq, dtype=torch.long)
-        with capture() as launches:
+        with capture() as launches, (_packed_documents() if packed else contextlib.nullcontext()):
             model(ids, labels=ids, return_logits=False).loss.backward()
             with torch.no_grad():
                 model(ids)
@@ -124,7 +157,8 @@ def resource_usage(compiled) -> dict:
 def _settings(kernel, args, kwargs) -> str:
     """The launch's constexpr block sizes / flags, for the table."""
     names = [p.name for p in kernel.compiled.params]
-    keys = ("CHUNK", "K", "N_ONES", "N_SCAN", "N_ZEROS", "SAVE", "SEG_CHUNKS", "num_warps", "maxnreg")
+    keys = ("CHUNK", "K", "N_ONES", "N_SCAN", "N_ZEROS", "SAVE", "SEG_CHUNKS", "HAS_SEQ_IDX", "num_warps",
+            "maxnreg")
     shown = {k: v for k, v in kwargs.items() if k.startswith("BLOCK") or k in keys}
     shown.update({n: a for n, a in zip(names, args, strict=False) if n.startswith("BLOCK")})
     return " ".join(f"{k}={v}" for k, v in sorted(shown.items()))
@@ -136,7 +170,9 @@ def check(presets=PRESETS, dtypes=("bf16", "fp32"), batch: int = 8, seq: int = 2
     for preset in presets:
         for dname in dtypes:
             for polar in (False, True):
-                for kernel, grid, args, kwargs in captured_launches(preset, DTYPES[dname], polar, batch, seq):
+                launches = [launch for packed in (False, True)  # packed: the scan's and conv's seq_idx variants
+                            for launch in captured_launches(preset, DTYPES[dname], polar, batch, seq, packed=packed)]
+                for kernel, grid, args, kwargs in launches:
                     nbytes = launch_bytes(kernel, args, kwargs)
                     row = dict(preset=preset, dtype=dname, polar=polar, kernel=kernel_name(kernel),
                                grid=list(grid), settings=_settings(kernel, args, kwargs),

@@ -34,6 +34,18 @@ Batch 1: when batch × channel blocks cannot fill two waves of SMs, both passes 
 segments, one program each. A state-passing pass writes each segment's contribution from a zero start (forward:
 its end state, ``_scan_seg_kernel``; backward: the adjoint it hands back, ``_scan_adj_kernel``) and its ΣΔ; each
 program folds the segments before (forward) or after (backward) its piece into its start, then walks its piece.
+
+Packed documents (``seq_idx`` (b, L), the document of every position, non-decreasing; mamba_ssm's convention):
+position t ≥ 1 starts a document when seq_idx[t] != seq_idx[t-1], and there a_t = 0 in every carried channel
+(h_t = Δ_t B_t u_t). Each pass reads the chunk's seq_idx and the previous position's (no extra pass over the data),
+under a constexpr HAS_SEQ_IDX (without seq_idx the kernels compile as before). The pair scans take a = 0 at
+starts; the ones channels, whose plain cumulative sums cannot reset, run the pair scan with a ∈ {0, 1} instead
+(forward sum and reverse adjoint sum); the adjoint takes a_{t+1} = 0 before a start. The closed-form sums
+drop what a start cuts off: a chunk's end state (backward rebuild, ``_scan_seg_kernel``) keeps only the steps from
+its last start on and its start state only if it has none; a segment's adjoint (``_scan_adj_kernel``) keeps only
+the steps before its first start; a segment holding a start passes nothing across it in the pieces' folds (a
+(b, segments) ``keep`` flag beside its ΣΔ). Exact zero channels have no memory and need nothing; an initial
+state reaches only the first document.
 """
 
 from __future__ import annotations
@@ -62,7 +74,7 @@ SAVE_STEPS = 256  # the training forward keeps the fp32 state every 256 steps (t
 # L and the chunk count vary per call and are never specialized. The batch strides are: a stride Triton knows to
 # be a multiple of 16 keeps every tile's base 16-byte aligned, which is what lets it vectorize the channel-contiguous
 # loads (ld.global.v*); a new L recompiles only when L·d changes its divisibility by 16.
-_NOT_SPECIALIZED = ("L", "n_chunks")
+_NOT_SPECIALIZED = ("L", "n_chunks", "s_qb")  # s_qb: seq_idx's batch stride, L when contiguous
 
 
 @triton.jit
@@ -104,18 +116,37 @@ def _decays(A_ptr, s_Ad, s_An, offs_d, mask_d, nn, N_ONES: tl.constexpr, S: tl.c
                    mask=rows[:, None] & mask_d[None, :], other=0.0).to(tl.float32)
 
 
+@triton.jit
+def _resets(q_row, s_ql, t0, tt, mask_t):
+    """True where position t0 + tt starts a document (its seq_idx differs from the previous position's); position 0
+    never does. ``q_row`` is the batch's row of seq_idx."""
+    pos = t0 + tt
+    cur = tl.load(q_row + pos * s_ql, mask=mask_t, other=0)
+    prev = tl.load(q_row + (pos - 1) * s_ql, mask=mask_t & (pos >= 1), other=0)
+    return mask_t & (pos >= 1) & (cur != prev)
+
+
+@triton.jit
+def _last_reset(q_row, s_ql, t0, tt, mask_t):
+    """The chunk's last document start (-1 if none): the steps before it do not reach the chunk's end state."""
+    return tl.max(tl.where(_resets(q_row, s_ql, t0, tt, mask_t), tt, -1), axis=0)
+
+
 @jit(do_not_specialize=_NOT_SPECIALIZED)
 def _scan_seg_kernel(
-    u_ptr, dt_ptr, A_ptr, B_ptr, bias_ptr, H_ptr, sdt_ptr,
+    u_ptr, dt_ptr, A_ptr, B_ptr, bias_ptr, q_ptr, H_ptr, sdt_ptr, keep_ptr,
     d, L, n_chunks,
-    s_ub, s_ud, s_ul, s_tb, s_td, s_tl, s_Ad, s_An, s_Bb, s_Bn, s_Bl,
+    s_ub, s_ud, s_ul, s_tb, s_td, s_tl, s_Ad, s_An, s_Bb, s_Bn, s_Bl, s_qb, s_ql,
     N_ONES: tl.constexpr, N_SCAN: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_BIAS: tl.constexpr,
-    SEG_CHUNKS: tl.constexpr, S_PAD: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
+    HAS_SEQ_IDX: tl.constexpr, SEG_CHUNKS: tl.constexpr, S_PAD: tl.constexpr, CHUNK: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """The state-passing pass of an L-split forward: per (batch, channel block, segment of SEG_CHUNKS chunks), the
     segment's end state from a zero start, H, and its Σ Δ (its decay is exp(A ΣΔ)). The forward's programs for
     later segments fold these into their start states. Each chunk adds exp(A Σ_{s>t} Δ_s) Δ_t B_t u_t summed over
-    t (the scan-free sweep of the backward); the carried channels are one (S_PAD, BLOCK_D) register tile."""
+    t (the scan-free sweep of the backward); the carried channels are one (S_PAD, BLOCK_D) register tile. With
+    seq_idx, steps before a chunk's last document start and the state entering that chunk drop out, and ``keep``
+    (b, segments) is 0 for a segment holding a document start (the forward then drops the earlier state)."""
     pid_b = tl.program_id(0).to(tl.int64)
     d0 = tl.program_id(1).to(tl.int64) * BLOCK_D
     seg = tl.program_id(2)
@@ -131,6 +162,9 @@ def _scan_seg_kernel(
     A2 = _decays(A_ptr, s_Ad, s_An, offs_d, mask_d, nn, N_ONES, S)
     H = tl.zeros((S_PAD, BLOCK_D), dtype=tl.float32)
     sdt = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    keep_seg = tl.full((), 1.0, tl.float32)
+    if HAS_SEQ_IDX:
+        q_row = q_ptr + pid_b * s_qb  # this batch's document index per position
     c_lo = seg * SEG_CHUNKS
     for c in range(c_lo, tl.minimum(c_lo + SEG_CHUNKS, n_chunks)):
         t0 = tl.cast(c, tl.int64) * CHUNK
@@ -140,6 +174,11 @@ def _scan_seg_kernel(
                       bias, mask, HAS_BIAS, SOFTPLUS)
         w = dt * tl.load(u_ptr + (pid_b * s_ub + d0 * s_ud + t0 * s_ul) + dd[:, None] * s_ud + tt[None, :] * s_ul,
                          mask=mask, other=0.0).to(tl.float32)
+        if HAS_SEQ_IDX:  # only the steps from the chunk's last document start on reach its end
+            p = _last_reset(q_row, s_ql, t0, tt, mask_t)
+            w = tl.where((tt >= p)[None, :], w, 0.0)
+            keep_c = tl.where(p < 0, 1.0, 0.0)
+            keep_seg = keep_seg * keep_c
         total = tl.sum(dt, axis=1)
         after = total[:, None] - tl.cumsum(dt, axis=1)  # Σ_{s>t} Δ_s within the chunk
         B_row = B_ptr + pid_b * s_Bb + (t0 + tt) * s_Bl
@@ -149,21 +188,27 @@ def _scan_seg_kernel(
             Bn = tl.load(B_row + n * s_Bn, mask=mask_t, other=0.0).to(tl.float32)
             v = tl.sum(tl.exp(after * An.to(tl.float32)[:, None]) * w * Bn[None, :], axis=1)
             local = tl.where(nn[:, None] == n, v[None, :], local)
-        H = tl.exp(A2 * total[None, :]) * H + local
+        if HAS_SEQ_IDX:
+            H = keep_c * tl.exp(A2 * total[None, :]) * H + local
+        else:
+            H = tl.exp(A2 * total[None, :]) * H + local
         sdt += total
     base = pid_b * tl.cdiv(n_chunks, SEG_CHUNKS) + seg
     tl.store(H_ptr + (base * S + nn[:, None]) * d + offs_d[None, :], H, mask=(nn < S)[:, None] & mask_d[None, :])
     tl.store(sdt_ptr + base * d + offs_d, sdt, mask=mask_d)
+    if HAS_SEQ_IDX:
+        tl.store(keep_ptr + base, keep_seg)
 
 
 @jit(do_not_specialize=(*_NOT_SPECIALIZED, "segs_per"))
 def _scan_fwd_kernel(
-    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, H_ptr, sdt_ptr, y_ptr, state_ptr, hseg_ptr,
+    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, h0_ptr, q_ptr, H_ptr, sdt_ptr, keep_ptr, y_ptr,
+    state_ptr, hseg_ptr,
     d, L, n_chunks, segs_per,
     s_ub, s_ud, s_ul, s_tb, s_td, s_tl, s_zb, s_zd, s_zl, s_yb, s_yd, s_yl, s_h0b, s_h0d, s_h0n,
-    s_Ad, s_An, s_Bb, s_Bn, s_Bl, s_Cb, s_Cn, s_Cl,
+    s_Ad, s_An, s_Bb, s_Bn, s_Bl, s_Cb, s_Cn, s_Cl, s_qb, s_ql,
     N_ONES: tl.constexpr, N_SCAN: tl.constexpr, N_ZEROS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr, HAS_SEQ_IDX: tl.constexpr,
     SAVE: tl.constexpr, SPLIT: tl.constexpr, SEG_CHUNKS: tl.constexpr, S_PAD: tl.constexpr, CHUNK: tl.constexpr,
     BLOCK_D: tl.constexpr,
 ):
@@ -197,10 +242,14 @@ def _scan_fwd_kernel(
         A2 = _decays(A_ptr, s_Ad, s_An, offs_d, mask_d, nn, N_ONES, S)
         for sg in range(0, piece * segs_per):
             base = pid_b * tl.cdiv(n_chunks, SEG_CHUNKS) + sg
-            h = tl.exp(A2 * tl.load(sdt_ptr + base * d + offs_d, mask=mask_d, other=0.0)[None, :]) * h \
-                + tl.load(H_ptr + (base * S + nn[:, None]) * d + offs_d[None, :], mask=rows, other=0.0)
+            P = tl.exp(A2 * tl.load(sdt_ptr + base * d + offs_d, mask=mask_d, other=0.0)[None, :])
+            if HAS_SEQ_IDX:  # a document start in the segment: the state before it is dropped
+                P = P * tl.load(keep_ptr + base)
+            h = P * h + tl.load(H_ptr + (base * S + nn[:, None]) * d + offs_d[None, :], mask=rows, other=0.0)
     tl.store(carry + (c_lo % 2) * S * d + nn[:, None] * d, h, mask=rows)
     tl.debug_barrier()
+    if HAS_SEQ_IDX:
+        q_row = q_ptr + pid_b * s_qb  # this batch's document index per position
     for c in range(c_lo, tl.minimum(c_lo + segs_per * SEG_CHUNKS, n_chunks)):
         t0 = tl.cast(c, tl.int64) * CHUNK  # int64: t0 times the time stride may pass 2^31
         mask_t = t0 + tt < L
@@ -218,6 +267,8 @@ def _scan_fwd_kernel(
         y = tl.zeros((BLOCK_D, CHUNK), dtype=tl.float32)
         if HAS_D:
             y = Dv[:, None] * x
+        if HAS_SEQ_IDX:  # a = 0 at a document start, for every carried channel
+            rst = tl.broadcast_to(_resets(q_row, s_ql, t0, tt, mask_t)[None, :], (BLOCK_D, CHUNK))
         B_row = B_ptr + pid_b * s_Bb + (t0 + tt) * s_Bl
         C_row = C_ptr + pid_b * s_Cb + (t0 + tt) * s_Cl
         for n in range(0, N_ONES):  # a = 1: h_t = h_start + Σ_{s≤t} Δ_s B_s u_s
@@ -226,7 +277,11 @@ def _scan_fwd_kernel(
             h_start = tl.load(h_in + n * d, mask=mask_d, other=0.0)
             if SAVE:
                 tl.store(h_seg + n * d, h_start, mask=keep)
-            hs = tl.cumsum(w * Bn[None, :], axis=1) + h_start[:, None]
+            if HAS_SEQ_IDX:  # a segmented cumulative sum: the pair scan with a = 0 at document starts
+                decay, hs = tl.associative_scan((tl.where(rst, 0.0, 1.0), w * Bn[None, :]), 1, _pair)
+                hs += decay * h_start[:, None]
+            else:
+                hs = tl.cumsum(w * Bn[None, :], axis=1) + h_start[:, None]
             y += hs * Cn[None, :]
             tl.store(h_out + n * d, _column(hs, tt, CHUNK - 1), mask=mask_d)
         for n in range(0, N_SCAN):  # learned channels (and reference-mode zeros): the pair scan
@@ -237,7 +292,10 @@ def _scan_fwd_kernel(
             h_start = tl.load(h_in + j * d, mask=mask_d, other=0.0)
             if SAVE:
                 tl.store(h_seg + j * d, h_start, mask=keep)
-            decay, hs = tl.associative_scan((tl.exp(dt * An[:, None]), w * Bn[None, :]), 1, _pair)
+            a = tl.exp(dt * An[:, None])
+            if HAS_SEQ_IDX:
+                a = tl.where(rst, 0.0, a)
+            decay, hs = tl.associative_scan((a, w * Bn[None, :]), 1, _pair)
             hs += decay * h_start[:, None]
             y += hs * Cn[None, :]
             tl.store(h_out + j * d, _column(hs, tt, CHUNK - 1), mask=mask_d)
@@ -256,16 +314,18 @@ def _scan_fwd_kernel(
 
 @jit(do_not_specialize=_NOT_SPECIALIZED)
 def _scan_adj_kernel(
-    dt_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, gy_ptr, Q_ptr, sdt_ptr,
+    dt_ptr, A_ptr, C_ptr, z_ptr, bias_ptr, q_ptr, gy_ptr, Q_ptr, sdt_ptr, keep_ptr,
     d, L, n_chunks, seg_lo,
-    s_tb, s_td, s_tl, s_zb, s_zd, s_zl, s_yb, s_yd, s_yl, s_Ad, s_An, s_Cb, s_Cn, s_Cl,
+    s_tb, s_td, s_tl, s_zb, s_zd, s_zl, s_yb, s_yd, s_yl, s_Ad, s_An, s_Cb, s_Cn, s_Cl, s_qb, s_ql,
     N_ONES: tl.constexpr, N_SCAN: tl.constexpr, SOFTPLUS: tl.constexpr, HAS_Z: tl.constexpr,
-    HAS_BIAS: tl.constexpr, SEG_CHUNKS: tl.constexpr, S_PAD: tl.constexpr, CHUNK: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_SEQ_IDX: tl.constexpr, SEG_CHUNKS: tl.constexpr, S_PAD: tl.constexpr,
+    CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     """The state-passing pass of an L-split backward, per (batch, channel block, segment seg_lo + z): the adjoint a
     segment hands the one before it from a zero adjoint after it, Q = Σ_t exp(A Σ_{s≤t} Δ_s) C_t g_t (Σ over the
-    segment's steps so far; g = dy·SiLU(z)), and its ΣΔ (it passes a later adjoint on times exp(A ΣΔ))."""
+    segment's steps so far; g = dy·SiLU(z)), and its ΣΔ (it passes a later adjoint on times exp(A ΣΔ)). With
+    seq_idx only the steps before the segment's first document start reach the state before it, and ``keep``
+    (b, segments) is 0 for a segment holding one (the later adjoint stops there)."""
     pid_b = tl.program_id(0).to(tl.int64)
     d0 = tl.program_id(1).to(tl.int64) * BLOCK_D
     seg = seg_lo + tl.program_id(2)
@@ -280,6 +340,9 @@ def _scan_adj_kernel(
         bias = tl.load(bias_ptr + offs_d, mask=mask_d, other=0.0).to(tl.float32)
     Q = tl.zeros((S_PAD, BLOCK_D), dtype=tl.float32)
     sdt = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    alive = tl.full((), 1.0, tl.float32)  # 0 once a document start was met in the segment
+    if HAS_SEQ_IDX:
+        q_row = q_ptr + pid_b * s_qb  # this batch's document index per position
     c_lo = seg * SEG_CHUNKS
     for c in range(c_lo, tl.minimum(c_lo + SEG_CHUNKS, n_chunks)):
         t0 = tl.cast(c, tl.int64) * CHUNK
@@ -293,6 +356,10 @@ def _scan_adj_kernel(
             zz = tl.load(z_ptr + (pid_b * s_zb + d0 * s_zd + t0 * s_zl) + dd[:, None] * s_zd + tt[None, :] * s_zl,
                          mask=mask, other=0.0).to(tl.float32)
             g = g * zz * tl.sigmoid(zz)
+        if HAS_SEQ_IDX:  # steps at or after the segment's first document start do not reach its start
+            first = tl.min(tl.where(_resets(q_row, s_ql, t0, tt, mask_t), tt, CHUNK), axis=0)
+            g = tl.where((tt < first)[None, :], g, 0.0) * alive
+            alive = alive * tl.where(first < CHUNK, 0.0, 1.0)
         upto = sdt[:, None] + tl.cumsum(dt, axis=1)  # Σ_{s≤t} Δ_s from the segment's start
         C_row = C_ptr + pid_b * s_Cb + (t0 + tt) * s_Cl
         for n in range(0, S):
@@ -304,17 +371,19 @@ def _scan_adj_kernel(
     base = pid_b * tl.cdiv(n_chunks, SEG_CHUNKS) + seg
     tl.store(Q_ptr + (base * S + nn[:, None]) * d + offs_d[None, :], Q, mask=(nn < S)[:, None] & mask_d[None, :])
     tl.store(sdt_ptr + base * d + offs_d, sdt, mask=mask_d)
+    if HAS_SEQ_IDX:
+        tl.store(keep_ptr + base, alive)
 
 
 @jit(do_not_specialize=(*_NOT_SPECIALIZED, "segs_per"))
 def _scan_bwd_kernel(
-    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, hseg_ptr, gy_ptr, ghlast_ptr, Q_ptr, sdt_ptr,
-    gu_ptr, gdt_ptr, gz_ptr, gA_ptr, gB_ptr, gC_ptr, gD_ptr, gbias_ptr, gstate_ptr, hbuf_ptr,
+    u_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, bias_ptr, q_ptr, hseg_ptr, gy_ptr, ghlast_ptr, Q_ptr, sdt_ptr,
+    keep_ptr, gu_ptr, gdt_ptr, gz_ptr, gA_ptr, gB_ptr, gC_ptr, gD_ptr, gbias_ptr, gstate_ptr, hbuf_ptr,
     d, L, n_chunks, segs_per,
     s_ub, s_ud, s_ul, s_tb, s_td, s_tl, s_zb, s_zd, s_zl, s_yb, s_yd, s_yl, s_gb, s_gd, s_gl,
-    s_Ad, s_An, s_Bb, s_Bn, s_Bl, s_Cb, s_Cn, s_Cl,
+    s_Ad, s_An, s_Bb, s_Bn, s_Bl, s_Cb, s_Cn, s_Cl, s_qb, s_ql,
     N_ONES: tl.constexpr, N_SCAN: tl.constexpr, N_ZEROS: tl.constexpr, SOFTPLUS: tl.constexpr,
-    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GH: tl.constexpr,
+    HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_GH: tl.constexpr, HAS_SEQ_IDX: tl.constexpr,
     SPLIT: tl.constexpr, SEG_CHUNKS: tl.constexpr, S_PAD: tl.constexpr, CHUNK: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     pid_b = tl.program_id(0).to(tl.int64)
@@ -351,11 +420,15 @@ def _scan_bwd_kernel(
         A2 = _decays(A_ptr, s_Ad, s_An, offs_d, mask_d, nn, N_ONES, S)
         for sg in range(0, n_segs - (piece + 1) * segs_per):
             base = pid_b * n_segs + n_segs - 1 - sg
-            K = tl.exp(A2 * tl.load(sdt_ptr + base * d + offs_d, mask=mask_d, other=0.0)[None, :]) * K \
-                + tl.load(Q_ptr + (base * S + nn[:, None]) * d + offs_d[None, :], mask=rows, other=0.0)
+            P = tl.exp(A2 * tl.load(sdt_ptr + base * d + offs_d, mask=mask_d, other=0.0)[None, :])
+            if HAS_SEQ_IDX:  # a document start in the segment: the later adjoint stops there
+                P = P * tl.load(keep_ptr + base)
+            K = P * K + tl.load(Q_ptr + (base * S + nn[:, None]) * d + offs_d[None, :], mask=rows, other=0.0)
     tl.store(K_ptr + ((n_chunks - c_hi) % 2) * S * d + nn[:, None] * d, K, mask=rows)
     gD_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
     gbias_acc = tl.zeros((BLOCK_D,), dtype=tl.float32)
+    if HAS_SEQ_IDX:
+        q_row = q_ptr + pid_b * s_qb  # this batch's document index per position
     for ci in range(n_chunks - c_hi, n_chunks - c_lo):  # this piece's chunks, last to first
         c = n_chunks - 1 - ci
         r_last = c % SEG_CHUNKS
@@ -377,6 +450,11 @@ def _scan_bwd_kernel(
                           bias, mask, HAS_BIAS, SOFTPLUS)
             w = dt * tl.load(u_ptr + (pid_b * s_ub + d0 * s_ud + t0 * s_ul) + dd[:, None] * s_ud + tt[None, :] * s_ul,
                              mask=mask, other=0.0).to(tl.float32)
+            keep_c = 1.0
+            if HAS_SEQ_IDX:  # the steps before the chunk's last document start, and h_start, drop out
+                p = _last_reset(q_row, s_ql, t0, tt, mask_t)
+                w = tl.where((tt >= p)[None, :], w, 0.0)
+                keep_c = tl.where(p < 0, 1.0, 0.0)
             total = tl.sum(dt, axis=1)
             after = total[:, None] - tl.cumsum(dt, axis=1)  # Σ_{s>t} Δ_s
             B_row = B_ptr + pid_b * s_Bb + (t0 + tt) * s_Bl
@@ -384,14 +462,20 @@ def _scan_bwd_kernel(
             h_out = h_in + S * d
             for n in range(0, N_ONES):  # a = 1: plus the chunk's sum
                 Bn = tl.load(B_row + n * s_Bn, mask=mask_t, other=0.0).to(tl.float32)
-                h_end = tl.sum(w * Bn[None, :], axis=1) + tl.load(h_in + n * d, mask=mask_d, other=0.0)
+                if HAS_SEQ_IDX:
+                    h_end = tl.sum(w * Bn[None, :], axis=1) + keep_c * tl.load(h_in + n * d, mask=mask_d, other=0.0)
+                else:
+                    h_end = tl.sum(w * Bn[None, :], axis=1) + tl.load(h_in + n * d, mask=mask_d, other=0.0)
                 tl.store(h_out + n * d, h_end, mask=mask_d)
             for n in range(0, N_SCAN):
                 j = N_ONES + n
                 An = tl.load(A_ptr + offs_d * s_Ad + n * s_An, mask=mask_d, other=0.0).to(tl.float32)
                 Bn = tl.load(B_row + j * s_Bn, mask=mask_t, other=0.0).to(tl.float32)
+                P = tl.exp(total * An)
+                if HAS_SEQ_IDX:
+                    P = P * keep_c
                 h_end = tl.sum(tl.exp(after * An[:, None]) * w * Bn[None, :], axis=1) \
-                    + tl.exp(total * An) * tl.load(h_in + j * d, mask=mask_d, other=0.0)
+                    + P * tl.load(h_in + j * d, mask=mask_d, other=0.0)
                 tl.store(h_out + j * d, h_end, mask=mask_d)
             tl.debug_barrier()
         t0 = tl.cast(c, tl.int64) * CHUNK  # int64: t0 times the time stride may pass 2^31
@@ -433,29 +517,46 @@ def _scan_bwd_kernel(
         B_row = B_ptr + pid_b * s_Bb + (t0 + tt) * s_Bl
         C_row = C_ptr + pid_b * s_Cb + (t0 + tt) * s_Cl
         red = (pid_b * n_total) * L + t0 + tt  # row 0 of this batch's dB / dC buffers at this chunk
+        if HAS_SEQ_IDX:  # a_t = 0 at a document start; a_{t+1} = 0 before one (the chunk's last column: 1, as Δ)
+            rst = tl.broadcast_to(_resets(q_row, s_ql, t0, tt, mask_t)[None, :], (BLOCK_D, CHUNK))
+            rst_next = tl.broadcast_to(_resets(q_row, s_ql, t0 + 1, tt, (tt < CHUNK - 1) & (t0 + tt + 1 < L))[None, :],
+                                       (BLOCK_D, CHUNK))
         for n in range(0, N_ONES):  # a = 1: forward a cumulative sum, adjoint a reverse one
             Bn = tl.load(B_row + n * s_Bn, mask=mask_t, other=0.0).to(tl.float32)
             Cn = tl.load(C_row + n * s_Cn, mask=mask_t, other=0.0).to(tl.float32)
-            hs = tl.cumsum(w * Bn[None, :], axis=1) + tl.load(saved + n * d, mask=mask_d, other=0.0)[:, None]
-            G = tl.cumsum(g * Cn[None, :], axis=1, reverse=True) \
-                + tl.load(K_in + n * d, mask=mask_d, other=0.0)[:, None]
+            if HAS_SEQ_IDX:  # segmented sums: the pair scans with a = 0 at document starts
+                decay, hs = tl.associative_scan((tl.where(rst, 0.0, 1.0), w * Bn[None, :]), 1, _pair)
+                hs += decay * tl.load(saved + n * d, mask=mask_d, other=0.0)[:, None]
+                decay, G = tl.associative_scan((tl.where(rst_next, 0.0, 1.0), g * Cn[None, :]), 1, _pair,
+                                               reverse=True)
+                G += decay * tl.load(K_in + n * d, mask=mask_d, other=0.0)[:, None]
+            else:
+                hs = tl.cumsum(w * Bn[None, :], axis=1) + tl.load(saved + n * d, mask=mask_d, other=0.0)[:, None]
+                G = tl.cumsum(g * Cn[None, :], axis=1, reverse=True) \
+                    + tl.load(K_in + n * d, mask=mask_d, other=0.0)[:, None]
             y_pre += hs * Cn[None, :]
             tl.atomic_add(gC_ptr + red + n * L, tl.sum(g * hs, axis=0), mask=mask_t, sem="relaxed")
             tl.atomic_add(gB_ptr + red + n * L, tl.sum(G * w, axis=0), mask=mask_t, sem="relaxed")
             gw += G * Bn[None, :]
-            tl.store(K_out + n * d, _column(G, tt, 0), mask=mask_d)
+            if HAS_SEQ_IDX:
+                tl.store(K_out + n * d, _column(tl.where(rst, 0.0, G), tt, 0), mask=mask_d)
+            else:
+                tl.store(K_out + n * d, _column(G, tt, 0), mask=mask_d)
         for n in range(0, N_SCAN):
             j = N_ONES + n
             An = tl.load(A_ptr + offs_d * s_Ad + n * s_An, mask=mask_d, other=0.0).to(tl.float32)
             Bn = tl.load(B_row + j * s_Bn, mask=mask_t, other=0.0).to(tl.float32)
             Cn = tl.load(C_row + j * s_Cn, mask=mask_t, other=0.0).to(tl.float32)
             a = tl.exp(dt * An[:, None])
+            a_next = tl.exp(dt_next * An[:, None])
+            if HAS_SEQ_IDX:
+                a = tl.where(rst, 0.0, a)
+                a_next = tl.where(rst_next, 0.0, a_next)
             wB = w * Bn[None, :]
             decay, hs = tl.associative_scan((a, wB), 1, _pair)  # the chunk's states, recomputed
             hs += decay * tl.load(saved + j * d, mask=mask_d, other=0.0)[:, None]
             # G_t = g_t C_t + a_{t+1} G_{t+1}, the chunk's last step taking the carried K
-            decay, G = tl.associative_scan((tl.exp(dt_next * An[:, None]), g * Cn[None, :]), 1, _pair,
-                                           reverse=True)
+            decay, G = tl.associative_scan((a_next, g * Cn[None, :]), 1, _pair, reverse=True)
             G += decay * tl.load(K_in + j * d, mask=mask_d, other=0.0)[:, None]
             y_pre += hs * Cn[None, :]
             tl.atomic_add(gC_ptr + red + j * L, tl.sum(g * hs, axis=0), mask=mask_t, sem="relaxed")
@@ -504,12 +605,16 @@ def _strides3(t):
     return list(t.stride()) if t is not None else [0, 0, 0]
 
 
+def _strides2(t):
+    return list(t.stride()) if t is not None else [0, 0]
+
+
 class SelectiveScanTriton(torch.autograd.Function):
     """Autograd wrapper: returns (y in u's dtype, last state (b, d, n_ones + N_scan) fp32)."""
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, h0, softplus, n_ones, n_zeros, chunk, block_d, save,
-                seg_chunks, pieces):
+                seg_chunks, pieces, seq_idx=None):
         b, d, L = u.shape
         n_scan = A.shape[1]
         S = n_ones + n_scan
@@ -528,31 +633,33 @@ class SelectiveScanTriton(torch.autograd.Function):
         # the fp32 state at every seg_chunks-th chunk start: the backward recomputes the rest
         hseg = torch.empty(b, n_segs, S, d, device=u.device, dtype=torch.float32) if save else None
         flags = dict(N_ONES=n_ones, N_SCAN=n_scan, N_ZEROS=n_zeros, SOFTPLUS=bool(softplus), HAS_D=D is not None,
-                     HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, SEG_CHUNKS=seg_chunks)
+                     HAS_Z=z is not None, HAS_BIAS=delta_bias is not None, HAS_SEQ_IDX=seq_idx is not None,
+                     SEG_CHUNKS=seg_chunks)
         S_PAD = triton.next_power_of_2(S)
-        H = sdt = None
+        H = sdt = keep = None
         if pieces > 1:  # state passing: every segment's zero-start end state and ΣΔ, for the later pieces to fold in
             H = torch.empty(b, n_segs, S, d, device=u.device, dtype=torch.float32)
             sdt = torch.empty(b, n_segs, d, device=u.device, dtype=torch.float32)
+            keep = torch.empty(b, n_segs, device=u.device, dtype=torch.float32) if seq_idx is not None else None
             _scan_seg_kernel[(b, d_blocks, (pieces - 1) * segs_per)](
-                u, delta, A, B, delta_bias, H, sdt, d, L, n_chunks, *u.stride(), *delta.stride(), *A.stride(),
-                *B.stride(), N_ONES=n_ones, N_SCAN=n_scan, SOFTPLUS=bool(softplus), HAS_BIAS=delta_bias is not None,
-                SEG_CHUNKS=seg_chunks, S_PAD=S_PAD, CHUNK=chunk, BLOCK_D=fwd_block_d, num_warps=warps,
-                maxnreg=FWD_MAXNREG)
+                u, delta, A, B, delta_bias, seq_idx, H, sdt, keep, d, L, n_chunks, *u.stride(), *delta.stride(),
+                *A.stride(), *B.stride(), *_strides2(seq_idx), N_ONES=n_ones, N_SCAN=n_scan, SOFTPLUS=bool(softplus),
+                HAS_BIAS=delta_bias is not None, HAS_SEQ_IDX=seq_idx is not None, SEG_CHUNKS=seg_chunks,
+                S_PAD=S_PAD, CHUNK=chunk, BLOCK_D=fwd_block_d, num_warps=warps, maxnreg=FWD_MAXNREG)
         _scan_fwd_kernel[(b, d_blocks, pieces)](
-            u, delta, A, B, C, D, z, delta_bias, h0, H, sdt, y, state, hseg, d, L, n_chunks, segs_per,
+            u, delta, A, B, C, D, z, delta_bias, h0, seq_idx, H, sdt, keep, y, state, hseg, d, L, n_chunks, segs_per,
             *u.stride(), *delta.stride(), *_strides3(z), *y.stride(), *_strides3(h0), *A.stride(),
-            *B.stride(), *C.stride(), HAS_H0=h0 is not None, SAVE=save, SPLIT=pieces > 1, S_PAD=S_PAD, CHUNK=chunk,
-            BLOCK_D=fwd_block_d, num_warps=warps, maxnreg=FWD_MAXNREG, **flags)
+            *B.stride(), *C.stride(), *_strides2(seq_idx), HAS_H0=h0 is not None, SAVE=save, SPLIT=pieces > 1,
+            S_PAD=S_PAD, CHUNK=chunk, BLOCK_D=fwd_block_d, num_warps=warps, maxnreg=FWD_MAXNREG, **flags)
         if save:
-            ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, hseg)
+            ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, hseg, seq_idx)
             ctx.flags, ctx.chunk, ctx.block_d, ctx.pieces = flags, chunk, block_d, pieces_arg
         ctx.set_materialize_grads(False)
         return y, state[:, -1, n_chunks % 2].transpose(1, 2)
 
     @staticmethod
     def backward(ctx, gy, ghlast):
-        u, delta, A, B, C, D, z, delta_bias, hseg = ctx.saved_tensors
+        u, delta, A, B, C, D, z, delta_bias, hseg, seq_idx = ctx.saved_tensors
         flags = ctx.flags
         b, d, L = u.shape
         S, n_total = flags["N_ONES"] + flags["N_SCAN"], B.shape[1]
@@ -574,38 +681,42 @@ class SelectiveScanTriton(torch.autograd.Function):
         gB, gC = (torch.zeros(b, n_total, L, device=dev, dtype=f32) for _ in range(2))
         gD, gbias = (torch.zeros(b, d, device=dev, dtype=f32) for _ in range(2))
         assert gz is None or gu.stride() == gz.stride() == gdelta.stride()
-        Q = sdt = None
+        Q = sdt = keep = None
         if pieces > 1:  # state passing: each later segment's adjoint from a zero one after it, and its ΣΔ
             Q = torch.empty(b, n_segs, S, d, device=dev, dtype=f32)
             sdt = torch.empty(b, n_segs, d, device=dev, dtype=f32)
+            keep = torch.empty(b, n_segs, device=dev, dtype=f32) if seq_idx is not None else None
             _scan_adj_kernel[(b, d_blocks, n_segs - segs_per)](
-                delta, A, C, z, delta_bias, gy, Q, sdt, d, L, n_chunks, segs_per, *delta.stride(), *_strides3(z),
-                *gy.stride(), *A.stride(), *C.stride(), N_ONES=flags["N_ONES"], N_SCAN=flags["N_SCAN"],
-                SOFTPLUS=flags["SOFTPLUS"], HAS_Z=flags["HAS_Z"], HAS_BIAS=flags["HAS_BIAS"], SEG_CHUNKS=seg_chunks,
-                S_PAD=S_PAD, CHUNK=chunk, BLOCK_D=block_d, num_warps=warps)
+                delta, A, C, z, delta_bias, seq_idx, gy, Q, sdt, keep, d, L, n_chunks, segs_per, *delta.stride(),
+                *_strides3(z), *gy.stride(), *A.stride(), *C.stride(), *_strides2(seq_idx), N_ONES=flags["N_ONES"],
+                N_SCAN=flags["N_SCAN"], SOFTPLUS=flags["SOFTPLUS"], HAS_Z=flags["HAS_Z"], HAS_BIAS=flags["HAS_BIAS"],
+                HAS_SEQ_IDX=flags["HAS_SEQ_IDX"], SEG_CHUNKS=seg_chunks, S_PAD=S_PAD, CHUNK=chunk, BLOCK_D=block_d,
+                num_warps=warps)
         _scan_bwd_kernel[(b, d_blocks, pieces)](
-            u, delta, A, B, C, D, z, delta_bias, hseg, gy, ghlast, Q, sdt,
+            u, delta, A, B, C, D, z, delta_bias, seq_idx, hseg, gy, ghlast, Q, sdt, keep,
             gu, gdelta, gz, gA, gB, gC, gD, gbias, gstate, hbuf, d, L, n_chunks, segs_per,
             *u.stride(), *delta.stride(), *_strides3(z), *gy.stride(), *gu.stride(), *A.stride(),
-            *B.stride(), *C.stride(), HAS_GH=ghlast is not None, SPLIT=pieces > 1, S_PAD=S_PAD, CHUNK=chunk,
-            BLOCK_D=block_d, num_warps=warps, **flags)
+            *B.stride(), *C.stride(), *_strides2(seq_idx), HAS_GH=ghlast is not None, SPLIT=pieces > 1, S_PAD=S_PAD,
+            CHUNK=chunk, BLOCK_D=block_d, num_warps=warps, **flags)
         need = ctx.needs_input_grad
         grad = lambda i, g, like_: g.to(like_.dtype) if need[i] else None
         n1 = flags["N_ONES"]
         return (gu, gdelta, grad(2, gA.sum(0)[n1:S].t(), A), grad(3, gB, B), grad(4, gC, C),
                 grad(5, gD.sum(0), D), gz, grad(7, gbias.sum(0), delta_bias),
-                gstate[:, 0, n_chunks % 2].transpose(1, 2) if need[8] else None, *[None] * 8)
+                gstate[:, 0, n_chunks % 2].transpose(1, 2) if need[8] else None, *[None] * 9)
 
 
 def selective_scan(
     u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
     n_ones=0, n_zeros=0, zero_mode="exact", return_last_state=False, initial_state=None,
-    chunk_size=None, block_d=None, seg_chunks=None, pieces=None,
+    chunk_size=None, block_d=None, seg_chunks=None, pieces=None, seq_idx=None,
 ):
     """Triton selective scan; arguments as :func:`kernels.scan_ref.selective_scan_chunked`, plus
     ``initial_state`` (b, d, N_total) to continue from (fp32). ``chunk_size``, ``block_d`` and ``seg_chunks``
     (chunks per saved state and per piece of an L split) override the shipped tiles, ``pieces`` the number of
-    programs the forward splits L into (default :func:`split_pieces`); tests shrink them."""
+    programs the forward splits L into (default :func:`split_pieces`); tests shrink them. ``seq_idx`` (b, L) int,
+    non-decreasing: the document of every position; a position whose seq_idx differs from the previous one's
+    starts from a zero state (``initial_state`` reaches only the first document)."""
     assert zero_mode in ("exact", "reference")
     d, N = A.shape
     A_scan = A.float()
@@ -617,8 +728,11 @@ def selective_scan(
     # states are saved only when a backward can follow (grad mode on and some input needs a gradient)
     save = torch.is_grad_enabled() and any(t is not None and t.requires_grad
                                            for t in (u, delta, A_scan, B, C, D, z, delta_bias, h0))
+    if seq_idx is not None:
+        assert seq_idx.shape == (u.shape[0], u.shape[-1]), f"seq_idx {tuple(seq_idx.shape)}: want (batch, L)"
+        seq_idx = seq_idx.to(device=u.device, dtype=torch.int32)
     y, h = SelectiveScanTriton.apply(u, delta, A_scan, B, C, D, z, delta_bias, h0, delta_softplus, n_ones,
-                                     exact_zeros, chunk_size, block_d, save, seg_chunks, pieces)
+                                     exact_zeros, chunk_size, block_d, save, seg_chunks, pieces, seq_idx)
     if not return_last_state:
         return y
     if exact_zeros:  # a = 0: the last state is the last step's input Δ_L B_L u_L (a zero initial state decays)

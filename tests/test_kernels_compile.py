@@ -46,6 +46,10 @@ def compile_mamba_130m(tmp_path, triton_path=None) -> dict:
     scan_fwd = {r["settings"] for r in rows if r["kernel"] == "scan_fwd_kernel"}
     # the training forward (saves states) and the inference forward both compiled, in every variant
     assert {"SAVE=True" in s for s in scan_fwd} == {True, False}
+    # packed documents: the scan's and conv's seq_idx variants (every scan pass, batch 1's split included)
+    packed = {r["kernel"] for r in rows if "HAS_SEQ_IDX=True" in r["settings"]}
+    assert packed == {"scan_fwd_kernel", "scan_bwd_kernel", "scan_seg_kernel", "scan_adj_kernel", "conv_fwd_kernel",
+                      "conv_bwd_kernel"}, packed
     scans = [r for r in rows if r["kernel"].startswith("scan_")]
     assert all(r["vector_loads"] for r in scans)  # ld.global.v*: the channel-contiguous tiles load 16-byte aligned
     return report

@@ -70,6 +70,40 @@ def test_triton_conv_reads_strided_input(device):
     torch.testing.assert_close(conv_triton.causal_conv1d(x, w, b), want, **TOL[torch.float32])
 
 
+@pytest.mark.parametrize("k,act", [(4, "silu"), (3, None), (2, "silu")])
+def test_triton_conv_resets_at_document_starts(device, k, act):
+    """With seq_idx no tap crosses a document start: y and the grads of x, weight and bias equal each document
+    convolved separately (zero left padding) and concatenated. L = 19 in tiles of 8: row 0 has documents of
+    1, 2, 5 (crossing the tile start 8), 1, 9 and 1 steps (starts at tile starts 8 and 16 and inside), row 1 starts
+    mid-document (seq_idx 7) with one start at 3. Catches a tap read across a document start in the forward, the
+    recomputed pre-activation, the gx sum over later positions or the weight partials."""
+    lens, first = ([1, 2, 5, 1, 9, 1], [3, 16]), (0, 7)
+    seq_idx = torch.stack([torch.repeat_interleave(torch.arange(len(n)) + f, torch.tensor(n))
+                           for n, f in zip(lens, first, strict=True)]).to(device=device, dtype=torch.int32)
+    x = torch.randn(2, 5, 19, device=device, requires_grad=True)
+    w = torch.randn(5, k, device=device, requires_grad=True)
+    b = torch.randn(5, device=device, requires_grad=True)
+    gy = torch.randn(2, 5, 19, device=device)
+
+    def separate(x, w, b):
+        rows = []
+        for i, n in enumerate(lens):
+            parts = torch.tensor(n).cumsum(0).tolist()
+            rows.append(torch.cat([conv_ref.causal_conv1d(x[i : i + 1, :, e - m : e], w, b, activation=act)
+                                   for m, e in zip(n, parts, strict=True)], -1))
+        return torch.cat(rows)
+
+    got = outputs_and_grads(lambda *a: conv_triton.causal_conv1d(*a, activation=act, seq_idx=seq_idx, block_d=4,
+                                                                 block_l=8), [x, w, b], [gy])
+    want = outputs_and_grads(separate, [x, w, b], [gy])
+    for name, a, e in zip(["y", "x", "weight", "bias"], got, want, strict=True):
+        torch.testing.assert_close(a, e, **TOL[torch.float32], msg=lambda m, name=name: f"{name}: {m}")
+    # one document (any index) is no reset
+    one = torch.full_like(seq_idx, 4)
+    torch.testing.assert_close(conv_triton.causal_conv1d(x, w, b, act, seq_idx=one, block_d=4, block_l=8),
+                               conv_triton.causal_conv1d(x, w, b, act, block_d=4, block_l=8), **TOL[torch.float32])
+
+
 # residual add + RMSNorm: 21 rows (not a multiple of the row block), d=10 (not a power of two)
 NORM_CASES = {
     "fp32": (torch.float32, torch.float32, True),

@@ -187,3 +187,118 @@ def test_stock_scan_plus_closed_forms_matches_reference(zero_mode, n_ones, n_zer
     got = scan_outputs_and_grads(lambda *a, **k: scan_cuda.selective_scan(stock, *a, **k), inputs, gy, gh, **kw)
     for name, a, b in zip(NAMES, got, want, strict=False):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9, msg=lambda m, name=name: f"{name}: {m}")
+
+
+# Packed documents (seq_idx): L = 18 in 4-step chunks (five chunks, the last half full). Row 0: documents of
+# 1, 1, 5, 1, 6, 3 and 1 steps (starts at 1, 2, 7, 8 = a chunk start, 14 and 17 = the last step; documents crossing
+# the chunk starts 4 and 12, of length 1 at both ends and inside). Row 1: a window starting mid-document (seq_idx
+# 5 at position 0), one start at 10, its documents crossing several chunks and saved-state segments.
+DOC_LENGTHS = ([1, 1, 5, 1, 6, 3, 1], [10, 8])
+DOC_FIRST = (0, 5)
+
+
+def packed_seq_idx(rows, device):
+    return torch.stack([torch.repeat_interleave(torch.arange(len(lens)) + DOC_FIRST[i], torch.tensor(lens))
+                        for i, lens in rows]).to(device=device, dtype=torch.int32)
+
+
+def separate_documents(u, delta, A, B, C, D, z, delta_bias, delta_softplus, return_last_state=True,
+                       initial_state=None, seq_idx=None, n_ones=0, n_zeros=0, zero_mode="exact"):
+    """The torch reference run on every document of every row separately from a zero state (the first from
+    ``initial_state``), y concatenated; the last state is the last document's."""
+    kw = dict(n_ones=n_ones, n_zeros=n_zeros, zero_mode=zero_mode)
+    ys, hs = [], []
+    for i, q in enumerate(seq_idx.tolist()):
+        starts = [0, *[t for t in range(1, len(q)) if q[t] != q[t - 1]], len(q)]
+        row = []
+        for k, (s, e) in enumerate(zip(starts, starts[1:], strict=False)):
+            cut = lambda t, i=i, s=s, e=e: None if t is None else t[i : i + 1, :, s:e]
+            y, h = scan_ref.selective_scan_chunked(cut(u), cut(delta), A, cut(B), cut(C), D, cut(z), delta_bias,
+                                                   delta_softplus, return_last_state=True, **kw)
+            if k == 0 and initial_state is not None:
+                dy, dh = scan_ref.initial_state_terms(initial_state[i : i + 1], cut(delta), A, cut(C), cut(z),
+                                                      delta_bias, delta_softplus, **kw)
+                y, h = y + dy, h + dh
+            row.append(y)
+        ys.append(torch.cat(row, -1))
+        hs.append(h)
+    return torch.cat(ys).to(u.dtype), torch.cat(hs)
+
+
+RESET_CASES = {  # (n_ones, n_zeros, zero_mode, batch rows, chunks per saved state, pieces, initial state)
+    "baseline": (0, 0, "exact", (0, 1), 1, 1, False),
+    "polar-exact": (1, 1, "exact", (0, 1), 2, 1, True),
+    "polar-reference": (1, 1, "reference", (0, 1), 3, 1, True),
+    "pieces-exact-b1": (1, 1, "exact", (0,), 1, None, True),  # one piece per segment
+    "pieces-reference-b1": (1, 1, "reference", (0,), 1, 2, True),  # three segments, then two
+    "pieces-baseline-mid-document-b1": (0, 0, "exact", (1,), 1, None, False),
+}
+
+
+@pytest.mark.parametrize("case", RESET_CASES)
+def test_triton_scan_resets_at_document_starts(device, case):
+    """A packed window with seq_idx equals every document run separately from a zero state and concatenated:
+    y, the last state and every gradient (u, Δ, A, B, C, D, z, Δ-bias, the initial state, which reaches only the
+    first document), training forward and backward (the chunk starts rebuilt from saved states across document
+    starts, the adjoint stopped at them), batch 1 with L split into pieces (a segment holding a document start
+    drops the state or adjoint folded in from the others), and the inference forward. Catches a reset one step
+    off, a ones channel summing across a document start, a reset missing from the closed-form sums (segment
+    rebuild, state passing) or from the carried adjoint, and a leak of h0 into later documents."""
+    n_ones, n_zeros, zero_mode, rows, seg_chunks, pieces, with_h0 = RESET_CASES[case]
+    b, L, nt = len(rows), 18, n_ones + 3 + n_zeros
+    seq_idx = packed_seq_idx([(i, DOC_LENGTHS[i]) for i in rows], device)
+    inputs = make_inputs(b, 5, L, 3, n_ones, n_zeros, torch.float32, device)
+    extra = [torch.randn(b, 5, nt, device=device, requires_grad=True)] if with_h0 else []
+    kw = dict(n_ones=n_ones, n_zeros=n_zeros, zero_mode=zero_mode, seq_idx=seq_idx,
+              initial_state=extra[0] if with_h0 else None)
+    gy, gh = torch.randn(b, 5, L, device=device), torch.randn(b, 5, nt, device=device)
+    names = [*NAMES, "initial_state"]
+    want = scan_outputs_and_grads(separate_documents, [*inputs, *extra], gy, gh, **kw)
+    got = scan_outputs_and_grads(scan_triton.selective_scan, [*inputs, *extra], gy, gh, chunk_size=4, block_d=4,
+                                 seg_chunks=seg_chunks, pieces=pieces, **kw)
+    assert_all_close(got, want, torch.float32, names=names)
+    u, delta, A_log, B, C, D, z, bias = (t.detach() for t in inputs)
+    with torch.no_grad():  # the inference forward (no saved states), split the same way
+        y, h = scan_triton.selective_scan(u, delta, -torch.exp(A_log), B, C, D, z, bias, True, return_last_state=True,
+                                          chunk_size=4, block_d=4, seg_chunks=seg_chunks, pieces=pieces, **kw)
+    assert_all_close([y, h], want[:2], torch.float32)
+
+
+def test_triton_scan_resets_at_random_document_starts(device, rng):
+    """Random document lengths (1 to 13 steps, drawn from the test's seed) and first indices over L = 29 in 4-step
+    chunks, two chunks per saved state, batch 2 and batch 1 split into pieces, polarized with reference-mode zeros
+    (a scan channel): same check as above."""
+    zero_mode = "reference"
+    L, nt = 29, 1 + 3 + 1
+
+    def draw_row():
+        lens = []
+        while sum(lens) < L:
+            lens.append(min(rng.choice([1, 1, 2, 3, 4, 5, 7, 9, 13]), L - sum(lens)))
+        first = rng.randrange(0, 50)
+        return [first + k for k, n in enumerate(lens) for _ in range(n)]
+
+    for b, pieces in ((2, 1), (1, None)):
+        seq_idx = torch.tensor([draw_row() for _ in range(b)], dtype=torch.int32, device=device)
+        inputs = make_inputs(b, 5, L, 3, 1, 1, torch.float32, device)
+        h0 = torch.randn(b, 5, nt, device=device, requires_grad=True)
+        gy, gh = torch.randn(b, 5, L, device=device), torch.randn(b, 5, nt, device=device)
+        kw = dict(n_ones=1, n_zeros=1, zero_mode=zero_mode, seq_idx=seq_idx, initial_state=h0)
+        want = scan_outputs_and_grads(separate_documents, [*inputs, h0], gy, gh, **kw)
+        got = scan_outputs_and_grads(scan_triton.selective_scan, [*inputs, h0], gy, gh, chunk_size=4, block_d=4,
+                                     seg_chunks=2, pieces=pieces, **kw)
+        assert_all_close(got, want, torch.float32, names=[*NAMES, "initial_state"])
+
+
+def test_triton_scan_one_document_is_no_reset(device):
+    """seq_idx with one document (any index) gives the results of no seq_idx, gradients included: the reset path
+    adds nothing where no document starts (the ones channels' pair scan equals their cumulative sum)."""
+    L, nt = 10, 1 + 3 + 1
+    inputs = make_inputs(2, 5, L, 3, 1, 1, torch.float32, device)
+    h0 = torch.randn(2, 5, nt, device=device, requires_grad=True)
+    gy, gh = torch.randn(2, 5, L, device=device), torch.randn(2, 5, nt, device=device)
+    kw = dict(n_ones=1, n_zeros=1, initial_state=h0, chunk_size=4, block_d=4, seg_chunks=1)
+    want = scan_outputs_and_grads(scan_triton.selective_scan, [*inputs, h0], gy, gh, **kw)
+    seq_idx = torch.full((2, L), 3, dtype=torch.int32, device=device)
+    got = scan_outputs_and_grads(scan_triton.selective_scan, [*inputs, h0], gy, gh, seq_idx=seq_idx, **kw)
+    assert_all_close(got, want, torch.float32, names=[*NAMES, "initial_state"])
