@@ -153,7 +153,7 @@ def selective_scan(
     if backend == "triton":
         from kernels import scan_triton
 
-        return scan_triton.selective_scan(*args, return_last_state, initial_state, seq_idx)
+        return scan_triton.selective_scan(*args, return_last_state, initial_state, seq_idx=seq_idx)
     if backend == "torch":
         return scan_ref.selective_scan_chunked(*args, return_last_state, seq_idx, initial_state=initial_state)
     from kernels import scan_cuda
@@ -216,7 +216,7 @@ def causal_conv1d(x, weight, bias=None, activation="silu", seq_idx=None):
     if backend == "triton":
         from kernels import conv_triton
 
-        return conv_triton.causal_conv1d(x, weight, bias, activation, seq_idx)
+        return conv_triton.causal_conv1d(x, weight, bias, activation, seq_idx=seq_idx)
     return conv_ref.causal_conv1d(x, weight, bias, activation, seq_idx)
 
 

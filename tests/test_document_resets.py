@@ -161,11 +161,17 @@ MODELS = {
 }
 
 
-@pytest.mark.parametrize("name", MODELS)
-def test_model_with_resets_is_each_document_alone(name, monkeypatch):
+@pytest.mark.parametrize("name,backend", [*((name, "torch") for name in MODELS),
+                                          pytest.param("mamba polarized", "triton", marks=pytest.mark.slow),
+                                          pytest.param("mamba2 polarized", "triton", marks=pytest.mark.slow)])
+def test_model_with_resets_is_each_document_alone(name, backend, monkeypatch):
     """Logits of a packed window with ``seq_idx`` equal each document's logits run alone, and so do the
-    gradients of every parameter (all layers, conv windows included)."""
-    monkeypatch.setenv("POLAR_KERNELS", "torch")
+    gradients of every parameter (all layers, conv windows included); on the PyTorch kernels, and on the Triton
+    scan and conv (the interpreter; the kernel tests cover every channel mode)."""
+    if backend == "triton":
+        pytest.importorskip("triton")
+        monkeypatch.setenv("TRITON_INTERPRET", "1")
+    monkeypatch.setenv("POLAR_KERNELS", backend)
     model = build_model(ModelConfig.from_dict(MODELS[name]))
     lengths = [3, 1, 6, 4]
     ids = torch.randint(0, 40, (2, sum(lengths)))
