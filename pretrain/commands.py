@@ -199,6 +199,13 @@ def run_prepare(args: argparse.Namespace) -> int:
         text_field=args.text_field,
         shard_tokens=args.shard_tokens,
     )
+    if args.slurm:
+        from pretrain.prepare import submit
+        from pretrain.prepare_engine import SlurmOptions
+
+        print(submit(cfg, SlurmOptions(args.partition, args.time, args.cpus_per_task, args.mem_per_cpu_gb, args.qos,
+                                       not args.no_requeue, args.max_parallel)))
+        return 0
     t0 = time.perf_counter()
     manifest = prepare(cfg)
     dt = time.perf_counter() - t0
@@ -221,8 +228,9 @@ def register(sub: argparse._SubParsersAction) -> None:
         "prepare",
         help="tokenize a dataset into train/val token shards",
         description="Tokenize a dataset into token shards (OUT/{train,val}_NNNNN.bin, documents ended by EOS, a "
-        "document index .idx beside each) plus OUT/manifest.json, written atomically, as datatrove tasks: rerun "
-        "after a kill, it redoes only unfinished tasks. See docs/data.md.",
+        "document index .idx beside each) plus OUT/manifest.json, written atomically, as datatrove tasks, here "
+        "(--workers) or as a SLURM job array (--slurm); rerun after a kill, it redoes only unfinished tasks. See "
+        "docs/data.md.",
     )
     p.add_argument("--dataset", required=True, metavar="SPEC", help=SPEC_HELP)
     p.add_argument("--tokenizer", required=True, metavar="REF",
@@ -238,6 +246,19 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--text-field", default="text", metavar="F", help="text field of json/parquet/hub records")
     p.add_argument("--shard-tokens", type=int, default=1 << 28, metavar="N", help="tokens per shard file")
     p.add_argument("--force", action="store_true", help="replace an existing --out (only once the new one is done)")
+    slurm = p.add_argument_group("cluster (--slurm): the tasks as a SLURM job array, then a merge job")
+    slurm.add_argument("--slurm", action="store_true",
+                       help="submit instead of running here: one array task per tokenize task (datatrove's SLURM "
+                       "executor), the merge as a job depending on it; returns once submitted")
+    slurm.add_argument("--partition", metavar="P", help="SLURM partition (default: the cluster's default)")
+    slurm.add_argument("--time", default="24:00:00", metavar="T", help="time limit per task (default 24:00:00)")
+    slurm.add_argument("--cpus-per-task", type=int, default=4, metavar="N",
+                       help="CPUs per array task, also its encoder threads (default 4)")
+    slurm.add_argument("--mem-per-cpu-gb", type=int, metavar="G", help="memory per CPU (default: the cluster's)")
+    slurm.add_argument("--qos", metavar="Q", help="SLURM QOS (default: none)")
+    slurm.add_argument("--max-parallel", type=int, metavar="N", help="array tasks running at once (default: all)")
+    slurm.add_argument("--no-requeue", action="store_true",
+                       help="do not requeue a preempted or failed array task (default: requeue)")
     p.set_defaults(func=run_prepare)
 
     p = sub.add_parser(

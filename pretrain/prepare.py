@@ -181,21 +181,29 @@ def merge_tasks(tmp: Path, cfg: PrepareConfig, parts, dtype: np.dtype) -> dict[s
     return splits
 
 
-def prepare(cfg: PrepareConfig) -> dict[str, Any]:
-    """Tokenize ``cfg.dataset`` into ``cfg.out`` on datatrove (pretrain/prepare_engine.py); returns the manifest."""
-    import json
-    import shutil
+@dataclass(frozen=True)
+class PreparePlan:
+    """A validated prepare: the tokenize step of every task, their count and the work folder (started)."""
 
+    out: Path
+    step: Any  # prepare_engine.TokenizeTask
+    tasks: int
+    dtype: np.dtype
+    tokenizer: Any
+    work: Path
+
+
+def plan(cfg: PrepareConfig, threads: int | None = None) -> PreparePlan:
+    """Check everything (output, tokenizer, dataset) before anything is written, then start the work folder."""
     from pretrain import prepare_engine as engine
     from tokenizer import load_tokenizer
-    from tokenizer.atomic import write_atomically
     from tokenizer.sources import count_units, parse_spec
     from tokenizer.tokenizer import default_threads
 
     out = Path(cfg.out)
     if out.exists() and not cfg.force:
         raise FileExistsError(f"{out} already exists: pass --force to replace it")
-    threads = cfg.num_proc or max(1, default_threads() // cfg.workers)
+    threads = threads or cfg.num_proc or max(1, default_threads() // cfg.workers)
     os.environ.setdefault("RAYON_NUM_THREADS", str(threads))  # the ``tokenizers`` pool reads it once, at first use
     tok = load_tokenizer(cfg.tokenizer)
     if tok.eos_id < 0:
@@ -207,30 +215,79 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     work = engine.work_dir(out)
     step = engine.TokenizeTask(cfg.dataset, cfg.text_field, str(cfg.tokenizer), dtype.str, units, cfg.batch_chars,
                                threads, str(work / "tasks"))
+    engine.start(out, engine.job_record(step, tasks, tok.fingerprint))
+    return PreparePlan(out, step, tasks, dtype, tok, work)
+
+
+def prepare(cfg: PrepareConfig) -> dict[str, Any]:
+    """Tokenize ``cfg.dataset`` into ``cfg.out`` on datatrove's local executor (pretrain/prepare_engine.py), then
+    merge; returns the manifest."""
+    import shutil
+
+    from pretrain import prepare_engine as engine
+
+    p = plan(cfg)
+    try:
+        done = engine.run_local(p.step, p.tasks, cfg.workers, p.work)
+        print(f"tokenized {p.tasks} task(s) on {cfg.workers} worker(s); {len(done)} were complete already")
+        manifest = merge(cfg, p)
+    except Exception:  # bad input fails again on a rerun: leave nothing behind (a kill leaves the tasks to resume)
+        shutil.rmtree(p.work, ignore_errors=True)
+        raise
+    shutil.rmtree(p.work, ignore_errors=True)
+    return manifest
+
+
+def merge(cfg: PrepareConfig, p: PreparePlan) -> dict[str, Any]:
+    """Write ``cfg.out`` (atomically) from the completed tasks of ``p``; returns the manifest."""
+    import json
+
+    from pretrain import prepare_engine as engine
+    from tokenizer.atomic import write_atomically
+
     manifest: dict[str, Any] = {}
 
     def fill(tmp: Path) -> None:
-        splits = merge_tasks(tmp, cfg, engine.task_outputs(work / "tasks", tasks, dtype), dtype)
+        splits = merge_tasks(tmp, cfg, engine.task_outputs(p.work / "tasks", p.tasks, p.dtype), p.dtype)
         manifest.update(
             format=FORMAT,
             version=FORMAT_VERSION,
             source={"spec": cfg.dataset, "text_field": cfg.text_field, "val_fraction": cfg.val_fraction},
-            tokenizer={"fingerprint": tok.fingerprint, "vocab_size": tok.vocab_size, "path": str(cfg.tokenizer),
-                       "kind": tok.kind},
-            dtype=dtype.str,
-            eos_id=tok.eos_id,
+            tokenizer={"fingerprint": p.tokenizer.fingerprint, "vocab_size": p.tokenizer.vocab_size,
+                       "path": str(cfg.tokenizer), "kind": p.tokenizer.kind},
+            dtype=p.dtype.str,
+            eos_id=p.tokenizer.eos_id,
             shard_tokens=cfg.shard_tokens,
             splits=splits,
         )
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
-    engine.start(out, engine.job_record(step, tasks, tok.fingerprint))
-    try:
-        done = engine.run_local(step, tasks, cfg.workers, work)
-        print(f"tokenized {tasks} task(s) on {cfg.workers} worker(s); {len(done)} were complete already")
-        write_atomically(out, cfg.force, fill)
-    except Exception:  # bad input fails again on a rerun: leave nothing behind (a kill leaves the tasks to resume)
-        shutil.rmtree(work, ignore_errors=True)
-        raise
-    shutil.rmtree(work, ignore_errors=True)
+    write_atomically(p.out, cfg.force, fill)
     return manifest
+
+
+def submit(cfg: PrepareConfig, slurm) -> str:
+    """``polar prepare --slurm``: the incomplete tokenize tasks as a SLURM job array, then a merge job depending on
+    it that reruns this prepare locally (every task complete: it only merges). Returns what was submitted."""
+    import shutil
+    import sys
+
+    from pretrain import prepare_engine as engine
+
+    if shutil.which("sbatch") is None:
+        raise DataError("--slurm needs SLURM's sbatch on PATH: run it on the cluster's login node, or drop --slurm to "
+                        "tokenize here (--workers N)")
+    if min(slurm.cpus_per_task, slurm.mem_per_cpu_gb or 1, slurm.max_parallel or 1) < 1:
+        raise DataError("--cpus-per-task, --mem-per-cpu-gb and --max-parallel must be >= 1")
+    p = plan(cfg, threads=slurm.cpus_per_task)
+    # the same options verbatim (the merge job runs in this directory): the rerun must see the same job record
+    argv = [sys.executable, "-m", "pretrain.cli", "prepare", "--dataset", cfg.dataset, "--tokenizer", str(cfg.tokenizer),
+            "--out", str(cfg.out), "--val-fraction", repr(cfg.val_fraction), "--tasks", str(cfg.tasks),
+            "--text-field", cfg.text_field, "--shard-tokens", str(cfg.shard_tokens), "--num-proc",
+            str(slurm.cpus_per_task), *(["--force"] if cfg.force else [])]
+    array, todo, merge_job = engine.submit_slurm(p.step, p.tasks, p.work, slurm, argv)
+    tokenize = (f"tokenize job array {array}: {todo} of {p.tasks} task(s) (the rest were complete)" if array
+                else f"all {p.tasks} tokenize task(s) were complete")
+    return (f"submitted {tokenize}; merge job {merge_job} writes {p.out} when they succeed. Logs: "
+            f"{p.work / engine.SLURM_LOG}; rerun the same command after a failure: it resubmits only unfinished "
+            "tasks")

@@ -125,3 +125,35 @@ def test_launch_local_runs_torchrun(tmp_path, data):
     out = polar("launch", "local", str(cfg), "--nproc-per-node", "2")
     assert out.returncode == 0, out.stderr[-3000:]
     assert "world 2" in out.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.slurm
+def test_prepare_on_slurm_redoes_only_unfinished_tasks_and_matches_a_local_prepare(tmp_path, cluster, data, rng):
+    """`polar prepare --slurm` after a prepare that finished one of its three tasks: the job array holds only the
+    other two, the merge job (afterok on the array) writes the output, and it is byte-identical to a local
+    prepare of the same data; no work folder is left."""
+    from datatrove.executor import LocalPipelineExecutor
+
+    from pretrain.prepare import PrepareConfig, plan
+    from tests.data_helpers import dir_digest, random_docs, write_jsonl
+
+    docs = random_docs(rng, 45)
+    for k in range(3):
+        write_jsonl(tmp_path / f"part{k}.jsonl", docs[k::3])
+    spec, local, remote = str(tmp_path / "part*.jsonl"), tmp_path / "local", tmp_path / "remote"
+    common = ["--dataset", spec, "--tokenizer", data["tokenizer"], "--tasks", "3", "--val-fraction", "0.1"]
+    assert polar("prepare", *common, "--out", str(local)).returncode == 0
+    p = plan(PrepareConfig(spec, data["tokenizer"], str(remote), tasks=3))  # a first prepare that did task 1 only
+    p.step(None, 1, p.tasks)
+    LocalPipelineExecutor(pipeline=[p.step], tasks=p.tasks, logging_dir=str(p.work / "logs")).mark_rank_as_completed(1)
+    out = polar("prepare", *common, "--out", str(remote), "--slurm", "--cpus-per-task", "1", "--time", "00:10:00",
+                env=cluster.env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "2 of 3 task(s)" in out.stdout, out.stdout
+    merge = out.stdout.split("merge job ")[1].split()[0]
+    state = wait_for(cluster, merge, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"}, timeout=240)
+    assert state == "COMPLETED", f"{state}\n{cluster.logs()}\n" + "\n".join(
+        f.read_text() for f in (p.work / "slurm").glob("*.out")) if p.work.exists() else state
+    assert dir_digest(remote) == dir_digest(local)
+    assert not p.work.exists()
