@@ -60,7 +60,8 @@ class ModelConfig:
     initializer_range: float = bounded(0.02, gt=0)
     rescale_prenorm_residual: bool = True
     final_norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"  # layernorm: the paper's MQAR model (not HF-exportable)
-    # a checkpoint to start from instead of random weights: `init_from: PATH` or {path, step, revision, sha256}
+    # a checkpoint to start from instead of random weights: `init_from: PATH` or {path, step, revision, sha256,
+    # trust_pickle}
     init_from: InitFromConfig | str = field(default_factory=InitFromConfig)
 
     def __new__(cls, *args: Any, **kwargs: Any):

@@ -152,3 +152,17 @@ def test_missing_folder_and_mismatched_weights(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ConfigError, match="state channels"):
         from_pretrained(tmp_path)
+
+
+def test_no_code_trusts_remote_code_or_unpickles_outside_weights_freely():
+    """Catches trust_remote_code set on the user's behalf, or a torch.load of weights from outside without
+    weights_only=True (our own DeepSpeed checkpoints, pretrain/checkpoint.py, may keep their pickles)."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    for f in (p for d in ("models", "pretrain", "eval", "tokenizer", "kernels") for p in (root / d).rglob("*.py")):
+        text = f.read_text()
+        assert not re.search(r"trust_remote_code\s*[=:]\s*True|[\"']trust_remote_code[\"']\s*:\s*True", text), f
+        if f.name != "checkpoint.py":
+            assert all("weights_only=True" in call for call in re.findall(r"torch\.load\([^)]*\)", text)), f

@@ -84,7 +84,8 @@ def test_resume_is_bitwise_and_never_reads_the_source_again(source, data, tmp_pa
     assert losses(tmp_path / "runs" / "split") == losses(tmp_path / "runs" / "full")
     sha = weights_sha256(load_model(source["run"]).state_dict())
     recorded = yaml.safe_load((tmp_path / "runs" / "split" / "config.yaml").read_text())["model"]["init_from"]
-    assert recorded == {"path": str(src), "step": None, "revision": "step_00000003", "sha256": sha}
+    assert recorded == {"path": str(src), "step": None, "revision": "step_00000003", "sha256": sha,
+                        "trust_pickle": False}
     ckpt_dir = tmp_path / "runs" / "split" / "checkpoints"
     state = ckpt.read_state(ckpt_dir, ckpt.latest_tag(ckpt_dir))
     assert state["config"]["model"]["init_from"] == recorded
