@@ -53,8 +53,10 @@ def public_spec(spec: str, base: str | os.PathLike | None = None) -> str:
 
 
 def secret_values() -> dict[str, str]:
-    """{variable name: value} of the credentials in the environment (values of 8+ characters)."""
-    return {k: v for k, v in os.environ.items() if SECRET_NAME.search(k) and len(v) >= 8}
+    """{variable name: value} of the credentials in the environment: values of 16+ characters, or of 8+ that are
+    not a plain word (``TOKENIZERS_PARALLELISM=false`` or a word a card may hold is no secret to look for)."""
+    return {k: v for k, v in os.environ.items()
+            if SECRET_NAME.search(k) and (len(v) >= 16 or (len(v) >= 8 and not v.isalpha()))}
 
 
 def _local_roots(paths: Iterable[str | os.PathLike]) -> set[str]:
