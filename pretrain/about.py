@@ -22,7 +22,8 @@ def code_version() -> str:
         return "unknown"
 
 
-def code_line(url: str | None = None) -> str:
-    """``polar-mamba 0.1.0 (code license Apache-2.0)``, linked to ``url`` only when one is configured."""
+def code_line(url: str | None = None, version: str | None = None) -> str:
+    """``polar-mamba 0.1.0 (code license Apache-2.0)`` (``version``: default this checkout's), linked to ``url``
+    only when one is configured."""
     name = f"[{NAME}]({url})" if url else NAME
-    return f"{name} {code_version()} (code license {CODE_LICENSE})"
+    return f"{name} {version or code_version()} (code license {CODE_LICENSE})"

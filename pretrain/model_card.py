@@ -200,7 +200,7 @@ def render_card(repo_id: str, state: dict[str, Any], run_dir: Path, params: int,
         f"clip {cfg['optim']['grad_clip']} |",
         f"| precision / parallelism | {cfg['precision']['dtype']}, DeepSpeed ZeRO-{cfg['distributed']['zero_stage']} |",
         f"| hardware | {hardware} |",
-        f"| code | {code_line(project_url)} |",
+        f"| code | {code_line(project_url, state.get('code_version'))} |",  # the version that trained it
     ]
     if (init := model.get("init_from") or {}).get("path"):  # model.init_from: continued from a checkpoint
         lines.append(f"| initialised from | `{public_path(init['path'], base)}` (revision "

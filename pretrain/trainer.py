@@ -39,6 +39,7 @@ import torch
 
 from models.build import build_model
 from pretrain import checkpoint as ckpt
+from pretrain.about import code_version
 from pretrain.callbacks import default_callbacks
 from pretrain.config import TrainConfig, recipe_changes, resolve_precision, run_config_yaml
 from pretrain.data import DataError, DistributedSampleLoader, PackedDataset, TokenShards
@@ -96,6 +97,7 @@ class Trainer:
             "tokenizer_fingerprint": fingerprint,
             "manifest_sha256": self._data_hash(),
             "world_size": self.env.world_size,
+            "code_version": code_version(),  # the model card names the code that trained the weights
             "hardware": f"{self.env.world_size} x "
                         f"{torch.cuda.get_device_name() if self.env.device.type == 'cuda' else 'CPU process'}",
         }

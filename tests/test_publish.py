@@ -267,6 +267,7 @@ def test_nothing_private_leaves_in_an_export_or_a_published_folder(tmp_path):
     import sys
 
     from models.build import build_model
+    from pretrain.about import code_version
     from pretrain.config import load_config
     from tests.train_helpers import ROOT
     from tokenizer.sources import shakespeare_files
@@ -306,6 +307,7 @@ def test_nothing_private_leaves_in_an_export_or_a_published_folder(tmp_path):
     assert json.loads((tmp_path / "hub" / "config.json").read_text())["polar_mamba"]["init_from"]["path"] == \
         "base-model"
     assert "More Information Needed" not in card and "[polar-mamba](" not in card  # no link nobody configured
+    assert f"| code | polar-mamba {code_version()} (code license Apache-2.0) |" in card
     written = [*(p for p in run.rglob("*") if p.is_file() and p.suffix in (".json", ".jsonl", ".yaml", ".txt")),
                tmp_path / "polar.log"]
     for text in [o.stdout + o.stderr for o in logs] + [p.read_text(errors="replace") for p in written]:
