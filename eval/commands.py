@@ -74,7 +74,7 @@ def run_diagnose(args: argparse.Namespace) -> int:
     from eval.diagnostics import diagnose, load_target
 
     names = [Path(t).stem if Path(t).is_file() else Path(t).name for t in args.targets]
-    models = {name: load_target(t, args.step) for name, t in zip(names, args.targets)}
+    models = {name: load_target(t, args.step, args.trust_pickle) for name, t in zip(names, args.targets)}
     out = Path(args.out) if args.out else default_diagnose_out(args.targets[0], args.step)
     diagnose(models, out, args.batch, args.seq_len, args.seed)
     print(f"wrote recency, oversmoothing and a_range .json/.png to {out}")
@@ -256,6 +256,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     d.add_argument("--batch", type=int, default=4, help="random sequences averaged over (default 4)")
     d.add_argument("--seq-len", type=int, default=128, help="sequence length (default 128)")
     d.add_argument("--seed", type=int, default=0, help="seed of the inputs and the projection (default 0)")
+    d.add_argument("--trust-pickle", action="store_true", help="load TARGETs whose weights are pickles only "
+                   "(pytorch_model.bin; can run code when loaded): only for files from an author you trust")
     d.set_defaults(func=run_diagnose)
 
     st = sub.add_parser("study", help="the paper's studies as sweeps: depth x context length at fixed size (Fig. 4)",

@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 
 
-def load_target(target: str, step: int | None = None) -> nn.Module:
+def load_target(target: str, step: int | None = None, trust_pickle: bool = False) -> nn.Module:
     """A fresh model from a YAML config's ``model`` section (any recipe: training, MQAR), an MQAR cell
     folder, or anything eval.loading.load_any_model accepts (run directory, tag, export, any transformers
     causal LM folder or Hub id)."""
@@ -45,7 +45,7 @@ def load_target(target: str, step: int | None = None) -> nn.Module:
         return load_cell_model(path)[0].cpu().eval()
     from eval.loading import load_any_model
 
-    return load_any_model(target, step).eval()
+    return load_any_model(target, step, trust_pickle).eval()
 
 
 def _hooked_forward(model: nn.Module, input_ids: torch.Tensor, hooks: list) -> None:

@@ -39,13 +39,14 @@ class PolarLM(TemplateLM):
 
     def __init__(self, pretrained: str, step: int | None = None, tokenizer: str | None = None,
                  batch_size: int | str = 8, max_length: int = 2048, max_gen_toks: int = 256,
-                 device: str | None = None, dtype: str = "float32", **_ignored):
+                 device: str | None = None, dtype: str = "float32", trust_pickle: bool | str = False, **_ignored):
         super().__init__()
         if device and str(device).startswith("cuda") and not torch.cuda.is_available():
             log.warning("CUDA is not available: the polar model runs on the CPU (pass --device cpu to silence this)")
             device = "cpu"
         self.step = None if step is None else int(step)
-        self.model, self.tok = load_for_eval(pretrained, self.step, tokenizer, device, getattr(torch, dtype))
+        self.model, self.tok = load_for_eval(pretrained, self.step, tokenizer, device, getattr(torch, dtype),
+                                             trust_pickle=str(trust_pickle).lower() in ("1", "true"))
         self._device = next(self.model.parameters()).device
         # lm-eval passes "auto" when asked to find a batch size; a fixed default is the honest answer here.
         self.batch_size = int(batch_size) if str(batch_size).isdigit() else 8

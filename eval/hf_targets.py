@@ -160,7 +160,13 @@ def is_transformers_folder(folder: Path) -> bool:
     return CONFIG_KEY not in data and data.get("model_type") not in (None, "mamba")
 
 
-def load_hf_causal_lm(folder: str | Path) -> HFCausalLM:
+def load_hf_causal_lm(folder: str | Path, trust_pickle: bool = False) -> HFCausalLM:
+    """A transformers causal LM: safetensors weights, or pickles with ``trust_pickle`` (models/hf.py); never
+    remote code."""
     from transformers import AutoModelForCausalLM
 
-    return HFCausalLM(AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32))
+    from models.hf import refuse_untrusted_pickle
+
+    refuse_untrusted_pickle(Path(folder), trust_pickle)
+    return HFCausalLM(AutoModelForCausalLM.from_pretrained(str(folder), dtype=torch.float32,
+                                                           use_safetensors=None if trust_pickle else True))

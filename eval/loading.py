@@ -34,14 +34,15 @@ def model_folder(path: str | Path, step: int | None = None) -> Path:
     return resolve_folder(str(path))
 
 
-def load_any_model(path: str | Path, step: int | None = None) -> nn.Module:
-    """Our MambaLM/TransformerLM, or a transformers causal LM behind our interface (see the module docstring)."""
+def load_any_model(path: str | Path, step: int | None = None, trust_pickle: bool = False) -> nn.Module:
+    """Our MambaLM/TransformerLM, or a transformers causal LM behind our interface (see the module docstring);
+    pickle-only weights only with ``trust_pickle`` (models/hf.py)."""
     from eval.hf_targets import is_transformers_folder, load_hf_causal_lm
 
     folder = model_folder(path, step)
     if step is None and is_transformers_folder(folder):
-        return load_hf_causal_lm(folder)
-    return load_model(folder, step)
+        return load_hf_causal_lm(folder, trust_pickle)
+    return load_model(folder, step, trust_pickle)
 
 
 def tokenizer_reference(folder: Path, step: int | None = None) -> Path | None:
@@ -66,10 +67,10 @@ def find_tokenizer(path: str | Path, step: int | None = None):
 
 def load_for_eval(path: str | Path, step: int | None = None, tokenizer: str | Path | None = None,
                   device: str | torch.device | None = None, dtype: torch.dtype = torch.float32,
-                  ) -> tuple[nn.Module, Tokenizer | HFTokenizer]:
+                  trust_pickle: bool = False) -> tuple[nn.Module, Tokenizer | HFTokenizer]:
     """(model in eval mode on ``device`` — CUDA when available — , tokenizer)."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    model = load_any_model(path, step).to(device=device, dtype=dtype).eval()
+    model = load_any_model(path, step, trust_pickle).to(device=device, dtype=dtype).eval()
     tok = load_tokenizer(tokenizer) if tokenizer else find_tokenizer(path, step)
     return model, tok
 

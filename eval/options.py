@@ -41,6 +41,8 @@ def add_target_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--step", type=int, default=None, help="checkpoint step of a run directory (default: latest)")
     p.add_argument("--tokenizer", default=None, help="tokenizer folder (default: the export's, the run's or the "
                    "model folder's tokenizer.json)")
+    p.add_argument("--trust-pickle", action="store_true", help="load a model folder whose weights are pickles only "
+                   "(pytorch_model.bin; can run code when loaded): only for files from an author you trust")
 
 
 def add_lm_options(p: argparse.ArgumentParser) -> None:

@@ -85,7 +85,8 @@ class Evaluation:
 
         settings = self.settings(args)
         step = resolved_step(args.checkpoint, args.step)
-        model, tok = load_for_eval(args.checkpoint, step, getattr(args, "tokenizer", None))
+        model, tok = load_for_eval(args.checkpoint, step, getattr(args, "tokenizer", None),
+                                   trust_pickle=getattr(args, "trust_pickle", False))
         result = stamp(self.run(model, tok, settings, args, progress), self.name, options, args.checkpoint, step)
         folder = Path(args.out) if args.out else eval_folder(args.checkpoint, step)
         title = Path(args.checkpoint).resolve().name + ("" if step is None else f", step {step}")

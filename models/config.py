@@ -34,12 +34,14 @@ class InitFromConfig:
     """``model.init_from``: the checkpoint a new run starts from (pretrain/init_from.py). ``path``: a run directory,
     an export, a stock transformers or mamba_ssm folder, or a Hub id ORG/NAME; ``step``: a run's checkpoint
     (default its latest); ``revision``: a Hub revision. The trainer records the revision it read (a run's tag, a
-    Hub commit) and ``sha256`` (of the weights as loaded); a recipe that sets ``sha256`` requires that source."""
+    Hub commit) and ``sha256`` (of the weights as loaded); a recipe that sets ``sha256`` requires that source.
+    ``trust_pickle``: load a source whose weights are pickles only (pytorch_model.bin), refused otherwise."""
 
     path: str | None = None
     step: int | None = bounded(None, ge=0)
     revision: str | None = None
     sha256: str | None = None
+    trust_pickle: bool = False  # a source with pickle weights only (pytorch_model.bin) loads only when true
 
 
 @dataclass
@@ -58,7 +60,8 @@ class ModelConfig:
     initializer_range: float = bounded(0.02, gt=0)
     rescale_prenorm_residual: bool = True
     final_norm: Literal["rmsnorm", "layernorm"] = "rmsnorm"  # layernorm: the paper's MQAR model (not HF-exportable)
-    # a checkpoint to start from instead of random weights: `init_from: PATH` or {path, step, revision, sha256}
+    # a checkpoint to start from instead of random weights: `init_from: PATH` or {path, step, revision, sha256,
+    # trust_pickle}
     init_from: InitFromConfig | str = field(default_factory=InitFromConfig)
 
     def __new__(cls, *args: Any, **kwargs: Any):

@@ -7,6 +7,11 @@ fields of the stock transformers class the architecture's adapter names (:mod:`m
 lossless. The weights are the adapter's layout; the LM head is written (``lm_head.weight``) only when it is
 untied, as transformers does. :func:`from_pretrained` reads our folders, the stock folders an adapter
 reads (transformers' Mamba, Mamba-2 and Llama; mamba_ssm's), and Hub repo ids.
+
+Nothing executable loads from outside: weights load through safetensors; a folder whose weights are pickles only
+(mamba_ssm's ``pytorch_model.bin``) is refused in one line (:func:`refuse_untrusted_pickle`) unless the caller
+trusts it (``trust_pickle``: ``--trust-pickle``, ``model.init_from.trust_pickle``), and even then it loads with
+``torch.load(weights_only=True)``. ``trust_remote_code`` is never set on the user's behalf.
 """
 
 from __future__ import annotations
@@ -118,7 +123,26 @@ def _read_file(path: Path, read) -> dict[str, torch.Tensor]:
                           "(polar export RUN --force, or --step N for another checkpoint)") from e
 
 
-def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+
+class UntrustedPickleError(ConfigError):
+    """A model folder from outside holds pickle weights only and the caller did not trust it."""
+
+
+def refuse_untrusted_pickle(folder: Path, trust_pickle: bool) -> None:
+    """Refuse a folder whose weights are pickles only (no ``*.safetensors``) unless ``trust_pickle``: unpickling
+    a file can run code its author put there."""
+    if trust_pickle or any(folder.glob("*.safetensors")):
+        return
+    pickles = sorted(f.name for f in folder.iterdir() if f.suffix in PICKLE_SUFFIXES)
+    if pickles:
+        raise UntrustedPickleError(
+            f"{folder} holds pickle weights only ({', '.join(pickles)}), which can run code when loaded: use a "
+            "safetensors copy, or pass --trust-pickle (model.init_from.trust_pickle: true) if you trust its author")
+
+
+def _read_weights(folder: Path, trust_pickle: bool = False) -> dict[str, torch.Tensor]:
     def safetensors(path: Path) -> dict[str, torch.Tensor]:
         return load_file(str(path))
 
@@ -127,6 +151,7 @@ def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
     if (folder / WEIGHTS_INDEX).is_file():
         files = sorted(set(json.loads((folder / WEIGHTS_INDEX).read_text())["weight_map"].values()))
         return {k: v for f in files for k, v in _read_file(folder / f, safetensors).items()}
+    refuse_untrusted_pickle(folder, trust_pickle)
     if (folder / "pytorch_model.bin").is_file():  # mamba_ssm
         return _read_file(folder / "pytorch_model.bin",
                           lambda p: torch.load(p, map_location="cpu", weights_only=True))
@@ -157,16 +182,17 @@ def resolve_folder(path_or_repo: str | Path, revision: str | None = None) -> Pat
                                 f"that name ({reason})") from e
 
 
-def from_pretrained(path_or_repo: str | Path, revision: str | None = None,
-                    device: str | torch.device = "cpu") -> torch.nn.Module:
+def from_pretrained(path_or_repo: str | Path, revision: str | None = None, device: str | torch.device = "cpu",
+                    trust_pickle: bool = False) -> torch.nn.Module:
     """Load a model of any registered architecture from a folder written by :func:`save_pretrained`, a stock
-    transformers or mamba_ssm checkpoint folder an adapter reads, or a Hub repo id (with optional revision)."""
+    transformers or mamba_ssm checkpoint folder an adapter reads, or a Hub repo id (with optional revision);
+    pickle-only weights only with ``trust_pickle``."""
     folder = resolve_folder(path_or_repo, revision)
     cfg_file = folder / "config.json"
     if not cfg_file.is_file():
         raise FileNotFoundError(f"{folder} has no config.json: not a model folder")
     cfg = config_from_json(json.loads(cfg_file.read_text()))
-    sd = from_hf_state_dict(_read_weights(folder), cfg)
+    sd = from_hf_state_dict(_read_weights(folder, trust_pickle), cfg)
     with torch.device("meta"):
         model = build_model(cfg)
     missing, unexpected = model.load_state_dict(sd, strict=False, assign=True)

@@ -315,8 +315,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--revision", default=None, help="branch to upload to (default: stepN)")
     p.add_argument("--private", action="store_true", help="create the repo as private")
     p.add_argument("--license", default="apache-2.0", help="license in the card metadata (default apache-2.0)")
-    p.add_argument("--project-url", default=None, help="project link in the card (default: the installed "
-                   "package's [project.urls], if any)")
+    p.add_argument("--project-url", default=None, help="link to the code in the card (default: none; the card "
+                   "names polar-mamba's version and license without a link)")
     p.add_argument("--dry-run", action="store_true", help="build and check the folder, do not upload")
     p.add_argument("--out", metavar="DIR", default=None, help="folder to build (default: a temporary one; "
                    "RUN/hub/step-N with --dry-run)")

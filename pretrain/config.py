@@ -3,6 +3,10 @@
 Sections: run, model, data, optim, schedule, distributed, precision, checkpoint, logging, eval.
 ``model`` may name a preset (``model: {preset: mamba-130m, n_layer: 12}``): the preset's fields are the
 base and the rest override them; the resolved config (saved in the run directory) has no preset key.
+
+``RUN/config.yaml`` is the run's current recipe plus its ``history``: one entry (step, key, was, now) per key a
+resume changed (:func:`recipe_changes`); the history is not part of the recipe and is ignored when the file is
+loaded (so ``polar train RUN/config.yaml`` runs as written).
 """
 
 from __future__ import annotations
@@ -15,7 +19,18 @@ from typing import Any, Literal
 import yaml
 
 from models.config import PRESETS, ModelConfig
-from models.typed_config import ConfigError, _suggest, apply_overrides, bounded, from_dict, load_yaml, to_dict
+from models.typed_config import (
+    ConfigError,
+    _suggest,
+    apply_overrides,
+    bounded,
+    differences,
+    from_dict,
+    load_yaml,
+    to_dict,
+)
+
+HISTORY_KEY = "history"  # RUN/config.yaml: the changes made on resume, not part of the recipe
 
 
 @dataclass
@@ -207,5 +222,23 @@ def _vocab_from_tokenizer(data: dict[str, Any]) -> dict[str, Any]:
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
-    """Load a YAML recipe (``configs/*.yaml``) and apply dotted overrides (``{"optim.lr": 1e-3}``)."""
-    return build_config(load_yaml(path), overrides)
+    """Load a YAML recipe (``configs/*.yaml``, or a run's config.yaml without its history) and apply dotted
+    overrides (``{"optim.lr": 1e-3}``)."""
+    data = load_yaml(path)
+    data.pop(HISTORY_KEY, None)
+    return build_config(data, overrides)
+
+
+def recipe_changes(saved: dict[str, Any], now: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(key, the checkpoint's value, this run's value) for every key a resume changed. The model is not among
+    them: pretrain/checkpoint.py refuses a resume that changes it (and the tokenizer)."""
+    return [d for d in differences(saved, now) if not d[0].startswith("model.")]
+
+
+def run_config_yaml(cfg: TrainConfig, path: Path, step: int, changes: list[tuple[str, Any, Any]]) -> str:
+    """config.yaml's text: the recipe, then the history kept in ``path`` before ``step`` plus ``changes`` at
+    ``step`` (a resume from the same step again replaces what an earlier attempt recorded there)."""
+    old = (load_yaml(path).get(HISTORY_KEY) or []) if path.is_file() else []
+    history = [h for h in old if h["step"] < step] + [{"step": step, "key": k, "was": was, "now": now}
+                                                      for k, was, now in changes]
+    return cfg.to_yaml() + (yaml.safe_dump({HISTORY_KEY: history}, sort_keys=False) if history else "")

@@ -1,5 +1,10 @@
 """Model loading from any reference (run directory, run + step, DeepSpeed tag, exported folder) and
-`polar export`: consolidate a checkpoint (ZeRO 0-3) into the HF-compatible folder of models/hf.py."""
+`polar export`: consolidate a checkpoint (ZeRO 0-3) into the HF-compatible folder of models/hf.py.
+
+An export leaves the machine (``polar publish`` builds on it): its config.json, tokenizer files and card name
+local paths only as pretrain/privacy.py allows (``model.init_from.path`` by its last component or Hub id, the
+tokenizer's source as a public dataset spec), and the folder is refused if a local absolute path or a credential
+from the environment is still in it."""
 
 from __future__ import annotations
 
@@ -8,6 +13,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import torch.nn as nn
@@ -16,6 +22,7 @@ from models.build import build_model
 from models.config import ModelConfig
 from models.hf import from_pretrained, save_pretrained
 from pretrain import checkpoint as ckpt
+from pretrain.privacy import check_private, public_path, public_spec
 
 
 def checkpoint_location(path: str | Path, step: int | None = None) -> tuple[Path, str] | None:
@@ -51,15 +58,15 @@ def load_checkpoint_model(ckpt_dir: Path, tag: str) -> tuple[nn.Module, dict]:
     return model, state
 
 
-def load_model(path: str | Path, step: int | None = None) -> nn.Module:
+def load_model(path: str | Path, step: int | None = None, trust_pickle: bool = False) -> nn.Module:
     """A MambaLM or TransformerLM from a run directory (latest checkpoint, or ``step``), a tag folder, or
-    an export."""
+    an export (pickle-only weights only with ``trust_pickle``: models/hf.py)."""
     loc = checkpoint_location(path, step)
     if loc is not None:
         return load_checkpoint_model(*loc)[0]
     if step is not None:
         raise FileNotFoundError(f"{path} has no checkpoints: --step needs a run directory")
-    return from_pretrained(path)
+    return from_pretrained(path, trust_pickle=trust_pickle)
 
 
 def run_tokenizer(tok: str):
@@ -98,6 +105,9 @@ def export(run: str | Path, out: str | Path, step: int | None = None, force: boo
     if loc is None:
         raise FileNotFoundError(f"no checkpoints under {run}: pass a run directory written by polar train")
     model, state = load_checkpoint_model(*loc)
+    base, local = loc[0].parent.parent.parent, _local_paths(state["config"], loc[0].parent)
+    model.config = replace(model.config, init_from=replace(
+        model.config.init_from, path=model.config.init_from.path and public_path(model.config.init_from.path, base)))
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -106,9 +116,11 @@ def export(run: str | Path, out: str | Path, step: int | None = None, force: boo
         save_pretrained(model, tmp, tokenizer_special_ids(tok) if tok else None, max_shard_bytes)
         if tok:  # so transformers.AutoTokenizer, lm-eval and our evals load the tokenizer the model was trained with
             tok.save_pretrained(tmp)
+            _public_tokenizer_source(tmp, base)
         write_generation_config(tmp)
         if finish is not None:
             finish(tmp, model, state)
+        check_private(tmp, local)
         if out.exists():
             shutil.rmtree(out)
         os.replace(tmp, out)
@@ -117,3 +129,17 @@ def export(run: str | Path, out: str | Path, step: int | None = None, force: boo
         raise
     return out
 
+
+def _local_paths(cfg: dict, run_dir: Path) -> list[str]:
+    """The local paths a run's config names (run, data, tokenizer, init_from source): none may leave in an export."""
+    data = cfg["data"]
+    return [str(run_dir), cfg["run"]["out_dir"], data.get("path") or "", data.get("tokenizer") or "",
+            *(s["path"] for s in data.get("sources") or []), cfg["model"].get("init_from", {}).get("path") or ""]
+
+
+def _public_tokenizer_source(folder: Path, base: Path) -> None:
+    """polar_tokenizer.json's ``source`` (the dataset the tokenizer was trained on) as a public dataset spec."""
+    meta_file = folder / "polar_tokenizer.json"
+    meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+    if meta.get("source"):
+        meta_file.write_text(json.dumps({**meta, "source": public_spec(meta["source"], base)}, indent=2) + "\n")

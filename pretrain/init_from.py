@@ -7,7 +7,8 @@ source's model: the same architecture and sizes, the same padded vocabulary (set
 so the embedding has the source's rows), the same tokenizer when the source records one; it may differ in
 init-only fields (``ModelConfig.INIT_ONLY``) and add polar channels, which models/polarize.py adds without
 changing the function. Any other difference is refused in one line naming it, before the run directory is
-written. The optimizer and schedule are the recipe's, fresh.
+written. The optimizer and schedule are the recipe's, fresh. A source whose weights are pickles only
+(pytorch_model.bin) is refused unless ``model.init_from.trust_pickle: true`` (models/hf.py).
 
 Provenance: the path, the revision read (a run's checkpoint tag; a Hub snapshot's commit) and the sha256 of the
 weights as loaded (:func:`weights_sha256`, independent of the file format) fill ``model.init_from``, so
@@ -54,7 +55,7 @@ def _load(init: InitFromConfig) -> tuple[torch.nn.Module, str | None, str | None
     folder = resolve_folder(init.path, init.revision)
     # a Hub download is a snapshot folder named by its commit
     revision = folder.name if not Path(init.path).exists() else init.revision
-    return from_pretrained(folder), revision, None
+    return from_pretrained(folder, trust_pickle=init.trust_pickle), revision, None
 
 
 def _aligned(src: ModelConfig, dst: ModelConfig, where: str) -> ModelConfig:

@@ -2,8 +2,10 @@
 (JSONL always, wandb when enabled, a progress bar) on rank 0.
 
 ``metrics.jsonl`` holds one JSON object per line: ``{"kind": "train", "step": ...}`` for optimizer
-steps and ``{"kind": "val", ...}`` for validation. After a resume, lines past the checkpoint's step are
-dropped first, so the file has every step exactly once.
+steps, ``{"kind": "val", ...}`` for validation and ``{"kind": "config", "step", "key", "was", "now"}`` for a
+config key a resume changed (from the step after ``step``). After a resume, lines past the checkpoint's step
+(and config lines at it, which the resume records again) are dropped first, so the file has every step exactly
+once.
 """
 
 from __future__ import annotations
@@ -77,7 +79,8 @@ class MetricsSink:
         self.wandb = None
         if not enabled:
             return
-        kept = [r for r in read_jsonl(self.path) if r.get("step", 0) <= resume_step]
+        kept = [r for r in read_jsonl(self.path) if r.get("step", 0) < resume_step
+                or (r.get("step", 0) == resume_step and r.get("kind") != "config")]
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
         os.replace(tmp, self.path)
@@ -96,7 +99,7 @@ class MetricsSink:
             return
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
-        if self.wandb is not None:
+        if self.wandb is not None and record.get("kind") != "config":  # wandb's run config is the new recipe
             kind = record.get("kind", "train")
             self.wandb.log({f"{kind}/{k}": v for k, v in record.items() if k not in ("kind", "step")},
                            step=record["step"])

@@ -6,6 +6,10 @@ Every number in the card belongs to the published step N: the training and valid
 ``polar eval sweep`` write there). Each registered evaluation (eval/registry.py) renders its own section,
 with the settings of every result it shows, its ``model-index`` entries (lm: complete results only, never
 ``--limit`` subsets) and the commands that reproduce them.
+
+Nothing private: local paths appear relative to the folder holding the run's ``run.out_dir`` or by their last
+component (pretrain/privacy.py). The card states the code's name, version and license (pretrain/about.py),
+linked only to a code URL the user gives (``polar publish --project-url``).
 """
 
 from __future__ import annotations
@@ -19,7 +23,9 @@ import yaml
 from models.config import ModelConfig
 from models.hf import stock_class
 from models.registry import get_arch
+from pretrain.about import code_line
 from pretrain.metrics import read_jsonl
+from pretrain.privacy import public_path, public_spec
 
 StepResults = dict[str, list[dict]]  # evaluation name -> its results kept for the step (eval.results)
 PAPER_URL = "https://arxiv.org/abs/2501.00658"
@@ -61,12 +67,16 @@ def _eval_section(results: StepResults, step: int) -> list[str]:
     return lines
 
 
-def _eval_commands(results: StepResults, run_dir: Path, step: int) -> list[str]:
-    """One command per shown result (identical ones once), each keeping a new result beside the one shown."""
+def _eval_commands(results: StepResults, run_dir: str, step: int, base: Path) -> list[str]:
+    """One command per shown result (identical ones once), each keeping a new result beside the one shown; local
+    paths among its options are made public (pretrain/privacy.py)."""
     from eval.registry import get
 
+    def public(r: dict) -> dict:
+        return {**r, "options": [public_path(o, base) for o in r["options"]]} if "options" in r else r
+
     commands = [c for kind, kept in results.items() for r in get(kind).shown(kept)
-                if (c := get(kind).reproduce(r, run_dir, step)) is not None]
+                if (c := get(kind).reproduce(public(r), run_dir, step)) is not None]
     if not commands:
         return []
     return ["", f"The evaluations shown above, each with the settings it was computed with (run as written, each "
@@ -74,39 +84,41 @@ def _eval_commands(results: StepResults, run_dir: Path, step: int) -> list[str]:
             *dict.fromkeys(commands), "```"]
 
 
-def _prepared(data: dict) -> list[tuple[str, str, float]]:
-    """(dataset spec, prepared folder, share) of each training source: data.path, or each of data.sources."""
+def _prepared(data: dict, base: Path) -> list[tuple[str, str, float]]:
+    """(dataset spec, prepared folder, share) of each training source (data.path, or each of data.sources), as a
+    card may show them (pretrain/privacy.py)."""
     sources = data.get("sources") or [{"path": data["path"], "weight": 1.0}]
     total = sum(src["weight"] for src in sources)
     out = []
     for src in sources:
         manifest = Path(src["path"]) / "manifest.json"
         spec = json.loads(manifest.read_text())["source"]["spec"] if manifest.is_file() else src["path"]
-        out.append((spec, src["path"], src["weight"] / total))
+        out.append((public_spec(spec, base), public_path(src["path"], base), src["weight"] / total))
     return out
 
 
 def _reproduce(cfg: dict, run_dir: Path, step: int, world: int, repo_id: str, revision: str,
-               results: StepResults, project: str) -> list[str]:
+               results: StepResults, project: str, base: Path) -> list[str]:
     from tokenizer import tokenizer_kind
 
     data = cfg["data"]
-    tok = data.get("tokenizer") or "TOKENIZER"
-    meta_file = Path(tok) / "polar_tokenizer.json"
+    tok_path = data.get("tokenizer") or "TOKENIZER"
+    meta_file = Path(tok_path) / "polar_tokenizer.json"
     tok_meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
     vocab = tok_meta.get("vocab_size", cfg["model"].get("vocab_size"))
-    prepared = _prepared(data)
-    tok_source = tok_meta.get("source") or prepared[0][0]
+    prepared = _prepared(data, base)
+    tok_source = public_spec(tok_meta["source"], base) if tok_meta.get("source") else prepared[0][0]
+    tok, run_dir = public_path(tok_path, base), public_path(run_dir, base)
     # an ecosystem tokenizer (tokenizer.json, Hub id) is used as it is; only ours is trained first
     train_tok = [f"polar tokenizer train --dataset {tok_source} --vocab-size {vocab} --out {tok}"] \
-        if tok == "TOKENIZER" or tokenizer_kind(tok) == "sentencepiece" else []
+        if tok_path == "TOKENIZER" or tokenizer_kind(tok_path) == "sentencepiece" else []
     lines = ["", "## Reproduce", "", f"With {project} installed (`pip install -e .[eval]`):", "", "```bash",
              *train_tok,
              *(f"polar prepare --dataset {spec} --tokenizer {tok} --out {path}" for spec, path, _ in prepared),
              f"torchrun --standalone --nproc-per-node {world} -m pretrain.cli train {run_dir}/config.yaml"
              + ("" if world > 1 else "   # or: polar train " + f"{run_dir}/config.yaml"), "```",
              "", f"On several nodes: `polar launch slurm {run_dir}/config.yaml --nodes N --submit`."]
-    return lines + _eval_commands(results, run_dir, step) + [
+    return lines + _eval_commands(results, run_dir, step, base) + [
         "", "Then the upload:", "", "```bash", f"polar publish {run_dir} --step {step} --repo-id {repo_id}"
         + ("" if revision == f"step{step}" else f" --revision {revision}"), "```"]
 
@@ -118,7 +130,8 @@ def render_card(repo_id: str, state: dict[str, Any], run_dir: Path, params: int,
     cfg = state["config"]
     model, sched, data = cfg["model"], cfg["schedule"], cfg["data"]
     pol = model["polarize"]
-    prepared = _prepared(data)
+    base = run_dir.parent.parent  # the folder holding run.out_dir: the card's paths are relative to it
+    prepared = _prepared(data, base)
     source = prepared[0][0] if len(prepared) == 1 else ", ".join(f"{spec} ({share:.0%})" for spec, _, share in prepared)
     records = read_jsonl(run_dir / "metrics.jsonl")
     step, tokens = state["step"], state["step"] * data["global_batch_size"] * data["seq_len"]
@@ -142,7 +155,7 @@ def render_card(repo_id: str, state: dict[str, Any], run_dir: Path, params: int,
     kind = (f"polarized {family}: {model['ssm']['d_state']} learned state channels{per_head} "
             f"+ {pol['ones']} fixed at A=1 + {pol['zeros']} fixed at A=0 ({pol['zero_mode']} zero channel)") \
         if polar else f"baseline {family}"
-    project = f"[polar-mamba]({project_url})" if project_url else "polar-mamba"
+    project = f"[polar-mamba]({project_url})" if project_url else "polar-mamba"  # a link only when configured
     if hf_class is None:  # docs/mamba2.md: stock Mamba-2 has one decay per head for all its channels
         loads = ("Stock `transformers` cannot load it (its Mamba-2 has one decay per head for all state channels); "
                  "load it with polar-mamba.")
@@ -187,13 +200,14 @@ def render_card(repo_id: str, state: dict[str, Any], run_dir: Path, params: int,
         f"clip {cfg['optim']['grad_clip']} |",
         f"| precision / parallelism | {cfg['precision']['dtype']}, DeepSpeed ZeRO-{cfg['distributed']['zero_stage']} |",
         f"| hardware | {hardware} |",
+        f"| code | {code_line(project_url, state.get('code_version'))} |",  # the version that trained it
     ]
     if data.get("document_boundaries") == "reset":  # a training convention: the exported model is unchanged
         lines.append("| packed documents | every layer's state reset at each document start "
                      "(`data.document_boundaries: reset`); inference is unchanged (one document) |")
     if (init := model.get("init_from") or {}).get("path"):  # model.init_from: continued from a checkpoint
-        lines.append(f"| initialised from | `{init['path']}` (revision {init['revision'] or 'local'}, weights sha256 "
-                     f"`{init['sha256']}`) |")
+        lines.append(f"| initialised from | `{public_path(init['path'], base)}` (revision "
+                     f"{init['revision'] or 'local'}, weights sha256 `{init['sha256']}`) |")
     if train:
         lines.append(f"| training loss at step {train['step']} | {train['loss']:.4f} |")
     if val:
@@ -201,5 +215,5 @@ def render_card(repo_id: str, state: dict[str, Any], run_dir: Path, params: int,
                      f"{val['val_ppl']:.2f} |")
     lines += _eval_section(results, step)
     lines += _reproduce(cfg, run_dir, step, int(state.get("world_size") or 1), repo_id, revision, results,
-                        project)
+                        project, base)
     return "\n".join(lines) + "\n"

@@ -47,21 +47,10 @@ def build_folder(run: str | Path, out: str | Path, repo_id: str, step: int | Non
             raise PublishError(f"{run} names no tokenizer (data.tokenizer): a published model needs one")
         card = render_card(repo_id, state, run_dir, model.num_parameters(), results, license,
                            state.get("hardware", f"{state.get('world_size', '?')} processes"),
-                           project_url or default_project_url(), revision)
+                           project_url, revision)
         (folder / "README.md").write_text(card)
 
     return export(run, out, step_n, force=force, max_shard_bytes=max_shard_bytes, finish=finish)
-
-
-def default_project_url() -> str | None:
-    """The project's home page from the installed package metadata ([project.urls]), if it names one."""
-    import importlib.metadata
-
-    try:
-        urls = importlib.metadata.metadata("polar-mamba").get_all("Project-URL") or []
-    except importlib.metadata.PackageNotFoundError:
-        return None
-    return urls[0].split(",", 1)[1].strip() if urls else None
 
 
 def verify_folder(folder: str | Path) -> None:

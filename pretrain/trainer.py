@@ -8,6 +8,10 @@ files, per-rank RNG beside them. The loader's position is ``consumed_samples``; 
 pure function of the step. So a run stopped at step k and resumed takes the same steps, bit for bit, as
 one that never stopped.
 
+A resume may change the recipe outside the model and tokenizer (global batch, learning rate, schedule length,
+eval interval, ...): each change is one console line, an entry in config.yaml's ``history`` and a
+``{"kind": "config"}`` record in metrics.jsonl at the resumed step (pretrain/config.py).
+
 One writer per run: rank 0 holds ``RUN/train.lock`` (pretrain/runlock.py) for the life of the job, and
 everything that can be validated (config, data, vocabulary, checkpoint compatibility, metrics) is checked
 before anything in the run directory is written.
@@ -36,8 +40,9 @@ import torch
 
 from models.build import build_model
 from pretrain import checkpoint as ckpt
+from pretrain.about import code_version
 from pretrain.callbacks import default_callbacks
-from pretrain.config import TrainConfig, resolve_precision
+from pretrain.config import TrainConfig, recipe_changes, resolve_precision, run_config_yaml
 from pretrain.data import DataError, DistributedSampleLoader, PackedDataset, TokenShards
 from pretrain.engine import build_engine, grad_accumulation_steps, init_distributed, set_lr
 from pretrain.hooks import FINISHED, registered_callbacks
@@ -93,13 +98,15 @@ class Trainer:
             "tokenizer_fingerprint": fingerprint,
             "manifest_sha256": self._data_hash(),
             "world_size": self.env.world_size,
+            "code_version": code_version(),  # the model card names the code that trained the weights
             "hardware": f"{self.env.world_size} x "
                         f"{torch.cuda.get_device_name() if self.env.device.type == 'cuda' else 'CPU process'}",
         }
-        resize = False
+        resize, changes = False, []
         if resume_tag is not None:  # refuse before anything is built or written
             saved = ckpt.read_state(ckpt_dir, resume_tag)
             ckpt.check_compatible(saved, self.meta, ckpt_dir / resume_tag)
+            changes = recipe_changes(saved["config"], self.meta["config"])
             if saved.get("manifest_sha256") != self.meta["manifest_sha256"]:
                 log.warning("the data (%s) changed since %s: the resumed run will not see the same samples",
                             ", ".join(s.path for s in cfg.data.source_list()), resume_tag)
@@ -133,7 +140,11 @@ class Trainer:
                                    enabled=self.is_main, wandb_args={"entity": lc.wandb_entity,
                                                                      "group": lc.wandb_group, "tags": lc.wandb_tags})
         if self.is_main:
-            ckpt.atomic_write(self.run_dir / "config.yaml", cfg.to_yaml())
+            ckpt.atomic_write(self.run_dir / "config.yaml",
+                              run_config_yaml(cfg, self.run_dir / "config.yaml", self.state.step, changes))
+        for key, was, now in changes:  # a changed recipe is recorded: console, config.yaml history, metrics
+            self.print(f"resumed with {key} changed from {was!r} to {now!r} (from step {self.state.step + 1})")
+            self.metrics.log({"kind": "config", "step": self.state.step, "key": key, "was": was, "now": now})
         self.flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len)
         device_name = torch.cuda.get_device_name() if self.env.device.type == "cuda" else "cpu"
         self.peak = peak_flops(device_name, cfg.precision.dtype)

@@ -156,19 +156,21 @@ def test_a_plugin_evaluation_runs_through_sweep_slurm_script_and_card(run, tmp_p
     assert "`polar eval token_count` on step 5 with `--text 'Kiss me'`" in card  # the newest of each settings
     assert "`polar eval token_count` on step 5 with `--text 'Kiss me, Kate'`" in card
     commands = eval_commands(card)
-    assert all(c.startswith(f"POLAR_PLUGINS={PLUGIN} polar eval token_count {run} --step 5") for c in commands)
-    assert_commands_reproduce(run, 5, commands, tmp_path)
+    public = run.relative_to(run.parents[1])  # the card names the run relative to the folder holding its out_dir
+    assert all(c.startswith(f"POLAR_PLUGINS={PLUGIN} polar eval token_count {public} --step 5") for c in commands)
+    assert_commands_reproduce(run, 5, commands)
 
 
-def assert_commands_reproduce(run: Path, step: int, commands: list[str], cwd: Path) -> None:
-    """Each command, run by bash from a fresh environment, exits 0 and keeps one new result of its kind
-    whose settings and scores are those of the result the card shows for it."""
+def assert_commands_reproduce(run: Path, step: int, commands: list[str]) -> None:
+    """Each command, run by bash from a fresh environment in the folder the card's paths are relative to, exits 0
+    and keeps one new result of its kind whose settings and scores are those of the result the card shows
+    for it."""
     from eval.results import read_step_results
 
-    shown = {}
+    shown, cwd = {}, run.parents[1]
     for kind, results in read_step_results(run / "eval" / f"step-{step}", step).items():
         for r in get(kind).shown(results):
-            shown[get(kind).reproduce(r, run, step)] = (kind, r)  # every result made here records its options
+            shown[get(kind).reproduce(r, run.relative_to(cwd), step)] = (kind, r)  # each result records its options
     assert set(commands) == set(shown)
     for command in commands:
         kind, original = shown[command]
@@ -205,5 +207,6 @@ def test_every_reproduce_command_of_a_card_runs_as_written(run, tmp_path, offlin
     commands = eval_commands(card)
     assert len(commands) == 7 and sum(c.startswith("polar eval niah") for c in commands) == 2
     assert all("--include_path" not in c for c in commands)
-    assert shlex.split(next(c for c in commands if " lm " in c))[3:] == [str(run), "--step", "5", *LM]
-    assert_commands_reproduce(run, 5, commands, tmp_path)
+    assert shlex.split(next(c for c in commands if " lm " in c))[3:] == [str(run.relative_to(run.parents[1])),
+                                                                        "--step", "5", *LM]
+    assert_commands_reproduce(run, 5, commands)

@@ -7,7 +7,7 @@ import torch
 from transformers import MambaConfig, MambaForCausalLM
 
 from models import MambaLM, ModelConfig
-from models.hf import from_pretrained, save_pretrained, to_hf_state_dict
+from models.hf import UntrustedPickleError, from_pretrained, save_pretrained, to_hf_state_dict
 from models.typed_config import ConfigError
 from tests.hf_helpers import assert_same_greedy
 
@@ -114,7 +114,10 @@ def test_loads_mamba_ssm_layout(tmp_path):
         "d_model": cfg.d_model, "n_layer": cfg.n_layer, "vocab_size": cfg.vocab_size,
         "ssm_cfg": {}, "rms_norm": True, "residual_in_fp32": True, "pad_vocab_size_multiple": 8,
     }))
-    back = from_pretrained(tmp_path)
+    with pytest.raises(UntrustedPickleError) as refused:  # a pickle can run code: loaded only when trusted
+        from_pretrained(tmp_path)
+    assert len(str(refused.value).splitlines()) == 1 and "--trust-pickle" in str(refused.value)
+    back = from_pretrained(tmp_path, trust_pickle=True)
     ids = torch.randint(0, 509, (2, 11))
     with torch.no_grad():
         torch.testing.assert_close(back(ids).logits, ours(ids).logits)
@@ -149,3 +152,17 @@ def test_missing_folder_and_mismatched_weights(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     with pytest.raises(ConfigError, match="state channels"):
         from_pretrained(tmp_path)
+
+
+def test_no_code_trusts_remote_code_or_unpickles_outside_weights_freely():
+    """Catches trust_remote_code set on the user's behalf, or a torch.load of weights from outside without
+    weights_only=True (our own DeepSpeed checkpoints, pretrain/checkpoint.py, may keep their pickles)."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    for f in (p for d in ("models", "pretrain", "eval", "tokenizer", "kernels") for p in (root / d).rglob("*.py")):
+        text = f.read_text()
+        assert not re.search(r"trust_remote_code\s*[=:]\s*True|[\"']trust_remote_code[\"']\s*:\s*True", text), f
+        if f.name != "checkpoint.py":
+            assert all("weights_only=True" in call for call in re.findall(r"torch\.load\([^)]*\)", text)), f

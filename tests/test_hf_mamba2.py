@@ -109,11 +109,11 @@ def test_loads_mamba_ssm_mamba2_layout(tmp_path):
     config = {"d_model": cfg.d_model, "n_layer": cfg.n_layer, "vocab_size": cfg.vocab_size, "ssm_cfg": ssm_cfg,
               "rms_norm": True, "residual_in_fp32": True, "pad_vocab_size_multiple": 1}
     (tmp_path / "config.json").write_text(json.dumps(config))
-    back = from_pretrained(tmp_path).eval()
+    back = from_pretrained(tmp_path, trust_pickle=True).eval()
     ids = torch.randint(0, VOCAB, (2, 11)) % cfg.vocab_size
     with torch.no_grad():
         torch.testing.assert_close(back(ids).logits, ours(ids).logits)
     config["ssm_cfg"]["d_ssm"] = 64
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ConfigError, match="d_ssm"):
-        from_pretrained(tmp_path)
+        from_pretrained(tmp_path, trust_pickle=True)

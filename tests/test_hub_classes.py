@@ -84,3 +84,22 @@ def test_push_to_hub_uploads_the_saved_folder(tmp_path, monkeypatch):
     assert json.loads(uploaded["config.json"])["polar_mamba"]["polarize"]["ones"] == 1
     ids = torch.randint(0, 509, (1, 13))
     torch.testing.assert_close(logits(MambaLM.from_pretrained(folder), ids), logits(model, ids), rtol=0, atol=0)
+
+
+def test_saved_card_states_the_code_and_links_only_a_given_url(tmp_path):
+    """Catches huggingface_hub's placeholder card ("Code: [More Information Needed]"), a code link nobody
+    configured, and a card or `pip show` without the code's license and version (LICENSE, pyproject.toml)."""
+    from pretrain.about import CODE_LICENSE, code_version
+
+    root = Path(__file__).resolve().parents[1]
+    assert f'license = "{CODE_LICENSE}"' in (root / "pyproject.toml").read_text()
+    assert "Apache License" in (root / "LICENSE").read_text() and CODE_LICENSE == "Apache-2.0"
+    model = MambaLM(ModelConfig.preset("mamba-tiny", vocab_size=509))
+    model.save_pretrained(tmp_path / "plain")
+    model.save_pretrained(tmp_path / "linked", model_card_kwargs={"code_url": "https://example.org/polar"})
+    plain, linked = ((tmp_path / d / "README.md").read_text() for d in ("plain", "linked"))
+    for card in (plain, linked):
+        assert "More Information Needed" not in card
+        assert f"polar-mamba {code_version()} (code license {CODE_LICENSE})" in card
+    assert "Code:" not in plain and "http" not in plain.replace("https://arxiv.org/abs/2501.00658", "")
+    assert "- Code: https://example.org/polar" in linked

@@ -12,7 +12,8 @@ import torch
 import yaml
 
 from models import ModelConfig
-from models.hf import save_pretrained
+from models.build import build_model
+from models.hf import UntrustedPickleError, save_pretrained
 from models.typed_config import ConfigError
 from pretrain import checkpoint as ckpt
 from pretrain.data import DistributedSampleLoader, PackedDataset, TokenShards
@@ -83,12 +84,13 @@ def test_resume_is_bitwise_and_never_reads_the_source_again(source, data, tmp_pa
     assert losses(tmp_path / "runs" / "split") == losses(tmp_path / "runs" / "full")
     sha = weights_sha256(load_model(source["run"]).state_dict())
     recorded = yaml.safe_load((tmp_path / "runs" / "split" / "config.yaml").read_text())["model"]["init_from"]
-    assert recorded == {"path": str(src), "step": None, "revision": "step_00000003", "sha256": sha}
+    assert recorded == {"path": str(src), "step": None, "revision": "step_00000003", "sha256": sha,
+                        "trust_pickle": False}
     ckpt_dir = tmp_path / "runs" / "split" / "checkpoints"
     state = ckpt.read_state(ckpt_dir, ckpt.latest_tag(ckpt_dir))
     assert state["config"]["model"]["init_from"] == recorded
     card = render_card("org/x", {**state, "step": 8}, tmp_path / "runs" / "split", 1000, StepResults(), "mit", "cpu")
-    assert f"| initialised from | `{src}` (revision step_00000003, weights sha256 `{sha}`) |" in card
+    assert f"| initialised from | `{src.name}` (revision step_00000003, weights sha256 `{sha}`) |" in card
 
 
 def test_refusals_name_the_difference_and_write_nothing(source, data, tmp_path):
@@ -139,3 +141,27 @@ def test_stock_untied_folder_and_export_are_sources(source, rng, tmp_path):
                                  "init_from": {"path": str(tmp_path / "stock")}})
     sd, _ = initial_weights(dst, None, 0)
     assert torch.equal(sd["lm_head.weight"], stock.lm_head.weight)
+
+
+def test_a_pickle_only_source_loads_only_when_trusted(tmp_path):
+    """Catches a third-party pickle (pytorch_model.bin beside a config.json) unpickled without the user's say-so,
+    by init_from or by the evaluations: refused in one line naming the flag; trusted, it loads (weights_only)."""
+    from safetensors.torch import load_file
+
+    from eval.loading import load_any_model
+
+    model = build_model(ModelConfig.preset("mamba-tiny", d_model=32))
+    folder = save_pretrained(model, tmp_path / "third-party")
+    torch.save(load_file(folder / "model.safetensors"), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+    cfg = ModelConfig.preset("mamba-tiny", d_model=32, init_from=str(folder))
+    for load in (lambda: initial_weights(cfg, None, 0), lambda: load_any_model(folder)):
+        with pytest.raises(UntrustedPickleError) as refused:
+            load()
+        message = str(refused.value)
+        assert len(message.splitlines()) == 1 and "pickle weights only (pytorch_model.bin)" in message
+        assert "--trust-pickle" in message and "model.init_from.trust_pickle: true" in message
+    trusted = ModelConfig.preset("mamba-tiny", d_model=32, init_from={"path": str(folder), "trust_pickle": True})
+    sd, prov = initial_weights(trusted, None, 0)
+    assert prov.sha256 == weights_sha256(model.state_dict()) == weights_sha256(sd)
+    assert weights_sha256(load_any_model(folder, trust_pickle=True).state_dict()) == prov.sha256

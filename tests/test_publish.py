@@ -7,6 +7,7 @@ import json
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -104,8 +105,8 @@ def test_card_numbers_all_come_from_the_published_step(runs, tmp_path, step, rng
     assert "## Intended use and limitations" in text
     for command in ("polar tokenizer train --dataset builtin:shakespeare --vocab-size 512",
                     "polar prepare --dataset builtin:shakespeare", "torchrun --standalone --nproc-per-node 1",
-                    f"polar eval lm {run} --step {step} --tasks toy_mc\n",
-                    f"polar eval lm {run} --step {step} --tasks toy_partial --limit 3\n"):
+                    f"polar eval lm runs/{run.name} --step {step} --tasks toy_mc\n",  # relative: no local path
+                    f"polar eval lm runs/{run.name} --step {step} --tasks toy_partial --limit 3\n"):
         assert command in text
 
 
@@ -251,3 +252,64 @@ def test_the_cards_training_commands_reproduce_the_run_as_written(tmp_path):
     assert {k: [s["sha256"] for s in v["shards"]]
             for k, v in json.loads((data / "manifest.json").read_text())["splits"].items()} == before["shards"]
     assert losses(run) == before["losses"] and len(before["losses"]) == 3
+
+
+PLANTED = {"HF_TOKEN": "hf_plantedTokenValue0123456789", "WANDB_API_KEY": "planted-wandb-key-0123456789",
+           "MY_SERVICE_PASSWORD": "planted-password-0123456789"}
+
+
+def test_nothing_private_leaves_in_an_export_or_a_published_folder(tmp_path):
+    """Catches a local absolute path (a home directory, scratch space) or a credential from the environment
+    leaving in an exported or published folder (card, config.json, tokenizer files), or a credential in the
+    run's logs: corpus, tokenizer, data and init_from source live under a planted .../home/alice/scratch, tokens
+    are planted in the environment, and tokenizer train -> prepare -> train -> export -> publish --dry-run run
+    as commands from a shell."""
+    import sys
+
+    from models.build import build_model
+    from pretrain.about import code_version
+    from pretrain.config import load_config
+    from tests.train_helpers import ROOT
+    from tokenizer.sources import shakespeare_files
+
+    scratch = tmp_path / "home" / "alice" / "scratch"
+    corpus, tok, prepared, source = (scratch / n for n in ("corpus", "tok", "data", "base-model"))
+    corpus.mkdir(parents=True)
+    for f in shakespeare_files()[:8]:
+        shutil.copy(f, corpus / f"{f.stem}.txt")
+    env = {**shell_env(), **PLANTED, "POLAR_LOG": str(tmp_path / "polar.log")}
+    project = tmp_path / "project"
+    project.mkdir()
+
+    def polar(*args: str) -> subprocess.CompletedProcess:
+        out = subprocess.run([sys.executable, "-m", "pretrain.cli", *map(str, args)], cwd=project, env=env,
+                             capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, (args, out.stderr[-3000:])
+        return out
+
+    logs = [polar("tokenizer", "train", "--dataset", corpus, "--vocab-size", 512, "--out", tok),
+            polar("prepare", "--dataset", corpus, "--tokenizer", tok, "--out", prepared)]
+    paths = {"tokenizer": str(tok), "path": str(prepared)}
+    plain = write_config(project, paths, schedule={"steps": 2}, distributed={"zero_stage": 0})
+    save_pretrained(build_model(load_config(plain).model), source)
+    cfg = write_config(project, paths, schedule={"steps": 2}, distributed={"zero_stage": 0},
+                       model={"init_from": str(source)})
+    run = project / "runs" / "run"
+    logs += [polar("train", cfg), polar("export", run, "--out", tmp_path / "export"),
+             polar("publish", run, "--repo-id", "org/tiny", "--dry-run", "--out", tmp_path / "hub")]
+    for folder in (tmp_path / "export", tmp_path / "hub"):
+        for f in (p for p in folder.rglob("*") if p.is_file()):
+            text = f.read_bytes().decode(errors="replace")
+            for planted in (*PLANTED.values(), str(scratch), str(tmp_path), "alice", str(ROOT), str(Path.home())):
+                assert planted not in text, (f, planted)
+    card = (tmp_path / "hub" / "README.md").read_text()
+    assert "| initialised from | `base-model`" in card and "--dataset corpus --vocab-size 512 --out tok" in card
+    assert json.loads((tmp_path / "hub" / "config.json").read_text())["polar_mamba"]["init_from"]["path"] == \
+        "base-model"
+    assert "More Information Needed" not in card and "[polar-mamba](" not in card  # no link nobody configured
+    assert f"| code | polar-mamba {code_version()} (code license Apache-2.0) |" in card
+    written = [*(p for p in run.rglob("*") if p.is_file() and p.suffix in (".json", ".jsonl", ".yaml", ".txt")),
+               tmp_path / "polar.log"]
+    for text in [o.stdout + o.stderr for o in logs] + [p.read_text(errors="replace") for p in written]:
+        assert not any(v in text for v in PLANTED.values())
+

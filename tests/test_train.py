@@ -96,6 +96,27 @@ def test_incompatible_resume_is_refused_and_changes_nothing(tmp_path, data):
     assert tree_hash(run_dir) == before
 
 
+def test_a_changed_recipe_on_resume_is_recorded(tmp_path, data):
+    """Catches a resume that changes the batch or the schedule silently: one console line per change, an entry
+    per change in config.yaml's history and a config record in the metrics at the resumed step; the recorded
+    config.yaml still loads as the new recipe."""
+    cfg = write_config(tmp_path, data, schedule={"steps": 2}, checkpoint={"every": 2})
+    ok(train(cfg))
+    out = ok(train(cfg, 1, "--data.global_batch_size", "32", "--schedule.steps", "3"))
+    changes = [("data.global_batch_size", 16, 32), ("schedule.steps", 2, 3)]
+    assert [line for line in out.stdout.splitlines() if line.startswith("resumed with")] == [
+        f"resumed with {k} changed from {was} to {now} (from step 3)" for k, was, now in changes]
+    run_dir = tmp_path / "runs" / "run"
+    expected = [{"step": 2, "key": k, "was": was, "now": now} for k, was, now in changes]
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["history"] == expected
+    assert load_config(run_dir / "config.yaml").data.global_batch_size == 32
+    records = [r for r in read_jsonl(run_dir / "metrics.jsonl") if r["kind"] != "val"]
+    assert [(r["kind"], r["step"]) for r in records] == [("train", 1), ("train", 2), ("config", 2), ("config", 2),
+                                                        ("train", 3)]
+    assert [{k: r[k] for k in ("step", "key", "was", "now")} for r in records[2:4]] == expected
+    assert records[4]["tokens_seen"] - records[1]["tokens_seen"] == 32 * 32
+
+
 def test_nonfinite_steps_are_skipped_then_stop_the_run(tmp_path, data):
     cfg = write_config(tmp_path, data, schedule={"steps": 6}, checkpoint={"every": 2})
     ok(train(cfg, env=fault_env(nonfinite_steps=[3])))

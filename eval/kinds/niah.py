@@ -20,13 +20,14 @@ def _mean_with_stderr(cells: list[dict], metric: str, samples: int | None) -> Sc
 def settings_label(cfg: dict) -> str:
     """What a NIAH number means: needle, value digits, question, lengths, depths, samples and distractors."""
     from eval.niah import NEEDLE, QUESTION, length_label
+    from pretrain.privacy import public_path
 
     needle = "RULER's needle" if cfg.get("needle", NEEDLE) == NEEDLE else f"needle `{cfg['needle']!r}`"
     question = "" if cfg.get("question", QUESTION) == QUESTION else f", question `{cfg['question']!r}`"
     return (f"{needle} with a {cfg.get('digits', '?')}-digit value{question}; lengths "
             f"{','.join(length_label(n) for n in cfg.get('lengths', []))} tokens, depths "
             f"{','.join(f'{d:g}' for d in cfg.get('depths', []))}%, {cfg.get('samples', '?')} samples per cell, "
-            f"{cfg.get('distractors', '?')} distractors, haystack {cfg.get('haystack', '?')}, "
+            f"{cfg.get('distractors', '?')} distractors, haystack {public_path(cfg.get('haystack', '?'))}, "
             f"seed {cfg.get('seed', '?')}")
 
 

@@ -91,12 +91,14 @@ class RulerEvaluation(Evaluation):
         import shlex
 
         from eval.ruler import summary_table
+        from pretrain.privacy import public_path
 
         lines = []
         for r in results:
-            cfg = r["config"]
-            lines += ["", f"{self.label} on step {step} with `{shlex.join(r.get('options', []))}`: string_match_all, "
-                      f"greedy, {cfg['samples']} samples per cell, haystack {cfg['haystack']}, seed {cfg['seed']}.",
+            cfg, options = r["config"], [public_path(o) for o in r.get("options", [])]  # no local path in a card
+            lines += ["", f"{self.label} on step {step} with `{shlex.join(options)}`: string_match_all, "
+                      f"greedy, {cfg['samples']} samples per cell, haystack {public_path(cfg['haystack'])}, "
+                      f"seed {cfg['seed']}.",
                       "", *summary_table(r).rstrip("\n").splitlines()]
         return lines
 
