@@ -188,7 +188,7 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
 
     from pretrain import prepare_engine as engine
     from tokenizer import load_tokenizer
-    from tokenizer.atomic import write_atomically
+    from tokenizer.atomic import output_error, write_atomically
     from tokenizer.sources import count_units, parse_spec
     from tokenizer.tokenizer import default_threads
 
@@ -224,13 +224,13 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
         )
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
-    engine.start(out, engine.job_record(step, tasks, tok.fingerprint))
     try:
+        engine.start(out, engine.job_record(step, tasks, tok.fingerprint))
         done = engine.run_local(step, tasks, cfg.workers, work)
         print(f"tokenized {tasks} task(s) on {cfg.workers} worker(s); {len(done)} were complete already")
-        write_atomically(out, cfg.force, fill)
-    except Exception:  # bad input fails again on a rerun: leave nothing behind (a kill leaves the tasks to resume)
+        write_atomically(out, fill, cfg.force)
+    except Exception as e:  # bad input fails again on a rerun: leave nothing behind (a kill leaves the tasks to resume)
         shutil.rmtree(work, ignore_errors=True)
-        raise
+        raise output_error(out, e)  # noqa: B904 - its cause is set there (or it is e itself)
     shutil.rmtree(work, ignore_errors=True)
     return manifest

@@ -78,9 +78,13 @@ def test_diagnose_cli_writes_json_and_png(tmp_path):
     cfg.write_text("model: {preset: mamba-tiny-polar, n_layer: 2}\n")
     tcfg = tmp_path / "tf.yaml"
     tcfg.write_text("model: {preset: transformer-tiny}\n")
-    out = tmp_path / "diag"
-    assert main(["diagnose", str(cfg), str(tcfg), "--out", str(out), "--batch", "2", "--seq-len", "32"]) == 0
+    args = ["diagnose", str(cfg), str(tcfg), "--out", str(tmp_path / "diag"), "--batch", "2", "--seq-len", "32"]
+    assert main(args) == 0
+    (out,) = (tmp_path / "diag").iterdir()  # a timestamped folder, kept beside later ones
+    assert out.name.startswith("diagnose_")
     for kind in ("recency", "oversmoothing", "a_range"):
         assert (out / f"{kind}.png").stat().st_size > 0
     assert set(json.loads((out / "oversmoothing.json").read_text())) == {"tiny", "tf"}
     assert set(json.loads((out / "a_range.json").read_text())) == {"tiny"}  # Mamba only
+    assert main(args) == 0
+    assert len(list((tmp_path / "diag").iterdir())) == 2  # the earlier result is kept
