@@ -153,15 +153,16 @@ def write_atomically(out: str | os.PathLike, fill: Callable[[Path], object] | di
     after every fill succeeded. A write failure (``OSError``: disk full, permissions, ...) becomes
     :class:`OutputError`."""
     out = Path(out)
+    fills = {out / n: f for n, f in fill.items()} if isinstance(fill, dict) else {out: fill}
+    for path in fills:
+        clean_stale(path)
     if out.exists() and not force:
         raise FileExistsError(f"{out} already exists: pass --force to replace it")
-    fills = {out / n: f for n, f in fill.items()} if isinstance(fill, dict) else {out: fill}
     is_folder = folder and not isinstance(fill, dict)
     moved: list[tuple[Path, Path]] = []
     try:
         (out if isinstance(fill, dict) else out.parent).mkdir(parents=True, exist_ok=True)
         for path, f in fills.items():
-            clean_stale(path)
             _remove(sibling(path))
             if is_folder:
                 sibling(path).mkdir()
