@@ -71,12 +71,13 @@ def default_diagnose_out(target: str, step: int | None) -> Path:
 
 def run_diagnose(args: argparse.Namespace) -> int:
     from eval.diagnostics import diagnose, load_target
-
-    names = [Path(t).stem if Path(t).is_file() else Path(t).name for t in args.targets]
-    models = {name: load_target(t, args.step) for name, t in zip(names, args.targets)}
     from eval.results import timestamp
 
-    out = (Path(args.out) if args.out else default_diagnose_out(args.targets[0], args.step)) / f"diagnose_{timestamp()}"
+    out = Path(args.out) if args.out else default_diagnose_out(args.targets[0], args.step) / f"diagnose_{timestamp()}"
+    if out.exists() and not args.force:
+        raise FileExistsError(f"{out} exists: pass --force to replace it or choose another --out")
+    names = [Path(t).stem if Path(t).is_file() else Path(t).name for t in args.targets]
+    models = {name: load_target(t, args.step) for name, t in zip(names, args.targets)}
     diagnose(models, out, args.batch, args.seq_len, args.seed)
     print(f"wrote recency, oversmoothing and a_range .json/.png to {out}")
     return 0
@@ -253,9 +254,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     d.add_argument("targets", nargs="+", metavar="TARGET", help="config YAML, MQAR cell, run directory, export, "
                    "transformers folder or Hub id")
-    d.add_argument("--out", default=None, help="where the results folder diagnose_<time>/ is kept, beside earlier "
-                   "ones (default: the first TARGET's eval folder, RUN/eval/step-N; runs/diagnose/NAME for a config "
-                   "YAML)")
+    d.add_argument("--out", default=None, help="output folder (default: a new diagnose_<time>/ in the first "
+                   "TARGET's eval folder, RUN/eval/step-N, kept beside earlier ones; runs/diagnose/NAME for a "
+                   "config YAML)")
+    d.add_argument("--force", action="store_true", help="replace an existing --out")
     d.add_argument("--step", type=int, default=None, help="checkpoint step for run directories (default: latest)")
     d.add_argument("--batch", type=int, default=4, help="random sequences averaged over (default 4)")
     d.add_argument("--seq-len", type=int, default=128, help="sequence length (default 128)")

@@ -198,7 +198,8 @@ def test_disk_full_export_publish_eval_sweep_diagnose(world, tmp_path, capsys, m
         "publish": ["publish", str(world), "--repo-id", "me/tiny", "--dry-run", "--force"],
         "eval": ["eval", "recency", str(world), *RECENCY.split()],
         "sweep": ["eval", "sweep", str(world), "--recency", RECENCY, "--out", str(tmp_path / "sweep")],
-        "diagnose": ["diagnose", str(world), "--out", str(outs["diagnose"]), "--batch", "1", "--seq-len", "8"],
+        "diagnose": ["diagnose", str(world), "--out", str(outs["diagnose"]), "--batch", "1", "--seq-len", "8",
+                     "--force"],
     }
     for argv in commands.values():
         assert main(argv) == 0
