@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 
 from pretrain.cli import main
+from tests.fault_hooks import full_open
 from tests.train_helpers import ROOT, ok, train, write_config
 from tokenizer.atomic import OutputError, is_temporary, sibling, write_atomically, write_text
 
@@ -39,20 +40,10 @@ def temporaries(root: Path) -> list[Path]:
 
 
 def fill_the_disk(monkeypatch) -> None:
-    """The disk fills up while the new output is being built: every file opened for writing inside a temporary
-    sibling is created, then its first write fails with ENOSPC (at the open of Python's, torch's, matplotlib's
-    and our shard writers)."""
-    real = io.open
-
-    def full_open(file, mode="r", *args, **kwargs):
-        f = real(file, mode, *args, **kwargs)
-        if isinstance(file, str | os.PathLike) and set(mode) & set("wax+") and is_temporary(file):
-            f.close()
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(file))
-        return f
-
-    monkeypatch.setattr(builtins, "open", full_open)
-    monkeypatch.setattr(io, "open", full_open)
+    """The disk fills up while the new output is being built (tests/fault_hooks.py, in this process)."""
+    full = full_open(io.open)
+    monkeypatch.setattr(builtins, "open", full)
+    monkeypatch.setattr(io, "open", full)
 
 
 @pytest.fixture
@@ -71,10 +62,20 @@ def refused(capsys, argv: list[str], *fragments: str) -> str:
     return lines[0]
 
 
-def polar(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
-    return subprocess.run([sys.executable, "-m", "pretrain.cli", *args], env=env, cwd=cwd, capture_output=True,
-                          text=True, timeout=600)
+def polar(*args: str, disk_full: bool = False) -> subprocess.CompletedProcess:
+    """`polar ARGS` in a fresh process; ``disk_full``: on a full disk (tests/fault_hooks.py as a plugin)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1",
+           **({"POLAR_PLUGINS": "tests.fault_hooks", "POLAR_FAULT_DISK_FULL": "1"} if disk_full else {})}
+    return subprocess.run([sys.executable, "-m", "pretrain.cli", *args], env=env, capture_output=True, text=True,
+                          timeout=600)
+
+
+def one_line(proc: subprocess.CompletedProcess, *fragments: str) -> str:
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1, (proc.returncode, proc.stderr[-3000:])
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+    return lines[0]
 
 
 # -- the mechanism ------------------------------------------------------------------------------------------
@@ -176,15 +177,18 @@ def world(run, tmp_path) -> Path:
 
 
 @pytest.mark.slow
-def test_disk_full_tokenizer_and_prepare(data, tmp_path, disk_full, capsys):
+def test_disk_full_tokenizer_and_prepare(data, tmp_path):
+    """In fresh processes, the disk filled by the fault plugin (datatrove's workers write to the console)."""
     shutil.copytree(data["tokenizer"], tmp_path / "tok")
     shutil.copytree(data["path"], tmp_path / "data")
     before = snapshot(tmp_path)
     spec = ["--dataset", "builtin:shakespeare"]
-    refused(capsys, ["tokenizer", "train", *spec, "--vocab-size", "512", "--out", str(tmp_path / "tok"), "--force"],
-            f"writing {tmp_path / 'tok'} failed: No space left on device", "GiB free", "write elsewhere")
-    refused(capsys, ["prepare", *spec, "--tokenizer", data["tokenizer"], "--out", str(tmp_path / "data"), "--force"],
-            f"writing {tmp_path / 'data'} failed: No space left on device", "GiB free", "write elsewhere")
+    one_line(polar("tokenizer", "train", *spec, "--vocab-size", "512", "--out", str(tmp_path / "tok"), "--force",
+                   disk_full=True), f"writing {tmp_path / 'tok'} failed: No space left on device", "GiB free",
+             "write elsewhere")
+    one_line(polar("prepare", *spec, "--tokenizer", data["tokenizer"], "--out", str(tmp_path / "data"), "--force",
+                   disk_full=True), f"writing {tmp_path / 'data'} failed: No space left on device", "GiB free",
+             "write elsewhere")
     assert snapshot(tmp_path) == before
 
 
