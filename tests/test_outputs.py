@@ -25,7 +25,7 @@ import pytest
 from pretrain.cli import main
 from tests.fault_hooks import full_open
 from tests.train_helpers import ROOT, ok, train, write_config
-from tokenizer.atomic import OutputError, is_temporary, sibling, write_atomically, write_text
+from tokenizer.atomic import HOST, OutputError, is_temporary, sibling, write_atomically, write_text
 
 PROGRESS = re.compile(r"\[\d\d:\d\d[<,]")  # a tqdm progress bar's elapsed time
 RECENCY = "--data builtin --context 16 --target 4 --windows 2 --positions 2 --batch-size 2 --sizes 1/4"
@@ -115,13 +115,15 @@ def test_temporaries_of_dead_processes_are_removed_by_the_next_write(tmp_path, c
     os.utime(stale[1], (0, 0))
     live = sibling(out, "tmp", os.getppid())  # a live writer's
     live.write_text("{")
-    other = sibling(tmp_path / "other.json", "tmp", dead.pid)  # another output's: not this writer's business
+    elsewhere = tmp_path / sibling(out, "tmp", dead.pid).name.replace(HOST, "0" * 6)  # another host's pid
+    elsewhere.write_text("{")
+    other = sibling(tmp_path / "niah_1.json", "tmp", dead.pid)  # a result of another name (a timestamped one)
     other.write_text("{")
     with caplog.at_level(logging.WARNING):
         write_text(out, "{}")
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, live.name, other.name])
-    assert {r.getMessage() for r in caplog.records} == {f"removed {stale[0]}, left by a dead process (pid {dead.pid})",
-                                                        f"removed {stale[1]}, left by a dead process (pid 1)"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([out.name, live.name, elsewhere.name])
+    assert {r.getMessage() for r in caplog.records} == {f"removed {p}, left by a dead process (pid {pid})" for p, pid
+                                                        in ((stale[0], dead.pid), (stale[1], 1), (other, dead.pid))}
 
 
 def test_a_folder_moved_aside_by_a_killed_writer_is_put_back(tmp_path):

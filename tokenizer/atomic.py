@@ -3,7 +3,8 @@ hidden temporary sibling (``.NAME.tmp-PID``), flushed to the disk, then renamed 
 the previous output or the new one, never a half-written one. A failed write (disk full, permissions, a
 read-only file system, a quota) removes what it wrote, leaves the previous output as it was and raises
 :class:`OutputError`, which `polar` prints as one line naming the path, the free space and the fix.
-Temporary siblings left by a dead process are removed by the next write of the same output, one line each.
+Temporary siblings left by a dead process are removed by the next write into the same folder (the next run of
+the command), one line each.
 
 Used by every writer (prepare, tokenizer train, export, publish, evaluation results, sweeps, MQAR cells,
 studies, diagnose, checkpoints' small files); it lives in ``tokenizer``, the bottom layer every package may
@@ -13,16 +14,19 @@ import.
 from __future__ import annotations
 
 import errno
+import hashlib
 import logging
 import os
 import re
 import shutil
+import socket
 from collections.abc import Callable
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
-TEMP_RE = re.compile(r"^\.(?P<stem>.+)\.(?P<what>tmp|old)-(?P<pid>\d+)(?P<ext>\.[^.]+)?$")
+TEMP_RE = re.compile(r"^\.(?P<stem>.+)\.(?P<what>tmp|old)-(?P<host>[0-9a-f]{6})-(?P<pid>\d+)(?P<ext>\.[^.]+)?$")
+HOST = hashlib.sha256(socket.gethostname().encode()).hexdigest()[:6]  # pids are judged only on their own host
 _FIXES = {  # the write failures a user can fix; any other OSError (a missing input) passes unchanged
     errno.ENOSPC: "free space on it or write elsewhere",
     errno.EDQUOT: "free space within your quota or write elsewhere",
@@ -122,20 +126,22 @@ def _remove(path: Path) -> None:
 
 
 def sibling(out: Path, what: str = "tmp", pid: int | None = None) -> Path:
-    """The hidden temporary sibling of ``out`` (``.NAME.tmp-PID.EXT``: the suffix kept, so writers that infer a
-    format from it, as matplotlib does, still can)."""
-    return out.with_name(f".{out.stem}.{what}-{os.getpid() if pid is None else pid}{out.suffix}")
+    """The hidden temporary sibling of ``out`` (``.NAME.tmp-HOST-PID.EXT``: HOST a hash of the host name, the
+    suffix kept, so writers that infer a format from it, as matplotlib does, still can)."""
+    return out.with_name(f".{out.stem}.{what}-{HOST}-{os.getpid() if pid is None else pid}{out.suffix}")
 
 
-def clean_stale(out: Path) -> None:
-    """Remove the temporary siblings of ``out`` left by dead processes (an ``old`` one whose replacement never
-    landed is put back), one line each."""
-    if not out.parent.is_dir():
+def clean_stale(folder: Path) -> None:
+    """Remove the temporary siblings in ``folder`` left by dead processes of this host (an ``old`` one whose
+    replacement never landed is put back), one line each: the next write into a folder (a rerun of the
+    command, whose timestamped results may have new names) cleans up after the one that died there."""
+    if not folder.is_dir():
         return
-    for p in out.parent.iterdir():
+    for p in folder.iterdir():
         m = TEMP_RE.match(p.name)
-        if not m or m["stem"] + (m["ext"] or "") != out.name or _alive(int(m["pid"]), p.lstat().st_mtime):
+        if not m or m["host"] != HOST or _alive(int(m["pid"]), p.lstat().st_mtime):
             continue
+        out = p.with_name(m["stem"] + (m["ext"] or ""))
         if m["what"] == "old" and not out.exists():
             os.replace(p, out)
             log.warning("restored %s from %s, left by a dead process (pid %s)", out, p.name, m["pid"])
@@ -154,8 +160,8 @@ def write_atomically(out: str | os.PathLike, fill: Callable[[Path], object] | di
     :class:`OutputError`."""
     out = Path(out)
     fills = {out / n: f for n, f in fill.items()} if isinstance(fill, dict) else {out: fill}
-    for path in fills:
-        clean_stale(path)
+    for parent in {path.parent for path in fills}:
+        clean_stale(parent)
     if out.exists() and not force:
         raise FileExistsError(f"{out} already exists: pass --force to replace it")
     is_folder = folder and not isinstance(fill, dict)
