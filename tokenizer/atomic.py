@@ -1,6 +1,6 @@
 """The one way a command writes a result (docs/training.md, "Crash safety"): a file or a folder is built in a
-hidden temporary sibling (``.NAME.tmp-PID``), flushed to the disk, then renamed into place, so a crash leaves
-the previous output or the new one, never a half-written one. A failed write (disk full, permissions, a
+hidden temporary sibling (``.NAME.tmp-HOST-PID``), flushed to the disk, then renamed into place, so a crash
+leaves the previous output or the new one, never a half-written one. A failed write (disk full, permissions, a
 read-only file system, a quota) removes what it wrote, leaves the previous output as it was and raises
 :class:`OutputError`, which `polar` prints as one line naming the path, the free space and the fix.
 Temporary siblings left by a dead process are removed by the next write into the same folder (the next run of
