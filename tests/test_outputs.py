@@ -250,9 +250,9 @@ def test_a_refused_train_leaves_no_run_folder(data, tmp_path):
 
 
 # -- kill -9 ------------------------------------------------------------------------------------------------
-def _killed_at(args: list[str], watch: Path, delay: float) -> None:
-    """`polar ARGS`, SIGKILLed ``delay`` seconds after a temporary sibling first shows under ``watch`` (or when
-    it ends first)."""
+def _killed_at(args: list[str], watch: Path, delay: float) -> bool:
+    """`polar ARGS`, SIGKILLed ``delay`` seconds after a temporary sibling first shows under ``watch`` (unless
+    it ended first); True when it was killed."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT), "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
     proc = subprocess.Popen([sys.executable, "-m", "pretrain.cli", *args], env=env, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
@@ -260,9 +260,11 @@ def _killed_at(args: list[str], watch: Path, delay: float) -> None:
     while proc.poll() is None and not (watch.exists() and temporaries(watch)) and time.monotonic() < deadline:
         time.sleep(0.005)
     time.sleep(delay)
-    if proc.poll() is None:
+    killed = proc.poll() is None
+    if killed:
         os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
+    return killed
 
 
 def _valid_prepare(out: Path) -> None:
@@ -299,15 +301,19 @@ def test_kill_9_leaves_the_output_complete_or_absent(command, data, world, tmp_p
             "sweep": ["eval", "sweep", str(world), "--recency", RECENCY, "--out", str(out)]}[command]
     valid = {"prepare": _valid_prepare, "export": _valid_export, "publish": _valid_publish,
              "sweep": _valid_sweep}[command]
+    killed = []
     for delay in (0.0, 0.05, 0.5):
-        _killed_at(args, tmp_path, delay)
+        killed.append(_killed_at(args, tmp_path, delay))
         if out.exists():
             valid(out)
         for result in (world / "eval").rglob("*.json") if (world / "eval").is_dir() else []:
             if not is_temporary(result.relative_to(world)):
                 json.loads(result.read_text())  # every result the sweep kept is whole
+    assert killed[0], "the command ended before it could be killed while writing"
+    stale = temporaries(tmp_path)
     rerun = polar(*args)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert all(f"removed {p}, left by a dead process" in rerun.stderr for p in stale if p.parent == out.parent)
     valid(out)
     assert not temporaries(tmp_path)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(f".{out.name}.")]  # prepare's work folder too
