@@ -83,33 +83,17 @@ def save_pretrained(model: torch.nn.Module, out_dir: str | Path, special_ids: di
         shards[-1][name] = t
         size += nbytes
     if len(shards) == 1:
-        _save_file(sd, out / WEIGHTS)
+        save_file(sd, str(out / WEIGHTS), metadata={"format": "pt"})
         return out
     weight_map = {}
     for i, shard in enumerate(shards, 1):
         fname = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
-        _save_file(shard, out / fname)
+        save_file(shard, str(out / fname), metadata={"format": "pt"})
         weight_map.update(dict.fromkeys(shard, fname))
     total = sum(t.numel() * t.element_size() for t in sd.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (out / WEIGHTS_INDEX).write_text(json.dumps(index, indent=2) + "\n")
     return out
-
-
-def _save_file(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    """safetensors' writer, whose I/O failures (raised as SafetensorError with the OS's message) become the
-    OSError they are, so the output writer reports them in one line (tokenizer/atomic.py)."""
-    import errno
-    import os
-
-    try:
-        save_file(tensors, str(path), metadata={"format": "pt"})
-    except Exception as e:
-        code = next((c for c in (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EROFS, errno.EIO, errno.EFBIG)
-                     if os.strerror(c) in str(e)), None)
-        if code is None:
-            raise
-        raise OSError(code, os.strerror(code), str(path)) from e
 
 
 def config_from_json(data: dict[str, Any]) -> ModelConfig:

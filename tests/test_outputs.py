@@ -147,19 +147,23 @@ def test_readers_ignore_temporary_results(tmp_path):
     assert [r["file"] for r in read_step_results(step_dir, 5)["niah"]] == ["niah_1.json"]
 
 
-def test_safetensors_io_errors_become_the_os_error_they_are(tmp_path, monkeypatch):
-    import torch
+def test_rust_writers_io_errors_are_write_failures(tmp_path, monkeypatch):
+    """safetensors (and tokenizers) raise a full disk as their own exception: "... (os error 28)"."""
     from safetensors import SafetensorError
 
     import models.hf
+    from models import MambaLM, ModelConfig
 
     def full(*a, **k):
         raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
 
     monkeypatch.setattr(models.hf, "save_file", full)
-    with pytest.raises(OSError) as e:
-        models.hf._save_file({"w": torch.zeros(1)}, tmp_path / "model.safetensors")
-    assert e.value.errno == errno.ENOSPC
+    model = MambaLM(ModelConfig.preset("mamba-tiny", d_model=16, n_layer=1, vocab_size=64))
+    with pytest.raises(OutputError, match="No space left on device .*GiB free") as e:
+        write_atomically(tmp_path / "export", lambda t: models.hf.save_pretrained(model, t))
+    assert e.value.errno == errno.ENOSPC and not list(tmp_path.iterdir())
+    with pytest.raises(SafetensorError):  # not an I/O failure: unchanged
+        write_atomically(tmp_path / "export", lambda t: (_ for _ in ()).throw(SafetensorError("bad dtype")))
 
 
 # -- disk full, per writer ----------------------------------------------------------------------------------

@@ -54,12 +54,18 @@ class OutputError(OSError):
 
 
 def output_error(out: Path, error: BaseException) -> BaseException:
-    """``error`` as the one-line :class:`OutputError` about ``out`` when it is a write failure, else unchanged."""
-    if isinstance(error, OSError) and not isinstance(error, OutputError) and error.errno in _FIXES:
-        wrapped = OutputError(Path(out), error)
-        wrapped.__cause__ = error
-        return wrapped
-    return error
+    """``error`` as the one-line :class:`OutputError` about ``out`` when it is a write failure, else unchanged.
+    Writers in Rust (safetensors, tokenizers) raise their I/O failures as other exceptions whose message ends
+    in ``(os error N)``: they are write failures too."""
+    if isinstance(error, OutputError):
+        return error
+    code = error.errno if isinstance(error, OSError) else (
+        int(m[1]) if (m := re.search(r"\(os error (\d+)\)", str(error))) else None)
+    if code not in _FIXES:
+        return error
+    wrapped = OutputError(Path(out), error if isinstance(error, OSError) else OSError(code, os.strerror(code)))
+    wrapped.__cause__ = error
+    return wrapped
 
 
 def _existing(path: Path) -> Path:
@@ -183,7 +189,7 @@ def write_atomically(out: str | os.PathLike, fill: Callable[[Path], object] | di
                 moved.append((sibling(path, "old"), path))
             os.replace(sibling(path), path)
         fsync_dir(out if isinstance(fill, dict) else out.parent)
-    except OSError as e:
+    except Exception as e:
         for old, path in moved:
             if not path.exists():
                 os.replace(old, path)
