@@ -8,8 +8,7 @@ scores recall accuracy at query positions on the ``data.eval`` stages. Each trai
 paper's Table 2 also has, ours beside the paper's with the difference) beside them. A finished folder is
 skipped when the sweep runs again, so an interrupted sweep continues; a rescoring (`polar mqar eval`) is kept
 as ``mqar_eval_<time>.json`` beside the earlier ones. Every file is written as every output is
-(tokenizer/atomic.py). One process, plain PyTorch: MQAR
-models are small.
+(tokenizer/atomic.py). One process, plain PyTorch: MQAR models are small.
 
 The paper's protocol (its released code, VITA-Group/SSM-Bottleneck on zoology) is a set of options,
 each off by default: ``data.filler: zeros``, ``data.shuffle: false``, ``optim.weight_decay_params: all``,
@@ -30,7 +29,7 @@ from typing import Any, Literal
 import torch
 import yaml
 
-from eval.results import json_file, text_file, write_files
+from eval.results import json_file, text_file, timestamp, write_files
 from models.config import ModelConfig
 from models.typed_config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 
@@ -376,8 +375,6 @@ def write_table(cfg: MQARConfig, accuracy: dict[str, dict] | None = None) -> lis
 
 def write_scores(accs: dict[str, float], folder: Path, data: MQARDataConfig) -> Path:
     """A scoring kept beside the earlier ones: ``FOLDER/mqar_eval_<time>.json`` with the stages it used."""
-    from eval.results import timestamp
-
     path = folder / f"mqar_eval_{timestamp()}.json"
     write_files({path: json_file({"accuracy": accs, "eval": [to_dict(s) for s in data.eval], "date": time.time()})})
     return path
