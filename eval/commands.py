@@ -6,7 +6,6 @@ the handlers so `polar --help` stays instant."""
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 from pathlib import Path
 
@@ -33,15 +32,17 @@ def run_mqar_train(args: argparse.Namespace) -> int:
 
 
 def run_mqar_eval(args: argparse.Namespace) -> int:
-    from eval.mqar import evaluate, load_cell_model, rescore_sweep, results_markdown
+    from eval.mqar import evaluate, load_cell_model, rescore_sweep, results_markdown, write_scores
     from models.typed_config import ConfigError
+    from pretrain.export import eval_folder
 
     path = Path(args.target)
     if path.is_file():  # a sweep config
         print(results_markdown(rescore_sweep(_mqar_config(args.target, args.overrides))), end="")
         return 0
     cfg = _mqar_config(args.config, args.overrides) if args.config else None
-    if (path / "model.pt").is_file():  # one sweep cell, scored on its own eval stages unless --config
+    cell = (path / "model.pt").is_file()
+    if cell:  # one sweep cell, scored on its own eval stages unless --config
         model, own = load_cell_model(path)
         cfg = cfg or own
     else:  # anything pretrain.export.load_model accepts
@@ -52,9 +53,7 @@ def run_mqar_eval(args: argparse.Namespace) -> int:
             raise ConfigError(f"{path} is not an MQAR cell folder: pass --config CONFIG for the eval stages")
         model = load_model(path, args.step).to(default_device())
     accs = evaluate(model, cfg.data)
-    out = (Path(args.out) if args.out else path) / "mqar_eval.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(accs, indent=2) + "\n")
+    out = write_scores(accs, Path(args.out) if args.out else path if cell else eval_folder(path, args.step), cfg.data)
     for k, v in accs.items():
         print(f"{k:>16}  {100 * v:6.2f}%")
     print(f"wrote {out}")
@@ -62,20 +61,23 @@ def run_mqar_eval(args: argparse.Namespace) -> int:
 
 
 def default_diagnose_out(target: str, step: int | None) -> Path:
-    """Like the eval commands: the first target's eval folder (RUN/eval/step-N/diagnose); runs/diagnose/NAME
-    for a config YAML or a Hub id."""
+    """Like the eval commands: the first target's eval folder (RUN/eval/step-N); runs/diagnose/NAME for a
+    config YAML."""
     from pretrain.export import eval_folder
 
     path = Path(target)
-    return Path("runs") / "diagnose" / path.stem if path.is_file() else eval_folder(path, step) / "diagnose"
+    return Path("runs") / "diagnose" / path.stem if path.is_file() else eval_folder(path, step)
 
 
 def run_diagnose(args: argparse.Namespace) -> int:
     from eval.diagnostics import diagnose, load_target
+    from eval.results import timestamp
 
+    out = Path(args.out) if args.out else default_diagnose_out(args.targets[0], args.step) / f"diagnose_{timestamp()}"
+    if out.exists() and not args.force:
+        raise FileExistsError(f"{out} exists: pass --force to replace it or choose another --out")
     names = [Path(t).stem if Path(t).is_file() else Path(t).name for t in args.targets]
     models = {name: load_target(t, args.step, args.trust_pickle) for name, t in zip(names, args.targets)}
-    out = Path(args.out) if args.out else default_diagnose_out(args.targets[0], args.step)
     diagnose(models, out, args.batch, args.seq_len, args.seed)
     print(f"wrote recency, oversmoothing and a_range .json/.png to {out}")
     return 0
@@ -233,12 +235,14 @@ def register(sub: argparse._SubParsersAction) -> None:
         "eval", help="score a trained sweep, one cell, or any checkpoint on MQAR",
         description="Score on MQAR: a sweep CONFIG re-scores every cell and rewrites the table; a cell folder or "
         "any checkpoint "
-        "(with --config for the eval stages) writes mqar_eval.json. See docs/reproduction.md.",
+        "(with --config for the eval stages) keeps mqar_eval_<time>.json beside earlier scorings. See "
+        "docs/reproduction.md.",
     )
     e.add_argument("target", help="sweep config YAML, cell folder, run directory or exported folder")
     e.add_argument("--config", default=None, help="MQAR config whose data.eval stages to use")
     e.add_argument("--step", type=int, default=None, help="checkpoint step of a run directory (default: latest)")
-    e.add_argument("--out", default=None, help="output folder for mqar_eval.json (default: TARGET)")
+    e.add_argument("--out", default=None, help="output folder for mqar_eval_<time>.json (default: the cell folder, "
+                   "or the checkpoint's eval folder RUN/eval/step-N)")
     e.set_defaults(func=run_mqar_eval, accepts_overrides=True)
 
     d = sub.add_parser(
@@ -250,8 +254,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     d.add_argument("targets", nargs="+", metavar="TARGET", help="config YAML, MQAR cell, run directory, export, "
                    "transformers folder or Hub id")
-    d.add_argument("--out", default=None, help="output folder (default: the first TARGET's eval folder, "
-                   "RUN/eval/step-N/diagnose; runs/diagnose/NAME for a config YAML)")
+    d.add_argument("--out", default=None, help="output folder (default: a new diagnose_<time>/ in the first "
+                   "TARGET's eval folder, RUN/eval/step-N, kept beside earlier ones; runs/diagnose/NAME for a "
+                   "config YAML)")
+    d.add_argument("--force", action="store_true", help="replace an existing --out")
     d.add_argument("--step", type=int, default=None, help="checkpoint step for run directories (default: latest)")
     d.add_argument("--batch", type=int, default=4, help="random sequences averaged over (default 4)")
     d.add_argument("--seq-len", type=int, default=128, help="sequence length (default 128)")

@@ -159,10 +159,12 @@ def a_range(model: nn.Module, input_ids: torch.Tensor) -> list[list[float]] | No
 
 def diagnose(targets: dict[str, nn.Module], out: Path, batch: int = 4, seq_len: int = 128,
              seed: int = 0) -> dict[str, Any]:
-    """Run the three diagnostics on every named model; write JSON + PNG into ``out``."""
+    """Run the three diagnostics on every named model; write JSON + PNG into the folder ``out``, as one output
+    (tokenizer/atomic.py: whole or not at all)."""
     from tqdm import tqdm
 
-    out.mkdir(parents=True, exist_ok=True)
+    from tokenizer.atomic import write_atomically
+
     results: dict[str, dict[str, Any]] = {"recency": {}, "oversmoothing": {}, "a_range": {}}
     for name, model in tqdm(targets.items(), desc="diagnose"):
         device = next(model.parameters()).device
@@ -173,9 +175,13 @@ def diagnose(targets: dict[str, nn.Module], out: Path, batch: int = 4, seq_len: 
         ranges = a_range(model, ids)
         if ranges is not None:
             results["a_range"][name] = [np.histogram(r, bins=50, range=(0, 1))[0].cumsum().tolist() for r in ranges]
-    for kind, data in results.items():
-        (out / f"{kind}.json").write_text(json.dumps(data) + "\n")
-    _plot(results, out)
+
+    def fill(tmp: Path) -> None:
+        for kind, data in results.items():
+            (tmp / f"{kind}.json").write_text(json.dumps(data) + "\n")
+        _plot(results, tmp)
+
+    write_atomically(out, fill)
     return results
 
 

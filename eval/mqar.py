@@ -6,8 +6,9 @@ scores recall accuracy at query positions on the ``data.eval`` stages. Each trai
 ``OUT/NAME/VARIANT-LN/`` (config.yaml, model.pt, result.json); the sweep writes ``results.json`` and
 ``results.md`` (rows: variant x layers, columns: KV pairs at eval + average; below it, every cell the
 paper's Table 2 also has, ours beside the paper's with the difference) beside them. A finished folder is
-skipped when the sweep runs again, so an interrupted sweep continues. One process, plain PyTorch: MQAR
-models are small.
+skipped when the sweep runs again, so an interrupted sweep continues; a rescoring (`polar mqar eval`) is kept
+as ``mqar_eval_<time>.json`` beside the earlier ones. Every file is written as every output is
+(tokenizer/atomic.py). One process, plain PyTorch: MQAR models are small.
 
 The paper's protocol (its released code, VITA-Group/SSM-Bottleneck on zoology) is a set of options,
 each off by default: ``data.filler: zeros``, ``data.shuffle: false``, ``optim.weight_decay_params: all``,
@@ -28,6 +29,7 @@ from typing import Any, Literal
 import torch
 import yaml
 
+from eval.results import json_file, text_file, timestamp, write_files
 from models.config import ModelConfig
 from models.typed_config import ConfigError, apply_overrides, from_dict, load_yaml, to_dict
 
@@ -290,10 +292,10 @@ def train_cell(cfg: MQARConfig, variant: str, n_layer: int, force: bool = False)
         "tokens_per_second": round(log.tokens / max(log.seconds, 1e-9)), "device": _device_name(),
         "accuracy": evaluate(model, cell.data),
     }
-    folder.mkdir(parents=True, exist_ok=True)
-    (folder / "config.yaml").write_text(yaml.safe_dump(to_dict(cell), sort_keys=False))
-    torch.save({"model_config": to_dict(cell.model), "state_dict": model.state_dict()}, folder / "model.pt")
-    (folder / "result.json").write_text(json.dumps(result, indent=2) + "\n")
+    write_files({folder / "config.yaml": text_file(yaml.safe_dump(to_dict(cell), sort_keys=False)),
+                 folder / "model.pt": lambda p: torch.save({"model_config": to_dict(cell.model),
+                                                            "state_dict": model.state_dict()}, p),
+                 folder / "result.json": json_file(result)})  # last: its presence marks a finished cell
     return result
 
 
@@ -358,14 +360,24 @@ def results_markdown(results: list[dict[str, Any]]) -> str:
     return markdown_table(results) + beside
 
 
-def write_table(cfg: MQARConfig) -> list[dict[str, Any]]:
-    """Collect every finished cell of the sweep (in config order) into results.json and results.md."""
-    results = [json.loads(p.read_text()) for v in cfg.sweep.variants for n in cfg.sweep.n_layers
+def write_table(cfg: MQARConfig, accuracy: dict[str, dict] | None = None) -> list[dict[str, Any]]:
+    """Collect every finished cell of the sweep (in config order) into results.json and results.md, with the
+    accuracies of a rescoring (cell name -> accuracy) where given."""
+    results = [{**json.loads(p.read_text()), **({"accuracy": accuracy[p.parent.name]}
+                                                 if accuracy and p.parent.name in accuracy else {})}
+               for v in cfg.sweep.variants for n in cfg.sweep.n_layers
                if (p := cfg.run.dir / cell_name(v, n) / "result.json").is_file()]
     if results:
-        (cfg.run.dir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-        (cfg.run.dir / "results.md").write_text(results_markdown(results))
+        write_files({cfg.run.dir / "results.json": json_file(results),
+                     cfg.run.dir / "results.md": text_file(results_markdown(results))})
     return results
+
+
+def write_scores(accs: dict[str, float], folder: Path, data: MQARDataConfig) -> Path:
+    """A scoring kept beside the earlier ones: ``FOLDER/mqar_eval_<time>.json`` with the stages it used."""
+    path = folder / f"mqar_eval_{timestamp()}.json"
+    write_files({path: json_file({"accuracy": accs, "eval": [to_dict(s) for s in data.eval], "date": time.time()})})
+    return path
 
 
 def plan(cfg: MQARConfig, variants: list[str] | None = None, layers: list[int] | None = None) -> list[dict[str, Any]]:
@@ -418,15 +430,16 @@ def train_sweep(cfg: MQARConfig, variants: list[str] | None = None, layers: list
 
 
 def rescore_sweep(cfg: MQARConfig) -> list[dict[str, Any]]:
-    """Score every trained cell of the sweep on ``cfg.data.eval`` again and rewrite the table."""
+    """Score every trained cell of the sweep on ``cfg.data.eval`` again, keep each scoring beside the cell's
+    earlier ones (:func:`write_scores`; the training record ``result.json`` stays) and rewrite the table."""
+    accuracy = {}
     for v in cfg.sweep.variants:
         for n in cfg.sweep.n_layers:
             folder = cfg.run.dir / cell_name(v, n)
-            if (folder / "model.pt").is_file():
-                result = json.loads((folder / "result.json").read_text())
-                result["accuracy"] = evaluate(load_cell_model(folder)[0], cfg.data)
-                (folder / "result.json").write_text(json.dumps(result, indent=2) + "\n")
-    results = write_table(cfg)
+            if (folder / "model.pt").is_file() and (folder / "result.json").is_file():
+                accuracy[folder.name] = evaluate(load_cell_model(folder)[0], cfg.data)
+                write_scores(accuracy[folder.name], folder, cfg.data)
+    results = write_table(cfg, accuracy)
     if not results:
         raise FileNotFoundError(f"no trained cells under {cfg.run.dir}: run `polar mqar train CONFIG` first")
     return results

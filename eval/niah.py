@@ -18,8 +18,6 @@ a KV cache. Results: JSON (config, cells, samples), CSV (cells) and a heatmap PN
 
 from __future__ import annotations
 
-import csv
-import json
 import random
 import re
 from dataclasses import asdict, dataclass, field
@@ -253,15 +251,11 @@ def run_niah(model: torch.nn.Module, tok: Tokenizer, cfg: NiahConfig, progress: 
 # -- outputs ----------------------------------------------------------------------------------------------
 def write_niah(result: dict, out: str | Path, title: str = "", name: str = "niah") -> dict[str, Path]:
     """OUT/NAME.json (everything), NAME.csv (one row per cell) and NAME.png (the heatmap)."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {ext: out / f"{name}.{ext}" for ext in ("json", "csv", "png")}
-    paths["json"].write_text(json.dumps(result, indent=2) + "\n")
-    with paths["csv"].open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(result["cells"][0]))
-        w.writeheader()
-        w.writerows(result["cells"])
-    heatmap(result, paths["png"], title)
+    from eval.results import csv_file, json_file, write_files
+
+    paths = {ext: Path(out) / f"{name}.{ext}" for ext in ("json", "csv", "png")}
+    write_files({paths["json"]: json_file(result), paths["csv"]: csv_file(result["cells"]),
+                 paths["png"]: lambda p: heatmap(result, p, title)})
     return paths
 
 

@@ -112,17 +112,17 @@ def finish(ax, train_lengths: set[int]) -> None:
 
 
 def write_position_loss(result: dict, out: Path, title: str, stem: str) -> list[Path]:
-    from eval.results import write_json
+    from eval.results import json_file, write_files
     from eval.sweep import pyplot
 
-    out.mkdir(parents=True, exist_ok=True)
-    paths = [write_json(out / f"{stem}.json", result), out / f"{stem}.png"]
-    plt = pyplot()
-    fig, ax = plt.subplots(figsize=(6, 4))
-    draw(ax, result, title or "model")
-    finish(ax, {result["train_length"]} - {None})
-    ax.set_title(f"loss by position, {result['windows']} held-out windows")
-    fig.tight_layout()
-    fig.savefig(paths[1], dpi=120)
-    plt.close(fig)
-    return paths
+    def plot(path: Path) -> None:
+        plt = pyplot()
+        fig, ax = plt.subplots(figsize=(6, 4))
+        draw(ax, result, title or "model")
+        finish(ax, {result["train_length"]} - {None})
+        ax.set_title(f"loss by position, {result['windows']} held-out windows")
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+
+    return write_files({out / f"{stem}.json": json_file(result), out / f"{stem}.png": plot})

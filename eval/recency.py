@@ -16,7 +16,6 @@ span position, one line per size).
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -159,12 +158,12 @@ def markdown_table(result: dict) -> str:
 
 def write_recency(result: dict, out: str | Path, title: str = "", name: str = "recency") -> dict[str, Path]:
     """OUT/NAME.json (everything), NAME.md (the table) and NAME.png (the plot)."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {ext: out / f"{name}.{ext}" for ext in ("json", "md", "png")}
-    paths["json"].write_text(json.dumps(result, indent=2) + "\n")
-    paths["md"].write_text((f"## {title}\n\n" if title else "") + markdown_table(result))
-    plot_drop(result, paths["png"], title)
+    from eval.results import json_file, text_file, write_files
+
+    paths = {ext: Path(out) / f"{name}.{ext}" for ext in ("json", "md", "png")}
+    write_files({paths["json"]: json_file(result),
+                 paths["md"]: text_file((f"## {title}\n\n" if title else "") + markdown_table(result)),
+                 paths["png"]: lambda p: plot_drop(result, p, title)})
     return paths
 
 

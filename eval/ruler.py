@@ -12,7 +12,6 @@ Results: JSON (config, cells, samples), CSV (cells), a PNG of per-task heatmaps 
 
 from __future__ import annotations
 
-import csv
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -163,16 +162,10 @@ def heatmaps(result: dict, path: Path, title: str = "") -> None:
 
 def write_ruler(result: dict, out: str | Path, title: str = "", name: str = "ruler") -> dict[str, Path]:
     """OUT/NAME.json (everything), NAME.csv (one row per cell), NAME.png (heatmaps), NAME.md (summary)."""
-    from eval.results import write_json
+    from eval.results import csv_file, json_file, text_file, write_files
 
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    paths = {ext: out / f"{name}.{ext}" for ext in ("json", "csv", "png", "md")}
-    write_json(paths["json"], result)
-    with paths["csv"].open("w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(result["cells"][0]))
-        w.writeheader()
-        w.writerows(result["cells"])
-    heatmaps(result, paths["png"], title)
-    paths["md"].write_text((f"# RULER: {title}\n\n" if title else "") + summary_table(result))
+    paths = {ext: Path(out) / f"{name}.{ext}" for ext in ("json", "csv", "png", "md")}
+    write_files({paths["json"]: json_file(result), paths["csv"]: csv_file(result["cells"]),
+                 paths["png"]: lambda p: heatmaps(result, p, title),
+                 paths["md"]: text_file((f"# RULER: {title}\n\n" if title else "") + summary_table(result))})
     return paths

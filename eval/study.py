@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from eval.results import json_file, text_file, write_files, write_json
 from launch.render import fill_sbatch
 from models.typed_config import ConfigError, apply_overrides, from_dict, load_yaml
 
@@ -293,10 +294,7 @@ def run_cell(cfg: StudyConfig, cell: Cell, log=print) -> bool:
         log(f"  {cell.name}: FAILED after {cfg.study.retries + 1} attempt(s); rerun the study to retry it")
         return False
     result = evaluate_cell(cfg, cell)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_suffix(".tmp")
-    tmp.write_text(json.dumps(result, indent=2) + "\n")
-    os.replace(tmp, out)
+    write_json(out, result)  # written once, never replaced: a rerun skips the cell
     log(f"  {cell.name}: " + ", ".join(f"loss@{n} {v:.3f}" for n, v in result["loss"].items()))
     return True
 
@@ -316,7 +314,6 @@ def combine(cfg: StudyConfig, cells: list[Cell]) -> Path | None:
         return None
     out = cfg.study.dir
     missing = [c.name for c in cells if not cell_result_path(cfg, c).is_file()]
-    (out / "study.json").write_text(json.dumps({"cells": results, "missing": missing}, indent=2) + "\n")
     lengths = list(results[0]["loss"])
     scores = headline_scores(results)
     head = ["variant", "depth", "d_model", "params", "seq_len", *[f"loss@{n}" for n in lengths], *scores]
@@ -324,13 +321,17 @@ def combine(cfg: StudyConfig, cells: list[Cell]) -> Path | None:
              *[f"{r['loss'][n]:.4f}" for n in lengths],
              *[f"{r['scores'][m][0]:.4g}" if m in r.get("scores", {}) else "" for m in scores]]
             for r in sorted(results, key=lambda r: (r["variant"], r["seq_len"], r["depth"]))]
-    with (out / "study.csv").open("w", newline="") as f:
-        csv.writer(f).writerows([head, *rows])
     md = [f"| {' | '.join(head)} |", f"|{'---|' * len(head)}", *[f"| {' | '.join(map(str, r))} |" for r in rows]]
     if missing:
         md.append(f"\nmissing (failed or not yet run): {', '.join(missing)}")
-    (out / "study.md").write_text("\n".join(md) + "\n")
-    plot_study(results, out / "study.png", cfg.study.name)
+
+    def table(path: Path) -> None:
+        with path.open("w", newline="") as f:
+            csv.writer(f).writerows([head, *rows])
+
+    write_files({out / "study.json": json_file({"cells": results, "missing": missing}), out / "study.csv": table,
+                 out / "study.md": text_file("\n".join(md) + "\n"),
+                 out / "study.png": lambda p: plot_study(results, p, cfg.study.name)})
     return out / "study.md"
 
 

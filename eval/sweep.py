@@ -4,7 +4,8 @@ polarized runs side by side (a combined table, metric-vs-step curves, each evalu
 The evaluations are the registry's (eval/registry.py), each given as `polar eval KIND` takes its options.
 Each runs as that command would and writes its timestamped result files into the step's eval folder,
 ``RUN/eval/step-N/`` (so the model card of step N sees them too); beside them the sweep keeps
-``sweep-KIND.json``, the result with the options it was computed with. A result with the same options is
+``sweep-KIND.json``, the result with the options it was computed with (every file written as every output
+is, tokenizer/atomic.py: an interrupted sweep leaves whole results or none). A result with the same options is
 reused, so an interrupted sweep computes only what is missing, and results outlive the checkpoints that
 rotation deletes later.
 """
@@ -85,16 +86,20 @@ def sweep(runs: list[str | Path], every: int, evals: dict[str, str], out: str | 
 
 
 def write_tables(rows: list[dict], out: Path) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
+    """sweep.{csv,md}, the metrics' curves and each evaluation's figure, written together (eval.results)."""
+    from eval.results import text_file, write_files
+
     flat: dict[tuple[str, int], dict[str, Score]] = {}
     for r in rows:
         flat.setdefault((r["run"], r["step"]), {}).update(get(r["eval"]).summarize(r["result"]))
     metrics = sorted({m for v in flat.values() for m in v})
-    with (out / "sweep.csv").open("w", newline="") as f:
-        w = csv.writer(f)
-        w.writerow(["run", "step", *(c for m in metrics for c in (m, f"{m}_stderr"))])
-        for (run, step), v in sorted(flat.items()):
-            w.writerow([run, step, *(("" if x is None else x) for m in metrics for x in v.get(m, ("", "")))])
+
+    def table(path: Path) -> None:
+        with path.open("w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["run", "step", *(c for m in metrics for c in (m, f"{m}_stderr"))])
+            for (run, step), v in sorted(flat.items()):
+                w.writerow([run, step, *(("" if x is None else x) for m in metrics for x in v.get(m, ("", "")))])
 
     def cell(score: Score | None) -> str:
         if score is None:
@@ -104,10 +109,12 @@ def write_tables(rows: list[dict], out: Path) -> Path:
     lines = ["| run | step | " + " | ".join(metrics) + " |", "|---|---|" + "---|" * len(metrics)]
     for (run, step), v in sorted(flat.items()):
         lines.append(f"| {run} | {step} | " + " | ".join(cell(v.get(m)) for m in metrics) + " |")
-    (out / "sweep.md").write_text("\n".join(lines) + "\n")
-    plot_metrics(flat, [m for m in metrics if "@" not in m], out / "sweep_metrics.png")
+    files = {out / "sweep.csv": table, out / "sweep.md": text_file("\n".join(lines) + "\n"),
+             out / "sweep_metrics.png": lambda p: plot_metrics(flat, [m for m in metrics if "@" not in m], p)}
     for name in dict.fromkeys(r["eval"] for r in rows):  # each evaluation's own figure, if it draws one
-        get(name).plot([r for r in rows if r["eval"] == name], out / f"sweep_{name}.png")
+        own = [r for r in rows if r["eval"] == name]
+        files[out / f"sweep_{name}.png"] = lambda p, name=name, own=own: get(name).plot(own, p)
+    write_files(files)
     return out / "sweep.md"
 
 

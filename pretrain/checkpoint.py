@@ -38,6 +38,8 @@ import torch
 from models.config import ModelConfig
 from models.typed_config import differences
 from pretrain.console import import_deepspeed, output_to_log
+from tokenizer.atomic import fsync_dir, fsync_tree
+from tokenizer.atomic import write_text as atomic_write  # the one output mechanism (tokenizer/atomic.py)
 
 TAG_RE = re.compile(r"^step_(\d{8})$")
 STATE_FILE = "polar_state.json"
@@ -136,35 +138,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(path: Path) -> None:
-    """Flush every file under ``path`` and every directory entry to the disk."""
-    for root, _, files in os.walk(path):
-        for name in files:
-            with open(os.path.join(root, name), "rb") as f:
-                os.fsync(f.fileno())
-        fsync_dir(Path(root))
-
-
-def atomic_write(path: Path, text: str) -> None:
-    """Replace ``path`` with ``text`` so that a crash leaves the old or the new content, both on disk. The
-    temporary name is the writer's own (two processes writing one file never share it)."""
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
 
 
 def _agree_failed(failed: bool) -> bool:

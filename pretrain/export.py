@@ -9,9 +9,6 @@ from the environment is still in it."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -23,6 +20,7 @@ from models.config import ModelConfig
 from models.hf import from_pretrained, save_pretrained
 from pretrain import checkpoint as ckpt
 from pretrain.privacy import check_private, public_path, public_spec
+from tokenizer.atomic import write_atomically
 
 
 def checkpoint_location(path: str | Path, step: int | None = None) -> tuple[Path, str] | None:
@@ -97,7 +95,8 @@ def export(run: str | Path, out: str | Path, step: int | None = None, force: boo
            max_shard_bytes: int | None = None, finish: Callable[[Path, nn.Module, dict], None] | None = None) -> Path:
     """Write the HF-compatible folder for a checkpoint (plus the tokenizer when the run names one, and
     ``generation_config.json``). ``finish(folder, model, state)`` may add files (``polar publish`` adds the
-    card). The folder is built beside ``out`` and renamed into place, so a failure leaves ``out`` untouched."""
+    card). The folder is built beside ``out`` and renamed into place (tokenizer/atomic.py), so a failure leaves
+    ``out`` untouched."""
     out = Path(out)
     if out.exists() and not force:
         raise FileExistsError(f"{out} exists: pass --force to replace it or choose another --out")
@@ -108,11 +107,10 @@ def export(run: str | Path, out: str | Path, step: int | None = None, force: boo
     base, local = loc[0].parent.parent.parent, _local_paths(state["config"], loc[0].parent)
     model.config = replace(model.config, init_from=replace(
         model.config.init_from, path=model.config.init_from.path and public_path(model.config.init_from.path, base)))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        name = state["config"]["data"].get("tokenizer")
-        tok = run_tokenizer(name) if name else None
+    name = state["config"]["data"].get("tokenizer")
+    tok = run_tokenizer(name) if name else None
+
+    def fill(tmp: Path) -> None:
         save_pretrained(model, tmp, tokenizer_special_ids(tok) if tok else None, max_shard_bytes)
         if tok:  # so transformers.AutoTokenizer, lm-eval and our evals load the tokenizer the model was trained with
             tok.save_pretrained(tmp)
@@ -121,12 +119,8 @@ def export(run: str | Path, out: str | Path, step: int | None = None, force: boo
         if finish is not None:
             finish(tmp, model, state)
         check_private(tmp, local)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    write_atomically(out, fill, force)
     return out
 
 

@@ -129,6 +129,8 @@ def plot_loss(run_dir: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
+    from tokenizer.atomic import write_atomically
+
     records = read_jsonl(run_dir / "metrics.jsonl")
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for kind, key, style in (("train", "loss", "-"), ("val", "val_loss", "o-")):
@@ -138,8 +140,7 @@ def plot_loss(run_dir: Path) -> Path | None:
     ax.set(xlabel="step", ylabel="loss", title=run_dir.name)
     ax.legend()
     ax.grid(alpha=0.3)
-    out = run_dir / "loss.png"
     fig.tight_layout()
-    fig.savefig(out, dpi=120)
+    out = write_atomically(run_dir / "loss.png", lambda p: fig.savefig(p, dpi=120), folder=False)
     plt.close(fig)
     return out

@@ -183,7 +183,7 @@ def merge_tasks(tmp: Path, cfg: PrepareConfig, parts, dtype: np.dtype) -> dict[s
 
 @dataclass(frozen=True)
 class PreparePlan:
-    """A validated prepare: the tokenize step of every task, their count and the work folder (started)."""
+    """A validated prepare: the tokenize step of every task, their count and the work folder."""
 
     out: Path
     step: Any  # prepare_engine.TokenizeTask
@@ -194,7 +194,7 @@ class PreparePlan:
 
 
 def plan(cfg: PrepareConfig, threads: int | None = None) -> PreparePlan:
-    """Check everything (output, tokenizer, dataset) before anything is written, then start the work folder."""
+    """Check everything (output, tokenizer, dataset) before anything is written."""
     from pretrain import prepare_engine as engine
     from tokenizer import load_tokenizer
     from tokenizer.sources import count_units, parse_spec
@@ -215,7 +215,6 @@ def plan(cfg: PrepareConfig, threads: int | None = None) -> PreparePlan:
     work = engine.work_dir(out)
     step = engine.TokenizeTask(cfg.dataset, cfg.text_field, str(cfg.tokenizer), dtype.str, units, cfg.batch_chars,
                                threads, str(work / "tasks"))
-    engine.start(out, engine.job_record(step, tasks, tok.fingerprint))
     return PreparePlan(out, step, tasks, dtype, tok, work)
 
 
@@ -225,15 +224,17 @@ def prepare(cfg: PrepareConfig) -> dict[str, Any]:
     import shutil
 
     from pretrain import prepare_engine as engine
+    from tokenizer.atomic import output_error
 
     p = plan(cfg)
     try:
+        engine.start(p.out, engine.job_record(p.step, p.tasks, p.tokenizer.fingerprint))
         done = engine.run_local(p.step, p.tasks, cfg.workers, p.work)
         print(f"tokenized {p.tasks} task(s) on {cfg.workers} worker(s); {len(done)} were complete already")
         manifest = merge(cfg, p)
-    except Exception:  # bad input fails again on a rerun: leave nothing behind (a kill leaves the tasks to resume)
+    except Exception as e:  # bad input fails again on a rerun: leave nothing behind (a kill leaves the tasks to resume)
         shutil.rmtree(p.work, ignore_errors=True)
-        raise
+        raise output_error(p.out, e)  # noqa: B904 - its cause is set there (or it is e itself)
     shutil.rmtree(p.work, ignore_errors=True)
     return manifest
 
@@ -262,7 +263,7 @@ def merge(cfg: PrepareConfig, p: PreparePlan) -> dict[str, Any]:
         )
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
 
-    write_atomically(p.out, cfg.force, fill)
+    write_atomically(p.out, fill, cfg.force)
     return manifest
 
 
@@ -280,6 +281,7 @@ def submit(cfg: PrepareConfig, slurm) -> str:
     if min(slurm.cpus_per_task, slurm.mem_per_cpu_gb or 1, slurm.max_parallel or 1) < 1:
         raise DataError("--cpus-per-task, --mem-per-cpu-gb and --max-parallel must be >= 1")
     p = plan(cfg, threads=slurm.cpus_per_task)
+    engine.start(p.out, engine.job_record(p.step, p.tasks, p.tokenizer.fingerprint))
     # the same options verbatim (the merge job runs in this directory): the rerun must see the same job record
     argv = [sys.executable, "-m", "pretrain.cli", "prepare", "--dataset", cfg.dataset, "--tokenizer", str(cfg.tokenizer),
             "--out", str(cfg.out), "--val-fraction", repr(cfg.val_fraction), "--tasks", str(cfg.tasks),

@@ -1,8 +1,9 @@
 """`polar publish`: turn a checkpoint into a Hub-ready folder (weights, config, generation config,
 tokenizer, model card), check the folder, and upload it as one commit on one branch per step (as Pythia).
 
-Nothing is uploaded unless the folder passes :func:`verify_folder`. The token comes from ``HF_TOKEN``
-or ``huggingface-cli login``.
+The repo id is checked before anything is written; the folder is written as every output is
+(tokenizer/atomic.py). Nothing is uploaded unless the folder passes :func:`verify_folder`. The token comes
+from ``HF_TOKEN`` or ``huggingface-cli login``.
 """
 
 from __future__ import annotations
@@ -51,6 +52,17 @@ def build_folder(run: str | Path, out: str | Path, repo_id: str, step: int | Non
         (folder / "README.md").write_text(card)
 
     return export(run, out, step_n, force=force, max_shard_bytes=max_shard_bytes, finish=finish)
+
+
+def check_repo_id(repo_id: str) -> None:
+    """Refuse a malformed Hub repo id with huggingface_hub's own validator (what the upload would apply)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise PublishError(f"--repo-id {repo_id!r} is not a Hub repo id ({str(e).splitlines()[0]}): pass "
+                           "NAMESPACE/NAME, e.g. my-org/polar-mamba-130m") from e
 
 
 def verify_folder(folder: str | Path) -> None:
@@ -116,6 +128,7 @@ def publish(run: str | Path, repo_id: str, step: int | None = None, revision: st
     it, and unless ``dry_run`` upload it."""
     import tempfile
 
+    check_repo_id(repo_id)  # before anything is written, with or without --dry-run
     loc = checkpoint_location(run, step)
     if loc is None:
         raise FileNotFoundError(f"no checkpoints under {run}: pass a run directory written by polar train")

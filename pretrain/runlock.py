@@ -9,11 +9,13 @@ group would otherwise leave them running, saving checkpoints and appending metri
 resumed job already owns.
 
 The holder writes its name into the file only with its first write to the run (:meth:`RunLock.record`),
-so a job refused for bad input leaves every file of the run as it was, the lock file included.
+so a job refused for bad input leaves every file of the run as it was, the lock file included; and
+:func:`removed_if_refused` takes away the lock file and run folders such a job created.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import fcntl
 import json
@@ -62,6 +64,26 @@ class RunLock:
         if self._fd is not None:
             os.close(self._fd)  # closing the descriptor drops the flock
             self._fd = None
+
+
+@contextlib.contextmanager
+def removed_if_refused(run_dir: Path):
+    """Around a job's start-up: when it is refused (any error but a held lock), the lock file and the run
+    folders it created are removed (folders only when nothing else was put in them)."""
+    run_dir = Path(run_dir)
+    created = [p for p in (run_dir / LOCK_FILE, run_dir, *run_dir.parents) if not p.exists()]
+    try:
+        yield
+    except RunLockedError:
+        raise
+    except BaseException:
+        if int(os.environ.get("RANK", "0")) == 0:
+            for p in created:
+                try:
+                    p.unlink() if p.name == LOCK_FILE else p.rmdir()
+                except OSError:
+                    break
+        raise
 
 
 def _describe(raw: bytes) -> str:

@@ -49,7 +49,7 @@ from pretrain.hooks import FINISHED, registered_callbacks
 from pretrain.init_from import adopt_recorded_source, initial_weights
 from pretrain.metrics import MetricsSink, peak_flops, train_flops_per_token
 from pretrain.mixture import Mixture, Source
-from pretrain.runlock import RunLock
+from pretrain.runlock import RunLock, RunLockedError, removed_if_refused
 from pretrain.schedule import lr_at, make_budget
 
 log = logging.getLogger(__name__)
@@ -168,7 +168,7 @@ class Trainer:
                 error = str(e)
         error = self._broadcast(error)
         if error:
-            raise RuntimeError(error)
+            raise RunLockedError(error)
         return lock
 
     def _broadcast(self, value):
@@ -396,7 +396,8 @@ class Trainer:
 
 def train(cfg: TrainConfig) -> int:
     try:
-        trainer = Trainer(cfg)
+        with removed_if_refused(cfg.run.dir):  # a refused run leaves no lock file or empty run folder behind
+            trainer = Trainer(cfg)
     except BaseException:  # refused before training: leave no live process group (gloo aborts at exit)
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

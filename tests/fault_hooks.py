@@ -8,18 +8,39 @@ these variables choose the faults (comma-separated steps):
 * ``POLAR_FAULT_FAIL_SAVE_AT_STEP=6``: step 6's checkpoint fails with ENOSPC after its files are written,
   before they are flushed and committed;
 * ``POLAR_FAULT_KILL_AFTER_SAVE_AT_STEP=4``: the process SIGKILLs itself as soon as step 4's checkpoint is
-  committed (whatever the callbacks after the checkpoint would still have done is lost).
+  committed (whatever the callbacks after the checkpoint would still have done is lost);
+* ``POLAR_FAULT_DISK_FULL=1`` (any command): the disk is full for every new output (:func:`full_open`).
 """
 
 from __future__ import annotations
 
+import builtins
 import errno
+import io
 import math
 import os
 import signal
 
 from pretrain import checkpoint as ckpt
 from pretrain.hooks import Callback, register_callback
+from tokenizer.atomic import is_temporary
+
+
+def full_open(real=io.open):
+    """``open`` on a full disk for new outputs: a file opened for writing inside a temporary sibling (an output
+    being built, tokenizer/atomic.py) is created, then its write fails with ENOSPC. Python's, torch's,
+    matplotlib's and our shard writers all open through it."""
+    def open_(file, mode="r", *args, **kwargs):
+        f = real(file, mode, *args, **kwargs)
+        if isinstance(file, str | os.PathLike) and set(mode) & set("wax+") and is_temporary(file):
+            f.close()
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(file))
+        return f
+    return open_
+
+
+if os.environ.get("POLAR_FAULT_DISK_FULL"):
+    builtins.open = io.open = full_open()
 
 
 def _steps(name: str) -> set[int]:

@@ -84,3 +84,19 @@ def test_diagnose_cli_writes_json_and_png(tmp_path):
         assert (out / f"{kind}.png").stat().st_size > 0
     assert set(json.loads((out / "oversmoothing.json").read_text())) == {"tiny", "tf"}
     assert set(json.loads((out / "a_range.json").read_text())) == {"tiny"}  # Mamba only
+    before = (out / "oversmoothing.json").read_bytes()
+    assert main(["diagnose", str(cfg), "--out", str(out)]) == 2  # kept: replaced only with --force
+    assert (out / "oversmoothing.json").read_bytes() == before
+    assert main(["diagnose", str(cfg), "--out", str(out), "--force", "--batch", "2", "--seq-len", "32"]) == 0
+    assert set(json.loads((out / "oversmoothing.json").read_text())) == {"tiny"}
+
+
+def test_diagnose_keeps_every_result_under_the_step(tmp_path, monkeypatch):
+    """Without --out each diagnosis is a new diagnose_<time>/ beside the earlier ones (like eval results)."""
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text("model: {preset: mamba-tiny-polar, n_layer: 1, d_model: 16}\n")
+    monkeypatch.chdir(tmp_path)
+    for _ in range(2):
+        assert main(["diagnose", str(cfg), "--batch", "1", "--seq-len", "8"]) == 0
+    kept = sorted(p.name for p in (tmp_path / "runs" / "diagnose" / "tiny").iterdir())
+    assert len(kept) == 2 and all(k.startswith("diagnose_") for k in kept)

@@ -98,7 +98,12 @@ def test_cli_sweep_writes_table(tmp_path, capsys):
     rows = json.loads((out / "results.json").read_text())
     assert [(r["variant"], r["n_layer"], r["steps"]) for r in rows] == [("default", 2, 2), ("both", 2, 2)]
     assert "| both | 2 |" in (out / "results.md").read_text()
-    assert main(["mqar", "eval", str(out / "both-L2")]) == 0
-    assert "average" in json.loads((out / "both-L2" / "mqar_eval.json").read_text())
+    for _ in range(2):  # each scoring is kept, timestamped, beside the earlier ones
+        assert main(["mqar", "eval", str(out / "both-L2")]) == 0
+    kept = sorted((out / "both-L2").glob("mqar_eval_*.json"))
+    assert len(kept) == 2 and all("average" in json.loads(p.read_text())["accuracy"] for p in kept)
+    trained = (out / "both-L2" / "result.json").read_bytes()
     assert main(["mqar", "eval", "configs/mqar/cpu.yaml", *overrides]) == 0
     assert "| default | 2 |" in capsys.readouterr().out
+    assert (out / "both-L2" / "result.json").read_bytes() == trained  # the training record stays
+    assert len(list((out / "both-L2").glob("mqar_eval_*.json"))) == 3

@@ -135,6 +135,7 @@ def test_prepare_on_slurm_redoes_only_unfinished_tasks_and_matches_a_local_prepa
     prepare of the same data; no work folder is left."""
     from datatrove.executor import LocalPipelineExecutor
 
+    from pretrain import prepare_engine as engine
     from pretrain.prepare import PrepareConfig, plan
     from tests.data_helpers import dir_digest, random_docs, write_jsonl
 
@@ -145,6 +146,7 @@ def test_prepare_on_slurm_redoes_only_unfinished_tasks_and_matches_a_local_prepa
     common = ["--dataset", spec, "--tokenizer", data["tokenizer"], "--tasks", "3", "--val-fraction", "0.1"]
     assert polar("prepare", *common, "--out", str(local)).returncode == 0
     p = plan(PrepareConfig(spec, data["tokenizer"], str(remote), tasks=3))  # a first prepare that did task 1 only
+    engine.start(p.out, engine.job_record(p.step, p.tasks, p.tokenizer.fingerprint))
     p.step(None, 1, p.tasks)
     LocalPipelineExecutor(pipeline=[p.step], tasks=p.tasks, logging_dir=str(p.work / "logs")).mark_rank_as_completed(1)
     out = polar("prepare", *common, "--out", str(remote), "--slurm", "--cpus-per-task", "1", "--time", "00:10:00",

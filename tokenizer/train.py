@@ -135,6 +135,6 @@ def train_tokenizer(
         (tmp / MODEL_FILE).write_bytes(proto)
         (tmp / META_FILE).write_text(json.dumps(metadata(tok, settings, source, n_docs), indent=2) + "\n")
 
-    write_atomically(out, force, fill)
+    write_atomically(out, fill, force)
     log.info("trained %s on %d documents of %s", tok, n_docs, source)
     return Tokenizer.load(out)

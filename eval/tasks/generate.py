@@ -123,7 +123,7 @@ def make_docs(n: int = 64, seed: int = 0) -> dict[str, list[dict]]:
 
 def write_tasks(out: str | Path, n: int = 64, seed: int = 0) -> Path:
     """Write the jsonl data and task YAMLs (plus the ``polar_offline`` group, last) into ``out``."""
-    from pretrain.checkpoint import atomic_write as _write  # whole files only: a reader never sees a torn one
+    from tokenizer.atomic import write_text as _write  # whole files only: a reader never sees a torn one
 
     out = Path(out).resolve()
     (out / "data").mkdir(parents=True, exist_ok=True)
