@@ -7,7 +7,9 @@ boundary. Each final checkpoint is scored with
 
 - ``polar eval documents``: the whole-document validation loss (every held-out document from a zero state,
   truncated to the training length) beside the packed-window loss (the val split's consecutive windows,
-  reset as the run trained, what the trainer's validation reports);
+  reset as the run trained, what the trainer's validation reports), and the packed windows once more with the
+  other convention (a carry model reset at every document, a reset model carrying state across them: how much
+  it leans on, or is hurt by, the previous documents of a window);
 - ``polar eval recency``: the recency probe's loss increase when the leading / trailing span is random;
 - ``polar eval niah``: needle in a haystack at a short length (rank-1 accuracy against distractors).
 
@@ -48,16 +50,19 @@ OUT = "runs/studies/document-boundaries"
 VARIANTS = {"baseline": {"model.polarize.ones": 0, "model.polarize.zeros": 0},
             "polarized": {"model.polarize.ones": 1, "model.polarize.zeros": 1}}
 MODES = ("carry", "reset")
-# evaluation kind -> options (`polar eval KIND RUN OPTIONS`); cheap settings for a 256-token model
+# key -> (evaluation kind, options of `polar eval KIND RUN OPTIONS`; {other}: the boundaries the run did not train
+# with); cheap settings for a 256-token model
 EVALS = {
-    "documents": "",
-    "recency": "--context 256 --target 32 --sizes 32/256 --positions 3 --windows 64 --batch-size 16",
-    "niah": "--lengths 256 --depths 0,50,100 --samples 8 --digits 1 --distractors 8 --needle '#{value}.' "
-            "--question '\\n#'",
+    "documents": ("documents", ""),
+    "documents_other": ("documents", "--packed {other}"),  # the same windows with the other convention
+    "recency": ("recency", "--context 256 --target 32 --sizes 32/256 --positions 3 --windows 64 --batch-size 16"),
+    "niah": ("niah", "--lengths 256 --depths 0,50,100 --samples 8 --digits 1 --distractors 8 --needle '#{value}.' "
+                     "--question '\\n#'"),
 }
-# headline columns: (label, evaluation, score name)
+# headline columns: (label, key of EVALS, score name)
 COLUMNS = [("whole-document loss", "documents", "documents/whole"),
            ("packed-window loss", "documents", "documents/packed"),
+           ("packed, other boundaries", "documents_other", "documents/packed"),
            ("recency: leading span", "recency", "recency/first_loss_increase"),
            ("recency: trailing span", "recency", "recency/last_loss_increase"),
            ("NIAH rank-1", "niah", "niah/rank1")]
@@ -164,19 +169,21 @@ def train(out: Path, args, variant: str, mode: str, seed: int) -> Path:
     return run_dir
 
 
-def score(out: Path, run_dir: Path) -> dict:
+def score(out: Path, run_dir: Path, mode: str) -> dict:
     """Each evaluation of ``EVALS`` on the run's final checkpoint, kept in OUT/scores/RUN.json (resumable per
     evaluation); the result files stay in the run's eval folder as `polar eval` keeps them."""
     from eval.registry import evaluate, get
 
     path = out / "scores" / f"{run_dir.name}.json"
     scores = json.loads(path.read_text()) if path.is_file() else {}
-    for kind, options in EVALS.items():
-        if kind in scores:
+    other = "reset" if mode == "carry" else "carry"
+    for key, (kind, options) in EVALS.items():
+        if key in scores:
             continue
+        options = options.replace("{other}", other)
         show(["polar", "eval", kind, str(run_dir), *shlex.split(options)])
         summary = get(kind).summarize(evaluate(kind, run_dir, None, options))
-        scores[kind] = {m: list(s) for m, s in summary.items()}
+        scores[key] = {m: list(s) for m, s in summary.items()}
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(scores, indent=2) + "\n")
     return scores
@@ -206,17 +213,17 @@ def table(rows: list[dict], seeds: list[int]) -> str:
     lines += ["", "Paired by seed (same batches): reset - carry, mean ± standard deviation over seeds.", "",
               f"| variant | pairs | {' | '.join(c[0] for c in COLUMNS)} |", "|" + "---|" * (len(COLUMNS) + 2)]
     for variant in VARIANTS:
-        diffs, pairs = {c[2]: [] for c in COLUMNS}, 0
+        diffs, pairs = [[] for _ in COLUMNS], 0
         for seed in seeds:
             by = {r["mode"]: r for r in rows if r["variant"] == variant and r["seed"] == seed}
             if set(by) == set(MODES):
                 pairs += 1
-                for _, k, m in COLUMNS:
+                for i, (_, k, m) in enumerate(COLUMNS):
                     a, b = value(by["reset"], k, m), value(by["carry"], k, m)
                     if a is not None and b is not None:
-                        diffs[m].append(a - b)
+                        diffs[i].append(a - b)
         cells = [(f"{statistics.fmean(d):+.4f}" + (f" ± {statistics.stdev(d):.4f}" if len(d) > 1 else ""))
-                 if d else "" for d in diffs.values()]
+                 if d else "" for d in diffs]
         lines.append(f"| {variant} | {pairs} | {' | '.join(cells)} |")
     return "\n".join(lines) + "\n"
 
@@ -256,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
                 if not args.no_train:
                     train(out, args, variant, mode, seed)
                 if not args.train_only and finished(run_dir):
-                    score(out, run_dir)
+                    score(out, run_dir, mode)
                     print(combine(out, seeds), flush=True)
     print(combine(out, seeds))
     print(f"wrote {out / 'study.json'} and {out / 'study.md'}")
