@@ -23,7 +23,7 @@ from typing import Any, NamedTuple
 from models.plugins import load_plugins
 
 BUILTIN = ("eval.kinds.lm", "eval.kinds.niah", "eval.kinds.recency", "eval.kinds.ruler",
-           "eval.kinds.passkey", "eval.kinds.position_loss")
+           "eval.kinds.passkey", "eval.kinds.position_loss", "eval.kinds.documents")
 _REGISTRY: dict[str, Evaluation] = {}
 DOCS = "docs/eval.md"
 RESERVED = ("sweep", "every", "out", "shard")  # `polar eval sweep` and its own options

@@ -94,7 +94,8 @@ def test_builtin_kinds_and_help_texts_state_our_defaults(capsys):
     eval help; an evaluation missing from the registry."""
     from pretrain.cli import main
 
-    assert {"lm", "niah", "recency", "ruler", "passkey", "position_loss", "token_count"} <= set(evaluations())
+    builtin = {"lm", "niah", "recency", "ruler", "passkey", "position_loss", "documents"}
+    assert builtin | {"token_count"} <= set(evaluations())
     for kind in evaluations().values():
         assert 0 < len(kind.description) < 300, kind.name
     with pytest.raises(SystemExit):
