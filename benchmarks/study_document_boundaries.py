@@ -36,14 +36,16 @@ import json
 import os
 import random
 import re
-import shlex
 import statistics
-import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import study_runs  # noqa: E402
+from study_runs import call, finished, mean_spread, polar  # noqa: E402
+
+from tokenizer.atomic import write_text  # noqa: E402
 
 CONFIG = "configs/studies/document-boundaries-cpu.yaml"
 OUT = "runs/studies/document-boundaries"
@@ -66,29 +68,6 @@ COLUMNS = [("whole-document loss", "documents", "documents/whole"),
            ("recency: leading span", "recency", "recency/first_loss_increase"),
            ("recency: trailing span", "recency", "recency/last_loss_increase"),
            ("NIAH rank-1", "niah", "niah/rank1")]
-
-
-def show(cmd: list[str], env: dict[str, str] | None = None) -> None:
-    prefix = " ".join(f"{k}={v}" for k, v in (env or {}).items())
-    print(("$ " + prefix + " " if prefix else "$ ") + shlex.join(cmd), flush=True)
-
-
-def polar(*args: str) -> list[str]:
-    return [sys.executable, "-m", "pretrain.cli", *args]
-
-
-def call(cmd: list[str], log: Path | None = None) -> None:
-    env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    show(cmd, env)
-    full_env = {**os.environ, **env}
-    if log is None:
-        subprocess.run(cmd, check=True, cwd=ROOT, env=full_env)
-        return
-    log.parent.mkdir(parents=True, exist_ok=True)
-    with log.open("a") as f:
-        rc = subprocess.call(cmd, cwd=ROOT, env=full_env, stdout=f, stderr=subprocess.STDOUT)
-    if rc:
-        raise SystemExit(f"exit {rc}: {shlex.join(cmd)} (log: {log})")
 
 
 # -- the corpus ---------------------------------------------------------------------------------------------
@@ -149,55 +128,21 @@ def run_name(variant: str, mode: str, seed: int) -> str:
     return f"{variant}-{mode}-s{seed}"
 
 
-def finished(run_dir: Path) -> bool:
-    status = run_dir / "status.json"
-    return status.is_file() and json.loads(status.read_text()).get("state") == "finished"
-
-
 def train(out: Path, args, variant: str, mode: str, seed: int) -> Path:
     name = run_name(variant, mode, seed)
-    run_dir = out / "runs" / name
-    if finished(run_dir):
-        return run_dir
-    overrides = {**VARIANTS[variant], "data.document_boundaries": mode, "run.seed": seed, "run.name": name,
-                 "run.out_dir": str(out / "runs"), "data.path": str(out / "data"),
-                 "data.tokenizer": str(out / "tokenizer"), "schedule.steps": args.steps}
-    cmd = polar("train", args.config, *[a for k, v in overrides.items() for a in (f"--{k}", str(v))])
-    call(cmd, out / "logs" / f"{name}.log")
-    if not finished(run_dir):
-        raise SystemExit(f"{name} did not finish: see {out / 'logs' / f'{name}.log'}")
-    return run_dir
+    overrides = {**VARIANTS[variant], "data.document_boundaries": mode, "run.seed": seed,
+                 "data.path": str(out / "data"), "data.tokenizer": str(out / "tokenizer"), "schedule.steps": args.steps}
+    return study_runs.train(args.config, out / "runs" / name, overrides, out / "logs" / f"{name}.log")
 
 
 def score(out: Path, run_dir: Path, mode: str) -> dict:
-    """Each evaluation of ``EVALS`` on the run's final checkpoint, kept in OUT/scores/RUN.json (resumable per
-    evaluation); the result files stay in the run's eval folder as `polar eval` keeps them."""
-    from eval.registry import evaluate, get
-
-    path = out / "scores" / f"{run_dir.name}.json"
-    scores = json.loads(path.read_text()) if path.is_file() else {}
+    """EVALS on the run's final checkpoint ({other}: the boundary convention it did not train with)."""
     other = "reset" if mode == "carry" else "carry"
-    for key, (kind, options) in EVALS.items():
-        if key in scores:
-            continue
-        options = options.replace("{other}", other)
-        show(["polar", "eval", kind, str(run_dir), *shlex.split(options)])
-        summary = get(kind).summarize(evaluate(kind, run_dir, None, options))
-        scores[key] = {m: list(s) for m, s in summary.items()}
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(scores, indent=2) + "\n")
-    return scores
+    return study_runs.score(out / "scores", run_dir,
+                            {k: (kind, options.replace("{other}", other)) for k, (kind, options) in EVALS.items()})
 
 
 # -- the table ------------------------------------------------------------------------------------------------
-def mean_spread(values: list[float]) -> str:
-    """mean ± sample standard deviation over seeds (± nothing for one seed)."""
-    if not values:
-        return ""
-    m = statistics.fmean(values)
-    return f"{m:.4f}" + (f" ± {statistics.stdev(values):.4f}" if len(values) > 1 else "")
-
-
 def table(rows: list[dict], seeds: list[int]) -> str:
     def value(r: dict, kind: str, metric: str) -> float | None:
         s = r["scores"].get(kind, {}).get(metric)
@@ -238,8 +183,8 @@ def combine(out: Path, seeds: list[int]) -> str:
                     rows.append({"variant": variant, "mode": mode, "seed": seed,
                                  "scores": json.loads(path.read_text())})
     md = table(rows, seeds)
-    (out / "study.json").write_text(json.dumps({"evals": EVALS, "runs": rows}, indent=2) + "\n")
-    (out / "study.md").write_text(md)
+    write_text(out / "study.json", json.dumps({"evals": EVALS, "runs": rows}, indent=2) + "\n")
+    write_text(out / "study.md", md)
     return md
 
 
