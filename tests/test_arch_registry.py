@@ -235,7 +235,8 @@ def _load_any_config(path: Path):
     kind = path.relative_to(ROOT / "configs").parts[0]
     if kind == "mqar":
         return load_mqar_config(path).model
-    if kind == "studies":  # the base recipe with the study's overrides and each variant's model keys
+    if kind == "studies" and "study" in load_yaml(path):  # `polar study depth`: the base recipe with the study's
+        # overrides and each variant's model keys (the other files there are the recipes of a study driver)
         study = load_study_config(path)
         base = load_yaml(ROOT / study.study.base)
         for variant in study.study.variants.values():
