@@ -66,13 +66,28 @@ def tiny_run(tmp_path_factory, eval_tokenizer_dir) -> Path:
     return run
 
 
-@pytest.fixture
-def offline_task_index(monkeypatch):
-    """lm-eval indexes its ~14k built-in task YAMLs on every run (tens of seconds on a loaded CPU); the tests
-    use only the offline tasks of --include_path, so the index skips the built-in folder."""
+def restrict_task_index(monkeypatch, keep: str | None) -> None:
+    """lm-eval indexes its ~14k built-in task YAMLs on every run (tens of seconds on a loaded CPU): index only
+    the built-in folder ``keep`` (None: none of them) beside --include_path."""
     import lm_eval.tasks
     from lm_eval.tasks._index import TaskIndex
 
     builtin, build = Path(lm_eval.tasks.__file__).parent, TaskIndex.build
-    monkeypatch.setattr(TaskIndex, "build", staticmethod(
-        lambda paths, **kw: build([p for p in paths if Path(p) != builtin], **kw)))
+
+    def restricted(paths, **kw):
+        kept = [p for p in paths if Path(p) != builtin]
+        return build(kept + ([builtin / keep] if keep else []), **kw)
+
+    monkeypatch.setattr(TaskIndex, "build", staticmethod(restricted))
+
+
+@pytest.fixture
+def offline_task_index(monkeypatch):
+    """The tests' offline tasks (--include_path) only."""
+    restrict_task_index(monkeypatch, None)
+
+
+@pytest.fixture
+def ruler_task_index(monkeypatch):
+    """lm-eval's RULER tasks beside --include_path."""
+    restrict_task_index(monkeypatch, "ruler")

@@ -224,6 +224,42 @@ def test_documented_polar_and_stock_hf_commands_agree(tiny_export, offline_tasks
             assert stock[task][key] == pytest.approx(polar[task][key], rel=1e-3, abs=1e-6), (task, key)
 
 
+def samples_of(folder, task: str) -> list[dict]:
+    (path,) = folder.rglob(f"samples_{task}_*.jsonl")
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_lm_evals_niah_single_1_runs_the_same_through_polar_and_stock_hf(tiny_export, ruler_task_index, tmp_path,
+                                                                         monkeypatch):
+    """lm-eval's own RULER niah_single_1 (noise haystack: offline once `wonderwords` and `nltk` are installed)
+    through `polar eval lm` and through stock `lm_eval --model hf` on the same export: the same prompts, the
+    same greedy generations to max_gen_toks (RULER's `until: []`) and the same scores. Catches the polar
+    model stopping early on the empty stop list (the old "empty separator" crash, a one-token answer),
+    decoding differently from transformers, or RULER sizing its prompts with another tokenizer."""
+    pytest.importorskip("wonderwords")
+    pytest.importorskip("nltk")
+    from lm_eval.__main__ import cli_evaluate
+
+    from pretrain.cli import main
+
+    common = ["--tasks", "niah_single_1", "--metadata", json.dumps({"max_seq_lengths": [512]}), "--limit", "3",
+              "--device", "cpu", "--log_samples"]
+    assert main(["eval", "lm", str(tiny_export), *common, "--output_path", str(tmp_path / "polar")]) == 0
+    monkeypatch.setattr(sys, "argv", ["lm_eval", "--model", "hf", "--model_args",
+                                      f"pretrained={tiny_export},prefix_token_id=3", *common,
+                                      "--output_path", str(tmp_path / "hf")])
+    cli_evaluate()
+    polar, stock = samples_of(tmp_path / "polar", "niah_single_1"), samples_of(tmp_path / "hf", "niah_single_1")
+    assert len(polar) == 3 and [s["arguments"] for s in polar] == [s["arguments"] for s in stock]
+    assert [s["resps"] for s in polar] == [s["resps"] for s in stock]
+    from tokenizer import load_tokenizer
+
+    tok = load_tokenizer(tiny_export)
+    assert all(len(tok.encode(s["resps"][0][0])) > 64 for s in polar)  # generated well past one token
+    assert result_of(tmp_path / "polar")["niah_single_1"] == result_of(tmp_path / "hf")["niah_single_1"]
+
+
 LM_ARGS = ["--tasks", "polar_nextline,polar_lastword", "--limit", "3", "--device", "cpu"]
 
 

@@ -169,6 +169,55 @@ def test_niah_format_is_lm_evals(tokenizers, hay, rng):
         assert s.prompt == t.format(type_needle_v=kind, context=s.context, query=query) + " " + prefix
 
 
+def niah_form(prompt: str, key: str, value: str) -> list[str]:
+    """A niah prompt's lines with its key and value named, every run of noise passage lines (a cut last one
+    included) one NOISE line: the shape two generators share when they agree on format."""
+    from eval.ruler_data import NOISE
+
+    lines = prompt.replace(key, "KEY").replace(value, "VALUE").split("\n")
+    lines = ["NOISE" if line and NOISE.startswith(line) else line for line in lines]
+    return [line for i, line in enumerate(lines) if not (line == "NOISE" and i and lines[i - 1] == "NOISE")]
+
+
+def test_niah_single_1_has_the_form_of_lm_evals_own_samples(tiny_export, hay, rng):
+    """Where lm-eval's RULER runs offline (`wonderwords`, `nltk`; niah_single_1 downloads nothing): samples
+    that lm-eval itself generates under the export's tokenizer, and ours at the same length and needle depth,
+    have the same lines once key and value are named (instruction, noise passages one per line, the needle
+    line, noise, the question and the answer prefix after one space), one 7-digit answer, and ours is no
+    longer than lm-eval's prompt budget (its max_seq_length less the 128 tokens to generate) and no shorter
+    than its prompt. Catches a noise haystack laid out differently (words instead of passage lines), a
+    template, needle or gen_prefix drift, and a prompt sized against the wrong length."""
+    pytest.importorskip("wonderwords")
+    pytest.importorskip("nltk")
+    import random as global_random
+
+    from lm_eval.tasks.ruler.niah_utils import niah_single_1
+    from transformers import AutoTokenizer
+
+    from tokenizer import load_tokenizer
+
+    length, budget = 1024, 1024 - TASKS["niah_single_1"].max_new
+    global_random.seed(rng.randrange(10**6))  # lm-eval draws from the global random module
+    theirs = niah_single_1(pretrained=str(tiny_export), max_seq_lengths=[length])["test"]
+    hf, ours_tok = AutoTokenizer.from_pretrained(str(tiny_export)), load_tokenizer(tiny_export)
+    for i in rng.sample(range(len(theirs)), 5):
+        t = theirs[i]
+        prompt = t["input"] + " " + t["gen_prefix"]  # lm-eval's target_delimiter joins gen_prefix
+        (value,) = t["outputs"]
+        key = re.search(r"for (\S+) mentioned in the provided text\?", t["input"]).group(1)
+        lines = t["input"].split("\n")[1:-1]  # the context
+        before = lines.index(next(line for line in lines if line.startswith("One of the special")))
+        depth = 100 * before / (len(lines) - 1)
+        s = make_sample("niah_single_1", ours_tok, hay, budget, depth, cell_rng(rng.randrange(10**6),
+                                                                                 "niah_single_1", budget, depth))
+        (our_value,) = s.outputs
+        our_key = re.search(r"for (\S+) mentioned in the provided text\?", s.prompt).group(1)
+        assert re.fullmatch(r"\d{7}", value) and re.fullmatch(r"\d{7}", our_value)
+        assert niah_form(s.prompt, our_key, our_value) == niah_form(prompt, key, value), (depth, s.prompt[:400])
+        mine, lm_evals = (len(hf(p, add_special_tokens=False).input_ids) for p in (s.prompt, prompt))
+        assert mine == s.tokens and lm_evals <= mine <= budget, (mine, lm_evals)
+
+
 def test_scoring_agrees_with_lm_evals(rng):
     """Per sample, our string_match_all and postprocessing are lm-eval's RULER ones (common_utils, which
     needs no extra package) on random predictions. Catches a scoring drift from `lm_eval --tasks niah_*`."""
