@@ -117,7 +117,7 @@ def run_sweep_cmd(args: argparse.Namespace) -> int:
         if not (i.isdigit() and n.isdigit() and int(i) < int(n)):
             raise ValueError(f"--shard {args.shard!r}: expected I/N with 0 <= I < N, e.g. 3/8")
         shard = (int(i), int(n))
-    table = sweep(args.runs, args.every, evals, out=args.out, shard=shard)
+    table = sweep(args.runs, args.every, evals, out=args.out, shard=shard, latest_only=args.latest)
     if table:
         print(table.read_text(), end="")
     print(f"wrote {table}" if table else f"shard {args.shard} done")
@@ -206,6 +206,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("runs", nargs="+", help="run directories (runs/NAME)")
     p.add_argument("--every", type=int, default=1, help="evaluate every K-th checkpoint (the latest always); "
                    "default 1")
+    p.add_argument("--latest", action="store_true", help="evaluate only each run's latest checkpoint (the table "
+                   "still shows every result stored before)")
     for name in evaluations():
         p.add_argument(f"--{name}", default=None, metavar="OPTIONS",
                        help=f"options of `polar eval {name}` as one quoted string")

@@ -26,10 +26,11 @@ from pretrain import checkpoint as ckpt
 STEP_DIR_RE = re.compile(r"^step-(\d+)$")
 
 
-def checkpoint_steps(run: Path, every: int) -> list[int]:
-    """Every ``every``-th checkpoint step of ``run`` (oldest first), always including the latest."""
+def checkpoint_steps(run: Path, every: int, latest_only: bool = False) -> list[int]:
+    """Every ``every``-th checkpoint step of ``run`` (oldest first), always including the latest; with
+    ``latest_only``, the latest alone."""
     steps = [int(ckpt.TAG_RE.match(t)[1]) for t in ckpt.list_tags(run / "checkpoints")]
-    picked = steps[::every]
+    picked = steps[-1:] if latest_only else steps[::every]
     if steps and steps[-1] not in picked:
         picked.append(steps[-1])
     return picked
@@ -54,7 +55,7 @@ def save_result(run: Path, step: int, name: str, argv: str, result: dict) -> Non
 
 
 def sweep(runs: list[str | Path], every: int, evals: dict[str, str], out: str | Path | None = None,
-          progress: bool = True, shard: tuple[int, int] | None = None) -> Path | None:
+          progress: bool = True, shard: tuple[int, int] | None = None, latest_only: bool = False) -> Path | None:
     """Evaluate what is missing, then write the combined table and plots; returns the table's path.
     ``evals``: evaluation name -> its options as one string. ``shard=(i, n)`` evaluates only every n-th
     (run, step, eval) job starting at i and writes no table (a SLURM array task,
@@ -64,7 +65,7 @@ def sweep(runs: list[str | Path], every: int, evals: dict[str, str], out: str | 
         get(name).check(shlex.split(argv))
     jobs = []
     for run in runs:
-        steps = checkpoint_steps(run, max(1, every))
+        steps = checkpoint_steps(run, max(1, every), latest_only)
         if not steps:
             raise FileNotFoundError(f"no checkpoints under {run}/checkpoints: pass run directories of polar train")
         jobs += [(run, step, name) for step in steps for name in evals]

@@ -52,6 +52,18 @@ def test_every_kth_step_and_the_latest(tmp_path):
     run = fake_run(tmp_path, "r", [10, 20, 30, 40, 50])
     assert sw.checkpoint_steps(run, 2) == [10, 30, 50]
     assert sw.checkpoint_steps(run, 3) == [10, 40, 50]
+    assert sw.checkpoint_steps(run, 2, latest_only=True) == [50]
+
+
+def test_latest_evaluates_only_the_latest_and_keeps_stored_results(tmp_path, calls):
+    """`--latest`: only each run's latest checkpoint is evaluated; results stored for other steps before stay
+    in the table."""
+    runs = [fake_run(tmp_path, name, [10, 20, 30]) for name in ("a", "b")]
+    sw.sweep(runs[:1], 1, {"niah": "--samples 1"}, out=tmp_path / "sweep", progress=False)
+    before = len(calls.done)
+    table = sw.sweep(runs, 1, {"niah": "--samples 1"}, out=tmp_path / "sweep", progress=False, latest_only=True)
+    assert calls.done[before:] == [("b", 30, "niah")]
+    assert sum(line.startswith("| a ") for line in table.read_text().splitlines()) == 3
 
 
 def test_interrupted_sweep_resumes_with_only_the_missing_results(tmp_path, calls):
