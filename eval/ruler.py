@@ -80,6 +80,22 @@ def generate(model, tok, prompt: str, max_new: int, chunk: int) -> str:
     return tok.decode(ids)
 
 
+def check_lengths(tok, hay, cfg: RulerConfig) -> None:
+    """Refuse, before any generation, every (task, length) whose instruction, needles and question alone
+    overflow the length (one line naming them all), instead of failing at that cell after hours of others."""
+    from eval.ruler_data import cell_rng, fixed_tokens
+
+    short = []
+    for task in cfg.tasks:
+        depth = cfg.depths_of(task)[0]
+        for n in cfg.lengths:
+            if (needed := fixed_tokens(task, tok, hay, n, depth, cell_rng(cfg.seed, task, n, depth))) > n:
+                short.append(f"{task} at {n} (needs {needed})")
+    if short:
+        raise ValueError(f"{', '.join(short)}: these lengths cannot hold the task's instruction, needles and "
+                         "question without any haystack; use longer --lengths or leave those --tasks out")
+
+
 def run_ruler(model, tok, cfg: RulerConfig, progress: bool = True) -> dict:
     """Every (task, length, depth) cell of ``cfg.samples`` prompts; returns {"config", "cells", "samples"}."""
     from tqdm import tqdm
@@ -88,6 +104,7 @@ def run_ruler(model, tok, cfg: RulerConfig, progress: bool = True) -> dict:
 
     hay = Haystack.load(cfg.haystack)
     grid = [(t, n, d) for t in cfg.tasks for n in cfg.lengths for d in cfg.depths_of(t)]
+    check_lengths(tok, hay, cfg)
     cells, samples = [], []
     for task, length, depth in tqdm(grid, desc="ruler", disable=not progress):
         rng = cell_rng(cfg.seed, task, length, depth)

@@ -334,8 +334,9 @@ def prompt_of(name: str, context: str, fields: dict, answers: list[str]) -> str:
     return f"{_FWE.format(context=context)} {_FWE_PREFIX}"
 
 
-def make_sample(name: str, tok, hay: Haystack, length: int, depth: float | None, rng: random.Random) -> Sample:
-    """One prompt of at most ``length`` tokens (under ``tok``), as long as whole haystack units allow."""
+def _sizer(name: str, tok, hay: Haystack, length: int, depth: float | None,
+           rng: random.Random) -> Callable[[int], tuple[int, Sample]]:
+    """n haystack units -> (tokens, sample) for one sample of ``name``: the function the size search probes."""
     task = ALL_TASKS[name]
     depth = depth if task.has_depth else None
     build = {"niah": lambda: _niah(task, hay, depth, rng), "vt": lambda: _vt(hay, depth, rng),
@@ -348,6 +349,17 @@ def make_sample(name: str, tok, hay: Haystack, length: int, depth: float | None,
         tokens = len(tok.encode(prompt))
         return tokens, Sample(name, length, depth, prompt, context, outputs, anchor, tokens)
 
+    return size
+
+
+def fixed_tokens(name: str, tok, hay: Haystack, length: int, depth: float | None, rng: random.Random) -> int:
+    """The tokens of a sample's instruction, needles and question with no haystack at all."""
+    return _sizer(name, tok, hay, length, depth, rng)(0)[0]
+
+
+def make_sample(name: str, tok, hay: Haystack, length: int, depth: float | None, rng: random.Random) -> Sample:
+    """One prompt of at most ``length`` tokens (under ``tok``), as long as whole haystack units allow."""
+    size = _sizer(name, tok, hay, length, depth, rng)
     tokens, best = size(0)
     if tokens > length:
         raise ValueError(f"{name}: {length} tokens cannot hold the instruction, needles and question "

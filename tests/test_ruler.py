@@ -334,3 +334,30 @@ def test_a_killed_sweep_over_two_checkpoints_and_three_lengths_resumes(tiny_run,
     header = table.splitlines()[0]
     assert all(f"ruler/score@{n}" in header for n in (300, 350, 400)) and "position_loss/beyond" in header
     assert (tmp_path / "out" / "sweep_position_loss.png").stat().st_size > 0
+
+
+def test_lengths_too_short_for_a_task_are_refused_before_any_generation(tokenizers, hay, monkeypatch):
+    """Every (task, length) that cannot hold its instruction, needles and question is named in one error
+    before anything is generated; exactly those whose sample cannot be made. Catches a grid that fails at its
+    first impossible cell after hours of the others."""
+    from eval import ruler
+
+    def never(*a, **kw):
+        raise AssertionError("generated before the lengths were checked")
+
+    monkeypatch.setattr(ruler, "generate", never)
+    tok, _ = tokenizers["sentencepiece"]
+    tasks, lengths = ["niah_single_1", "niah_multiquery", "ruler_cwe", "ruler_fwe"], [96, 160, 4096]
+    cfg = ruler.RulerConfig(tasks=tasks, lengths=lengths, depths=[50.0], samples=1)
+    impossible = set()
+    for task in tasks:
+        for n in lengths:
+            try:
+                make_sample(task, tok, hay, n, 50.0, cell_rng(cfg.seed, task, n, 50.0))
+            except ValueError:
+                impossible.add(f"{task} at {n}")
+    assert impossible and not any(p.endswith(" 4096") for p in impossible)
+    with pytest.raises(ValueError) as e:
+        ruler.run_ruler(None, tok, cfg, progress=False)
+    named = set(re.findall(r"(\w+ at \d+) \(needs \d+\)", str(e.value)))
+    assert named == impossible and "\n" not in str(e.value)
