@@ -73,17 +73,17 @@ CONFIGS = {
 }
 # The 3-D tile forward (TILE3D; ``tile="3d"`` or POLAR_SCAN_TILE=3d, not the default), from the same offline
 # compile: "fwd3d" 16 channels x 16 states x 8 steps at 4 warps, each thread the 8 steps of two (channel, state)
-# pairs, under the 128 cap and without spills under 3.9 and 3.6 (16 x 16 x 16 tiles spill under 3.6 at the cap).
-# "train3d" must share the backward's CHUNK (32): no 32-step tile fits 128 registers (88-320 bytes of spills), so
-# it runs uncapped (MAXNREG): 16 x 16 x 32 at 8 warps, the one 32-step tile found without spills under both
-# (8 x 32 at 4 warps spills with seq_idx under 3.9); one program per SM at its ~190-235 registers.
+# pairs, capped at 168 registers (MAXNREG): at 128, 3.6 spills 24-32 bytes with seq_idx (polarized); uncapped, 3.9's
+# ptxas picks 96 and spills 8. "train3d" must share the backward's CHUNK (32): no 32-step tile fits 128 registers
+# (88-320 bytes of spills), so it runs uncapped: 16 x 16 x 32 at 8 warps, the one 32-step tile found without spills
+# under both (8 x 32 at 4 warps spills with seq_idx under 3.9); one program per SM at its 145-255 registers.
 CONFIGS.update({
     ("fwd3d", 2): (16, 8, 4), ("fwd3d", 4): (16, 8, 4),
     ("train3d", 2): (16, 32, 8), ("train3d", 4): (16, 32, 8),
 })
 TILES = ("2d", "3d")
 FWD_MAXNREG = 128
-MAXNREG = {"train3d": None}  # per forward kind when not FWD_MAXNREG (None: ptxas picks)
+MAXNREG = {"fwd3d": 168, "train3d": None}  # per forward kind when not FWD_MAXNREG (None: ptxas picks)
 SAVE_STEPS = 256  # the training forward keeps the fp32 state every 256 steps (the backward recomputes the rest)
 # L and the chunk count vary per call and are never specialized. The batch strides are: a stride Triton knows to
 # be a multiple of 16 keeps every tile's base 16-byte aligned, which is what lets it vectorize the channel-contiguous
