@@ -4,7 +4,9 @@ The real model (a preset, on PyTorch's ``meta`` device, kernels forced to Triton
 (forward with the chunked loss, then backward) while :func:`kernels.triton_jit.capture` records each kernel
 launch with its real arguments: the model's strides, the shipped block sizes, flags and ``num_warps``.
 Every launch is captured twice: as the model makes it, and with packed documents (a ``seq_idx`` handed to the
-Triton scan and conv, their ``HAS_SEQ_IDX`` variants).
+Triton scan and conv, their ``HAS_SEQ_IDX`` variants). The scan forward is captured once more, both ways, as the
+not-default one-3-D-tile variant (``POLAR_SCAN_TILE=3d``; rows ``TILE3D=True``, variant "tile3d"), to compare it
+with the shipped forward.
 Each distinct launch is then compiled by Triton's own compiler for ``GPUTarget("cuda", 90, 32)`` with the
 ``ptxas`` that Triton picks for sm_90 (3.9: its bundled ``ptxas-blackwell``, CUDA 13; 3.6, the device's: its
 bundled ``ptxas``, CUDA 12.8; the table names it), and the cubin's resource usage is read with the bundled
@@ -74,16 +76,16 @@ def _packed_documents():
 
 
 def captured_launches(preset: str, dtype: torch.dtype, polar: bool, batch: int, seq: int, layers: int = 1,
-                      packed: bool = False):
+                      packed: bool = False, tile: str = "2d"):
     """The Triton launches of a training step (forward + loss + backward) and of an inference forward (no saved
     states, e.g. a NIAH prefill) of ``preset`` on meta tensors, at ``batch`` and at batch 1; ``packed``: with
-    document starts (seq_idx) in the scan and the conv."""
+    document starts (seq_idx) in the scan and the conv; ``tile``: the scan forward's tile (POLAR_SCAN_TILE)."""
     from models import MambaLM, ModelConfig
 
     name = f"{preset}-polar" if polar else preset
     cfg = ModelConfig.preset(name, n_layer=layers)  # every layer launches the same kernels
-    previous = os.environ.get("POLAR_KERNELS")
-    os.environ["POLAR_KERNELS"] = "triton"
+    previous = {k: os.environ.get(k) for k in ("POLAR_KERNELS", "POLAR_SCAN_TILE")}
+    os.environ.update(POLAR_KERNELS="triton", POLAR_SCAN_TILE=tile)
     try:
         with torch.device("meta"):
             model = MambaLM(cfg).to(dtype)
@@ -97,10 +99,11 @@ def captured_launches(preset: str, dtype: torch.dtype, polar: bool, batch: int, 
             with torch.no_grad():
                 model(ids[:1])
     finally:
-        if previous is None:
-            os.environ.pop("POLAR_KERNELS", None)
-        else:
-            os.environ["POLAR_KERNELS"] = previous
+        for key, value in previous.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
     return launches
 
 
@@ -157,7 +160,7 @@ def resource_usage(compiled) -> dict:
 def _settings(kernel, args, kwargs) -> str:
     """The launch's constexpr block sizes / flags, for the table."""
     names = [p.name for p in kernel.compiled.params]
-    keys = ("CHUNK", "K", "N_ONES", "N_SCAN", "N_ZEROS", "SAVE", "SEG_CHUNKS", "HAS_SEQ_IDX", "num_warps",
+    keys = ("CHUNK", "K", "N_ONES", "N_SCAN", "N_ZEROS", "SAVE", "SEG_CHUNKS", "HAS_SEQ_IDX", "TILE3D", "num_warps",
             "maxnreg")
     shown = {k: v for k, v in kwargs.items() if k.startswith("BLOCK") or k in keys}
     shown.update({n: a for n, a in zip(names, args, strict=False) if n.startswith("BLOCK")})
@@ -170,11 +173,16 @@ def check(presets=PRESETS, dtypes=("bf16", "fp32"), batch: int = 8, seq: int = 2
     for preset in presets:
         for dname in dtypes:
             for polar in (False, True):
-                launches = [launch for packed in (False, True)  # packed: the scan's and conv's seq_idx variants
-                            for launch in captured_launches(preset, DTYPES[dname], polar, batch, seq, packed=packed)]
-                for kernel, grid, args, kwargs in launches:
+                # packed: the scan's and conv's seq_idx variants; tile "3d": the scan forward's variant (its
+                # launches only: the forward and, at batch 1, the state-passing pass at the variant's tiles)
+                launches = [(tile, launch) for tile in ("2d", "3d") for packed in (False, True)
+                            for launch in captured_launches(preset, DTYPES[dname], polar, batch, seq, packed=packed,
+                                                            tile=tile)
+                            if tile == "2d" or kernel_name(launch[0]) in ("scan_fwd_kernel", "scan_seg_kernel")]
+                for tile, (kernel, grid, args, kwargs) in launches:
                     nbytes = launch_bytes(kernel, args, kwargs)
                     row = dict(preset=preset, dtype=dname, polar=polar, kernel=kernel_name(kernel),
+                               variant="tile3d" if tile == "3d" else None,
                                grid=list(grid), settings=_settings(kernel, args, kwargs),
                                read_mb=round(nbytes["read"] / 1e6, 2), written_mb=round(nbytes["written"] / 1e6, 2))
                     t0 = time.perf_counter()
@@ -202,7 +210,8 @@ def markdown(rows: list[dict], arch: int, batch: int, seq: int) -> str:
              "| ld.global.v* | cp.async |",
              "|---|---|---|---|---|---|---:|---:|---:|---:|---:|---|---|"]
     for r in rows:
-        head = f"| {r['preset']} | {r['dtype']} | {'polar' if r['polar'] else 'base'} | {r['kernel']} | " \
+        kernel = r["kernel"] + (" (3-D tile variant)" if r.get("variant") == "tile3d" else "")
+        head = f"| {r['preset']} | {r['dtype']} | {'polar' if r['polar'] else 'base'} | {kernel} | " \
                f"{r['settings']} | "
         if not r["ok"]:
             lines.append(f"{head} | FAILED: {r['error']} | | | {r['read_mb']} | {r['written_mb']} | | |")

@@ -9,7 +9,8 @@ benchmarks/gpu_check_parts.py:
 1. ``bandwidth``: the device's own copy bandwidth (every bandwidth row is also shown as % of it).
 2. ``scan``: our Triton scan, inference forward, training forward and backward timed separately (b 8 and 1 ×
    d_inner 1536 × L 2048, baseline and polarized, bf16, the mixer's strides), ideal and moved bytes, the goals;
-   the PyTorch reference; a few tile alternatives.
+   the not-default one-3-D-tile inference forward beside the shipped one; the PyTorch reference; a few tile
+   alternatives.
 3. ``peers``: conv, add+RMSNorm, linear+CE: ours / fla-core 0.6.0 / PyTorch, same shapes, dtype and process.
 4. ``ssd``: Mamba-2's SSD, our PyTorch path / mamba_ssm 2.3.2.post1's Triton kernels.
 5. ``train``: one mamba-130m-polar bf16 training step at 8 × 2048: tokens/s, MFU, top kernels.

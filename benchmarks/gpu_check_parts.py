@@ -168,7 +168,9 @@ def part_scan(ctx) -> dict:
     """Our Triton scan at mamba-130m's shapes: inference forward (no saved states), training forward (saves
     the fp32 state every 256 steps) and backward, each timed alone; then the PyTorch reference and a few
     (BLOCK_D, CHUNK, warps) alternatives to the shipped table, batch 8 polarized, and the polarized scan resetting
-    at packed documents of L/8 tokens (``data.document_boundaries: reset``)."""
+    at packed documents of L/8 tokens (``data.document_boundaries: reset``). Beside the shipped polarized rows, the
+    not-default one-3-D-tile inference forward (``tile="3d"``, pass "inference fwd, 3-D tile", with its largest
+    difference from the shipped forward's y); an error in it is a row, not a failed part."""
     from kernels import scan_ref, scan_triton
 
     shapes, dtype = shapes_for(ctx), compute_dtype(ctx)
@@ -209,9 +211,30 @@ def part_scan(ctx) -> dict:
                                    "BLOCK_D,CHUNK,warps": config_text})
         ctx.emit(result)
 
+    def measure_tile3d(b, n1, n0, variant):
+        row = {"shape": f"b{b} d{d} L{L}", "variant": variant, "pass": "inference fwd, 3-D tile"}
+        try:
+            args = mixer_inputs(b, d, L, N, n1, n0, dtype, ctx.device)
+            kw = dict(delta_softplus=True, n_ones=n1, n_zeros=n0)
+            fwd = lambda: scan_triton.selective_scan(*args, tile="3d", **kw)
+            with torch.no_grad():
+                diff = (fwd().float() - scan_triton.selective_scan(*args, tile="2d", **kw).float()).abs().max()
+                ms = bench_ms(fwd, ctx)
+                nbytes = forward_bytes(launched_bytes(fwd))
+            ideal = scan_ideal_bytes(b, d, L, n1 + N + n0, torch.finfo(dtype).bits // 8)[0]
+            row.update(ms=sig(ms), **bandwidth_columns(ctx, ms, ideal, nbytes),
+                       **{"BLOCK_D,CHUNK,warps": ",".join(map(str, scan_triton.config("fwd3d", dtype, d, None))),
+                          "max abs diff vs shipped y": sig(diff.item())})
+        except Exception as e:  # the variant must not end the part
+            row["pass"] = f"inference fwd, 3-D tile: error: {type(e).__name__}: " \
+                          f"{str(e).splitlines()[0][:200] if str(e) else ''}"
+        result["rows"].append(row)
+        ctx.emit(result)
+
     for b in shapes.scan_batches:
         measure(b, 0, 0, f"baseline N{N}")
         measure(b, 1, 1, f"polar 1+{N}+1")
+        measure_tile3d(b, 1, 1, f"polar 1+{N}+1")
     result["summary"] = goal_line(result["rows"])  # the shipped configuration's rows
     measure(shapes.scan_batches[-1], 1, 1, f"polar 1+{N}+1, document resets", resets=True)
     measure(shapes.scan_batches[0], 1, 1, "polar, PyTorch reference", impl=scan_ref.selective_scan_chunked)

@@ -50,6 +50,8 @@ state reaches only the first document.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -69,7 +71,19 @@ CONFIGS = {
     ("train", 2): (16, 32, 4), ("train", 4): (16, 32, 4),
     ("bwd", 2): (16, 32, 8), ("bwd", 4): (16, 32, 8),
 }
+# The 3-D tile forward (TILE3D; ``tile="3d"`` or POLAR_SCAN_TILE=3d, not the default), from the same offline
+# compile: "fwd3d" 16 channels x 16 states x 8 steps at 4 warps, each thread the 8 steps of two (channel, state)
+# pairs, capped at 168 registers (MAXNREG): at 128, 3.6 spills 24-32 bytes with seq_idx (polarized); uncapped, 3.9's
+# ptxas picks 96 and spills 8. "train3d" must share the backward's CHUNK (32): no 32-step tile fits 128 registers
+# (88-320 bytes of spills), so it runs uncapped: 16 x 16 x 32 at 8 warps, the one 32-step tile found without spills
+# under both (8 x 32 at 4 warps spills with seq_idx under 3.9); one program per SM at its 145-255 registers.
+CONFIGS.update({
+    ("fwd3d", 2): (16, 8, 4), ("fwd3d", 4): (16, 8, 4),
+    ("train3d", 2): (16, 32, 8), ("train3d", 4): (16, 32, 8),
+})
+TILES = ("2d", "3d")
 FWD_MAXNREG = 128
+MAXNREG = {"fwd3d": 168, "train3d": None}  # per forward kind when not FWD_MAXNREG (None: ptxas picks)
 SAVE_STEPS = 256  # the training forward keeps the fp32 state every 256 steps (the backward recomputes the rest)
 # L and the chunk count vary per call and are never specialized. The batch strides are: a stride Triton knows to
 # be a multiple of 16 keeps every tile's base 16-byte aligned, which is what lets it vectorize the channel-contiguous
@@ -99,10 +113,11 @@ def _column(tile, cols, j):
 
 @triton.jit
 def _load_dt(dt_tile, bias, mask, HAS_BIAS: tl.constexpr, SOFTPLUS: tl.constexpr):
-    """Δ after bias and softplus in fp32, 0 outside ``mask`` (past L: a = 1, input 0, the state passes through)."""
+    """Δ after bias and softplus in fp32, 0 outside ``mask`` (past L: a = 1, input 0, the state passes through);
+    ``bias`` broadcasts against the tile ((BLOCK_D, 1) for a (channel, time) tile, (1, BLOCK_D) for (time, channel))."""
     dt = tl.load(dt_tile, mask=mask, other=0.0).to(tl.float32)
     if HAS_BIAS:
-        dt += bias[:, None]
+        dt += bias
     if SOFTPLUS:
         dt = _softplus(dt)
     return tl.where(mask, dt, 0.0)
@@ -171,7 +186,7 @@ def _scan_seg_kernel(
         mask_t = t0 + tt < L
         mask = mask_d[:, None] & mask_t[None, :]
         dt = _load_dt(dt_ptr + (pid_b * s_tb + d0 * s_td + t0 * s_tl) + dd[:, None] * s_td + tt[None, :] * s_tl,
-                      bias, mask, HAS_BIAS, SOFTPLUS)
+                      bias[:, None], mask, HAS_BIAS, SOFTPLUS)
         w = dt * tl.load(u_ptr + (pid_b * s_ub + d0 * s_ud + t0 * s_ul) + dd[:, None] * s_ud + tt[None, :] * s_ul,
                          mask=mask, other=0.0).to(tl.float32)
         if HAS_SEQ_IDX:  # only the steps from the chunk's last document start on reach its end
@@ -210,8 +225,14 @@ def _scan_fwd_kernel(
     N_ONES: tl.constexpr, N_SCAN: tl.constexpr, N_ZEROS: tl.constexpr, SOFTPLUS: tl.constexpr,
     HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_H0: tl.constexpr, HAS_SEQ_IDX: tl.constexpr,
     SAVE: tl.constexpr, SPLIT: tl.constexpr, SEG_CHUNKS: tl.constexpr, S_PAD: tl.constexpr, CHUNK: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_D: tl.constexpr, TILE3D: tl.constexpr = False, N1_PAD: tl.constexpr = 1, NS_PAD: tl.constexpr = 1,
+    NZ_PAD: tl.constexpr = 1,
 ):
+    """The forward. TILE3D=False (shipped): per chunk, a loop of (BLOCK_D, CHUNK) pair scans, one per carried channel,
+    the state carried in ``state``. TILE3D=True (the variant, ``tile="3d"``): per chunk one (CHUNK, BLOCK_D, NS_PAD)
+    tile of the scan channels (and one (CHUNK, BLOCK_D, N1_PAD) of the ones channels) and a single associative_scan
+    along time; time is the tile's slowest axis, so each thread holds the whole chunk of its (channel, state) pairs
+    and the scan runs in its registers; the carried state is a register tile (``state`` only hands it in and out)."""
     pid_b = tl.program_id(0).to(tl.int64)
     d0 = tl.program_id(1).to(tl.int64) * BLOCK_D  # tiles: an int64 base offset plus small int32 offsets
     dd = tl.arange(0, BLOCK_D)
@@ -250,66 +271,146 @@ def _scan_fwd_kernel(
     tl.debug_barrier()
     if HAS_SEQ_IDX:
         q_row = q_ptr + pid_b * s_qb  # this batch's document index per position
-    for c in range(c_lo, tl.minimum(c_lo + segs_per * SEG_CHUNKS, n_chunks)):
-        t0 = tl.cast(c, tl.int64) * CHUNK  # int64: t0 times the time stride may pass 2^31
-        mask_t = t0 + tt < L
-        mask = mask_d[:, None] & mask_t[None, :]
-        dt = _load_dt(dt_ptr + (pid_b * s_tb + d0 * s_td + t0 * s_tl) + dd[:, None] * s_td + tt[None, :] * s_tl,
-                      bias, mask, HAS_BIAS, SOFTPLUS)
-        x = tl.load(u_ptr + (pid_b * s_ub + d0 * s_ud + t0 * s_ul) + dd[:, None] * s_ud + tt[None, :] * s_ul,
-                    mask=mask, other=0.0).to(tl.float32)
-        w = dt * x
-        h_in = carry + (c % 2) * S * d
-        h_out = carry + ((c + 1) % 2) * S * d
-        if SAVE:  # the state at every SEG_CHUNKS-th chunk start, the backward's recomputation points
-            h_seg = hseg_ptr + (pid_b * tl.cdiv(n_chunks, SEG_CHUNKS) + c // SEG_CHUNKS) * S * d + offs_d
-            keep = mask_d & (c % SEG_CHUNKS == 0)
-        y = tl.zeros((BLOCK_D, CHUNK), dtype=tl.float32)
-        if HAS_D:
-            y = Dv[:, None] * x
-        if HAS_SEQ_IDX:  # a = 0 at a document start, for every carried channel
-            rst = tl.broadcast_to(_resets(q_row, s_ql, t0, tt, mask_t)[None, :], (BLOCK_D, CHUNK))
-        B_row = B_ptr + pid_b * s_Bb + (t0 + tt) * s_Bl
-        C_row = C_ptr + pid_b * s_Cb + (t0 + tt) * s_Cl
-        for n in range(0, N_ONES):  # a = 1: h_t = h_start + Σ_{s≤t} Δ_s B_s u_s
-            Bn = tl.load(B_row + n * s_Bn, mask=mask_t, other=0.0).to(tl.float32)
-            Cn = tl.load(C_row + n * s_Cn, mask=mask_t, other=0.0).to(tl.float32)
-            h_start = tl.load(h_in + n * d, mask=mask_d, other=0.0)
-            if SAVE:
-                tl.store(h_seg + n * d, h_start, mask=keep)
-            if HAS_SEQ_IDX:  # a segmented cumulative sum: the pair scan with a = 0 at document starts
-                decay, hs = tl.associative_scan((tl.where(rst, 0.0, 1.0), w * Bn[None, :]), 1, _pair)
-                hs += decay * h_start[:, None]
-            else:
-                hs = tl.cumsum(w * Bn[None, :], axis=1) + h_start[:, None]
-            y += hs * Cn[None, :]
-            tl.store(h_out + n * d, _column(hs, tt, CHUNK - 1), mask=mask_d)
-        for n in range(0, N_SCAN):  # learned channels (and reference-mode zeros): the pair scan
-            j = N_ONES + n
-            An = tl.load(A_ptr + offs_d * s_Ad + n * s_An, mask=mask_d, other=0.0).to(tl.float32)
-            Bn = tl.load(B_row + j * s_Bn, mask=mask_t, other=0.0).to(tl.float32)
-            Cn = tl.load(C_row + j * s_Cn, mask=mask_t, other=0.0).to(tl.float32)
-            h_start = tl.load(h_in + j * d, mask=mask_d, other=0.0)
-            if SAVE:
-                tl.store(h_seg + j * d, h_start, mask=keep)
-            a = tl.exp(dt * An[:, None])
+    c_hi = tl.minimum(c_lo + segs_per * SEG_CHUNKS, n_chunks)
+    if TILE3D:
+        # The start state back from the carry slot as register tiles: (BLOCK_D, NS_PAD) scan channels and
+        # (BLOCK_D, N1_PAD) ones channels (one load per program; the prologue above is shared with the 2-D loop)
+        ns = tl.arange(0, NS_PAD)
+        n1 = tl.arange(0, N1_PAD)
+        nz = tl.arange(0, NZ_PAD)
+        rows_s = mask_d[:, None] & (ns < N_SCAN)[None, :]
+        rows_1 = mask_d[:, None] & (n1 < N_ONES)[None, :]
+        slot = carry[:, None] + (c_lo % 2) * S * d
+        h = tl.load(slot + (N_ONES + ns[None, :]) * d, mask=rows_s, other=0.0)
+        h1 = tl.load(slot + n1[None, :] * d, mask=rows_1, other=0.0)
+        A = tl.load(A_ptr + offs_d[:, None] * s_Ad + ns[None, :] * s_An, mask=rows_s, other=0.0).to(tl.float32)
+        B_s = B_ptr + pid_b * s_Bb + (N_ONES + ns[None, :]) * s_Bn  # (time, state) tiles of B and C, per kind
+        C_s = C_ptr + pid_b * s_Cb + (N_ONES + ns[None, :]) * s_Cn
+        B_1 = B_ptr + pid_b * s_Bb + n1[None, :] * s_Bn
+        C_1 = C_ptr + pid_b * s_Cb + n1[None, :] * s_Cn
+        B_z = B_ptr + pid_b * s_Bb + (S + nz[None, :]) * s_Bn
+        C_z = C_ptr + pid_b * s_Cb + (S + nz[None, :]) * s_Cn
+        last = (tt == CHUNK - 1)[:, None, None]
+        for c in range(c_lo, c_hi):
+            t0 = tl.cast(c, tl.int64) * CHUNK  # int64: t0 times the time stride may pass 2^31
+            mask_t = t0 + tt < L
+            mask = mask_t[:, None] & mask_d[None, :]  # (time, channel) tiles
+            dt = _load_dt(dt_ptr + (pid_b * s_tb + d0 * s_td + t0 * s_tl) + tt[:, None] * s_tl + dd[None, :] * s_td,
+                          bias[None, :], mask, HAS_BIAS, SOFTPLUS)
+            x = tl.load(u_ptr + (pid_b * s_ub + d0 * s_ud + t0 * s_ul) + tt[:, None] * s_ul + dd[None, :] * s_ud,
+                        mask=mask, other=0.0).to(tl.float32)
+            w = dt * x
+            if SAVE:  # the state at every SEG_CHUNKS-th chunk start, the backward's recomputation points
+                h_seg = hseg_ptr + (pid_b * tl.cdiv(n_chunks, SEG_CHUNKS) + c // SEG_CHUNKS) * S * d + offs_d[:, None]
+                keep = c % SEG_CHUNKS == 0
+                tl.store(h_seg + (N_ONES + ns[None, :]) * d, h, mask=rows_s & keep)
+                tl.store(h_seg + n1[None, :] * d, h1, mask=rows_1 & keep)
+            y = tl.zeros((CHUNK, BLOCK_D), dtype=tl.float32)
+            if HAS_D:
+                y = x * Dv[None, :]
+            t_col = (t0 + tt)[:, None]
+            if HAS_SEQ_IDX:  # a = 0 at a document start, for every carried channel
+                rst = _resets(q_row, s_ql, t0, tt, mask_t)[:, None, None]
+            # learned channels (and reference-mode zeros): one pair scan of a_t = exp(Δ_t A), b_t = Δ_t B_t u_t
+            Bt = tl.load(B_s + t_col * s_Bl, mask=mask_t[:, None] & (ns < N_SCAN)[None, :], other=0.0).to(tl.float32)
+            Ct = tl.load(C_s + t_col * s_Cl, mask=mask_t[:, None] & (ns < N_SCAN)[None, :], other=0.0).to(tl.float32)
+            a = tl.exp(dt[:, :, None] * A[None, :, :])
             if HAS_SEQ_IDX:
                 a = tl.where(rst, 0.0, a)
-            decay, hs = tl.associative_scan((a, w * Bn[None, :]), 1, _pair)
-            hs += decay * h_start[:, None]
-            y += hs * Cn[None, :]
-            tl.store(h_out + j * d, _column(hs, tt, CHUNK - 1), mask=mask_d)
-        for n in range(0, N_ZEROS):  # exact zeros, a = 0: h_t = Δ_t B_t u_t
-            Bn = tl.load(B_row + (S + n) * s_Bn, mask=mask_t, other=0.0).to(tl.float32)
-            Cn = tl.load(C_row + (S + n) * s_Cn, mask=mask_t, other=0.0).to(tl.float32)
-            y += w * (Bn * Cn)[None, :]
-        if HAS_Z:
-            zz = tl.load(z_ptr + (pid_b * s_zb + d0 * s_zd + t0 * s_zl) + dd[:, None] * s_zd + tt[None, :] * s_zl,
-                         mask=mask, other=0.0).to(tl.float32)
-            y = y * zz * tl.sigmoid(zz)
-        tl.store(y_ptr + (pid_b * s_yb + d0 * s_yd + t0 * s_yl) + dd[:, None] * s_yd + tt[None, :] * s_yl,
-                 y.to(y_ptr.dtype.element_ty), mask=mask)
-        tl.debug_barrier()  # this chunk's carried states are visible to every thread of the next
+            decay, hs = tl.associative_scan((a, w[:, :, None] * Bt[:, None, :]), 0, _pair)
+            hs += decay * h[None, :, :]
+            y += tl.sum(hs * Ct[:, None, :], axis=2)
+            h = tl.sum(tl.where(last, hs, 0.0), axis=0)  # the chunk's last step (past L: a = 1, input 0)
+            if N_ONES > 0:  # a = 1: h_t = h_start + Σ_{s≤t} Δ_s B_s u_s
+                B1 = tl.load(B_1 + t_col * s_Bl, mask=mask_t[:, None] & (n1 < N_ONES)[None, :],
+                             other=0.0).to(tl.float32)
+                C1 = tl.load(C_1 + t_col * s_Cl, mask=mask_t[:, None] & (n1 < N_ONES)[None, :],
+                             other=0.0).to(tl.float32)
+                b1 = w[:, :, None] * B1[:, None, :]
+                if HAS_SEQ_IDX:  # a segmented cumulative sum: the pair scan with a = 0 at document starts
+                    decay1, hs1 = tl.associative_scan((tl.broadcast_to(tl.where(rst, 0.0, 1.0), b1.shape), b1), 0,
+                                                      _pair)
+                    hs1 += decay1 * h1[None, :, :]
+                else:
+                    hs1 = tl.cumsum(b1, axis=0) + h1[None, :, :]
+                y += tl.sum(hs1 * C1[:, None, :], axis=2)
+                h1 = tl.sum(tl.where(last, hs1, 0.0), axis=0)
+            if N_ZEROS > 0:  # exact zeros, a = 0: h_t = Δ_t B_t u_t
+                Bz = tl.load(B_z + t_col * s_Bl, mask=mask_t[:, None] & (nz < N_ZEROS)[None, :],
+                             other=0.0).to(tl.float32)
+                Cz = tl.load(C_z + t_col * s_Cl, mask=mask_t[:, None] & (nz < N_ZEROS)[None, :],
+                             other=0.0).to(tl.float32)
+                y += w * tl.sum(Bz * Cz, axis=1)[:, None]
+            if HAS_Z:
+                zz = tl.load(z_ptr + (pid_b * s_zb + d0 * s_zd + t0 * s_zl) + tt[:, None] * s_zl + dd[None, :] * s_zd,
+                             mask=mask, other=0.0).to(tl.float32)
+                y = y * zz * tl.sigmoid(zz)
+            tl.store(y_ptr + (pid_b * s_yb + d0 * s_yd + t0 * s_yl) + tt[:, None] * s_yl + dd[None, :] * s_yd,
+                     y.to(y_ptr.dtype.element_ty), mask=mask)
+        slot = carry[:, None] + (c_hi % 2) * S * d  # the end state where the 2-D loop leaves it
+        tl.store(slot + (N_ONES + ns[None, :]) * d, h, mask=rows_s)
+        tl.store(slot + n1[None, :] * d, h1, mask=rows_1)
+    else:
+        for c in range(c_lo, c_hi):
+            t0 = tl.cast(c, tl.int64) * CHUNK  # int64: t0 times the time stride may pass 2^31
+            mask_t = t0 + tt < L
+            mask = mask_d[:, None] & mask_t[None, :]
+            dt = _load_dt(dt_ptr + (pid_b * s_tb + d0 * s_td + t0 * s_tl) + dd[:, None] * s_td + tt[None, :] * s_tl,
+                          bias[:, None], mask, HAS_BIAS, SOFTPLUS)
+            x = tl.load(u_ptr + (pid_b * s_ub + d0 * s_ud + t0 * s_ul) + dd[:, None] * s_ud + tt[None, :] * s_ul,
+                        mask=mask, other=0.0).to(tl.float32)
+            w = dt * x
+            h_in = carry + (c % 2) * S * d
+            h_out = carry + ((c + 1) % 2) * S * d
+            if SAVE:  # the state at every SEG_CHUNKS-th chunk start, the backward's recomputation points
+                h_seg = hseg_ptr + (pid_b * tl.cdiv(n_chunks, SEG_CHUNKS) + c // SEG_CHUNKS) * S * d + offs_d
+                keep = mask_d & (c % SEG_CHUNKS == 0)
+            y = tl.zeros((BLOCK_D, CHUNK), dtype=tl.float32)
+            if HAS_D:
+                y = Dv[:, None] * x
+            if HAS_SEQ_IDX:  # a = 0 at a document start, for every carried channel
+                rst = tl.broadcast_to(_resets(q_row, s_ql, t0, tt, mask_t)[None, :], (BLOCK_D, CHUNK))
+            B_row = B_ptr + pid_b * s_Bb + (t0 + tt) * s_Bl
+            C_row = C_ptr + pid_b * s_Cb + (t0 + tt) * s_Cl
+            for n in range(0, N_ONES):  # a = 1: h_t = h_start + Σ_{s≤t} Δ_s B_s u_s
+                Bn = tl.load(B_row + n * s_Bn, mask=mask_t, other=0.0).to(tl.float32)
+                Cn = tl.load(C_row + n * s_Cn, mask=mask_t, other=0.0).to(tl.float32)
+                h_start = tl.load(h_in + n * d, mask=mask_d, other=0.0)
+                if SAVE:
+                    tl.store(h_seg + n * d, h_start, mask=keep)
+                if HAS_SEQ_IDX:  # a segmented cumulative sum: the pair scan with a = 0 at document starts
+                    decay, hs = tl.associative_scan((tl.where(rst, 0.0, 1.0), w * Bn[None, :]), 1, _pair)
+                    hs += decay * h_start[:, None]
+                else:
+                    hs = tl.cumsum(w * Bn[None, :], axis=1) + h_start[:, None]
+                y += hs * Cn[None, :]
+                tl.store(h_out + n * d, _column(hs, tt, CHUNK - 1), mask=mask_d)
+            for n in range(0, N_SCAN):  # learned channels (and reference-mode zeros): the pair scan
+                j = N_ONES + n
+                An = tl.load(A_ptr + offs_d * s_Ad + n * s_An, mask=mask_d, other=0.0).to(tl.float32)
+                Bn = tl.load(B_row + j * s_Bn, mask=mask_t, other=0.0).to(tl.float32)
+                Cn = tl.load(C_row + j * s_Cn, mask=mask_t, other=0.0).to(tl.float32)
+                h_start = tl.load(h_in + j * d, mask=mask_d, other=0.0)
+                if SAVE:
+                    tl.store(h_seg + j * d, h_start, mask=keep)
+                a = tl.exp(dt * An[:, None])
+                if HAS_SEQ_IDX:
+                    a = tl.where(rst, 0.0, a)
+                decay, hs = tl.associative_scan((a, w * Bn[None, :]), 1, _pair)
+                hs += decay * h_start[:, None]
+                y += hs * Cn[None, :]
+                tl.store(h_out + j * d, _column(hs, tt, CHUNK - 1), mask=mask_d)
+            for n in range(0, N_ZEROS):  # exact zeros, a = 0: h_t = Δ_t B_t u_t
+                Bn = tl.load(B_row + (S + n) * s_Bn, mask=mask_t, other=0.0).to(tl.float32)
+                Cn = tl.load(C_row + (S + n) * s_Cn, mask=mask_t, other=0.0).to(tl.float32)
+                y += w * (Bn * Cn)[None, :]
+            if HAS_Z:
+                zz = tl.load(z_ptr + (pid_b * s_zb + d0 * s_zd + t0 * s_zl) + dd[:, None] * s_zd + tt[None, :] * s_zl,
+                             mask=mask, other=0.0).to(tl.float32)
+                y = y * zz * tl.sigmoid(zz)
+            tl.store(y_ptr + (pid_b * s_yb + d0 * s_yd + t0 * s_yl) + dd[:, None] * s_yd + tt[None, :] * s_yl,
+                     y.to(y_ptr.dtype.element_ty), mask=mask)
+            tl.debug_barrier()  # this chunk's carried states are visible to every thread of the next
 
 
 @jit(do_not_specialize=_NOT_SPECIALIZED)
@@ -349,7 +450,7 @@ def _scan_adj_kernel(
         mask_t = t0 + tt < L
         mask = mask_d[:, None] & mask_t[None, :]
         dt = _load_dt(dt_ptr + (pid_b * s_tb + d0 * s_td + t0 * s_tl) + dd[:, None] * s_td + tt[None, :] * s_tl,
-                      bias, mask, HAS_BIAS, SOFTPLUS)
+                      bias[:, None], mask, HAS_BIAS, SOFTPLUS)
         g = tl.load(gy_ptr + (pid_b * s_yb + d0 * s_yd + t0 * s_yl) + dd[:, None] * s_yd + tt[None, :] * s_yl,
                     mask=mask, other=0.0).to(tl.float32)
         if HAS_Z:
@@ -447,7 +548,7 @@ def _scan_bwd_kernel(
             mask_t = t0 + tt < L
             mask = mask_d[:, None] & mask_t[None, :]
             dt = _load_dt(dt_ptr + (pid_b * s_tb + d0 * s_td + t0 * s_tl) + dd[:, None] * s_td + tt[None, :] * s_tl,
-                          bias, mask, HAS_BIAS, SOFTPLUS)
+                          bias[:, None], mask, HAS_BIAS, SOFTPLUS)
             w = dt * tl.load(u_ptr + (pid_b * s_ub + d0 * s_ud + t0 * s_ul) + dd[:, None] * s_ud + tt[None, :] * s_ul,
                              mask=mask, other=0.0).to(tl.float32)
             keep_c = 1.0
@@ -486,7 +587,7 @@ def _scan_bwd_kernel(
         # Δ one step ahead, for a_{t+1} of the adjoint; the chunk's last column takes a = 1 because the
         # carried K already includes a_{t+1}
         nxt = mask_d[:, None] & ((tt < CHUNK - 1) & (t0 + tt + 1 < L))[None, :]
-        dt_next = _load_dt(dt_tile + s_tl, bias, nxt, HAS_BIAS, SOFTPLUS)
+        dt_next = _load_dt(dt_tile + s_tl, bias[:, None], nxt, HAS_BIAS, SOFTPLUS)
         if HAS_BIAS:
             dt_raw += bias[:, None]
         dt = dt_raw
@@ -594,6 +695,16 @@ def config(kind: str, dtype: torch.dtype, d: int, block_d: int | None) -> tuple[
     return block_d or min(bd, max(triton.next_power_of_2(d), 2)), chunk, warps
 
 
+def tile_choice(tile: str | None = None) -> str:
+    """The forward's tile: ``tile`` if given, else the POLAR_SCAN_TILE environment variable, else "2d" (the shipped
+    loop of 2-D pair scans); "3d" runs one 3-D tile and one associative_scan per chunk (``_scan_fwd_kernel``'s
+    TILE3D, both forwards; the backward is the same either way)."""
+    tile = tile or os.environ.get("POLAR_SCAN_TILE", "").strip().lower() or "2d"
+    if tile not in TILES:
+        raise ValueError(f"scan tile {tile!r}: want one of {TILES} (argument tile= or POLAR_SCAN_TILE)")
+    return tile
+
+
 def split_pieces(programs: int, n_segs: int, device: torch.device) -> int:
     """How many pieces of L the forward runs in parallel: enough programs for ~2 waves of SMs (132 on an H100/H200
     when the device cannot be asked), at most one piece per segment; 1 when batch × channel blocks fill them."""
@@ -614,11 +725,13 @@ class SelectiveScanTriton(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, u, delta, A, B, C, D, z, delta_bias, h0, softplus, n_ones, n_zeros, chunk, block_d, save,
-                seg_chunks, pieces, seq_idx=None):
+                seg_chunks, pieces, seq_idx=None, tile="2d"):
         b, d, L = u.shape
         n_scan = A.shape[1]
         S = n_ones + n_scan
-        fwd_block_d, fwd_chunk, warps = config("train" if save else "fwd", u.dtype, d, block_d)
+        tile3d = tile == "3d"
+        kind = ("train" if save else "fwd") + ("3d" if tile3d else "")
+        fwd_block_d, fwd_chunk, warps = config(kind, u.dtype, d, block_d)
         assert not save or fwd_chunk == config("bwd", u.dtype, d, None)[1], "CONFIGS: train and bwd CHUNK differ"
         chunk = chunk or fwd_chunk
         seg_chunks = seg_chunks or max(1, SAVE_STEPS // chunk)
@@ -650,7 +763,10 @@ class SelectiveScanTriton(torch.autograd.Function):
             u, delta, A, B, C, D, z, delta_bias, h0, seq_idx, H, sdt, keep, y, state, hseg, d, L, n_chunks, segs_per,
             *u.stride(), *delta.stride(), *_strides3(z), *y.stride(), *_strides3(h0), *A.stride(),
             *B.stride(), *C.stride(), *_strides2(seq_idx), HAS_H0=h0 is not None, SAVE=save, SPLIT=pieces > 1,
-            S_PAD=S_PAD, CHUNK=chunk, BLOCK_D=fwd_block_d, num_warps=warps, maxnreg=FWD_MAXNREG, **flags)
+            S_PAD=S_PAD, CHUNK=chunk, BLOCK_D=fwd_block_d, num_warps=warps, maxnreg=MAXNREG.get(kind, FWD_MAXNREG),
+            **flags,
+            **(dict(TILE3D=True, N1_PAD=triton.next_power_of_2(max(n_ones, 1)), NS_PAD=triton.next_power_of_2(
+                max(n_scan, 1)), NZ_PAD=triton.next_power_of_2(max(n_zeros, 1))) if tile3d else {}))
         if save:
             ctx.save_for_backward(u, delta, A, B, C, D, z, delta_bias, hseg, seq_idx)
             ctx.flags, ctx.chunk, ctx.block_d, ctx.pieces = flags, chunk, block_d, pieces_arg
@@ -703,20 +819,21 @@ class SelectiveScanTriton(torch.autograd.Function):
         n1 = flags["N_ONES"]
         return (gu, gdelta, grad(2, gA.sum(0)[n1:S].t(), A), grad(3, gB, B), grad(4, gC, C),
                 grad(5, gD.sum(0), D), gz, grad(7, gbias.sum(0), delta_bias),
-                gstate[:, 0, n_chunks % 2].transpose(1, 2) if need[8] else None, *[None] * 9)
+                gstate[:, 0, n_chunks % 2].transpose(1, 2) if need[8] else None, *[None] * 10)
 
 
 def selective_scan(
     u, delta, A, B, C, D=None, z=None, delta_bias=None, delta_softplus=False,
     n_ones=0, n_zeros=0, zero_mode="exact", return_last_state=False, initial_state=None,
-    chunk_size=None, block_d=None, seg_chunks=None, pieces=None, seq_idx=None,
+    chunk_size=None, block_d=None, seg_chunks=None, pieces=None, seq_idx=None, tile=None,
 ):
     """Triton selective scan; arguments as :func:`kernels.scan_ref.selective_scan_chunked`, plus
     ``initial_state`` (b, d, N_total) to continue from (fp32). ``chunk_size``, ``block_d`` and ``seg_chunks``
     (chunks per saved state and per piece of an L split) override the shipped tiles, ``pieces`` the number of
     programs the forward splits L into (default :func:`split_pieces`); tests shrink them. ``seq_idx`` (b, L) int,
     non-decreasing: the document of every position; a position whose seq_idx differs from the previous one's
-    starts from a zero state (``initial_state`` reaches only the first document)."""
+    starts from a zero state (``initial_state`` reaches only the first document). ``tile``: the forward's tile,
+    "2d" (default) or "3d" (:func:`tile_choice`; None reads POLAR_SCAN_TILE)."""
     assert zero_mode in ("exact", "reference")
     d, N = A.shape
     A_scan = A.float()
@@ -732,7 +849,8 @@ def selective_scan(
         assert seq_idx.shape == (u.shape[0], u.shape[-1]), f"seq_idx {tuple(seq_idx.shape)}: want (batch, L)"
         seq_idx = seq_idx.to(device=u.device, dtype=torch.int32)
     y, h = SelectiveScanTriton.apply(u, delta, A_scan, B, C, D, z, delta_bias, h0, delta_softplus, n_ones,
-                                     exact_zeros, chunk_size, block_d, save, seg_chunks, pieces, seq_idx)
+                                     exact_zeros, chunk_size, block_d, save, seg_chunks, pieces, seq_idx,
+                                     tile_choice(tile))
     if not return_last_state:
         return y
     if exact_zeros:  # a = 0: the last state is the last step's input Δ_L B_L u_L (a zero initial state decays)

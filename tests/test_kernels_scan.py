@@ -11,6 +11,10 @@ pytest.importorskip("triton")
 
 from kernels import scan_cuda, scan_ref, scan_triton  # noqa: E402
 
+# Every forward test runs both forwards: the shipped loop of 2-D pair scans and the one-3-D-tile variant
+# (scan_triton.tile_choice; the backward is the same for both, fed the states the forward saved)
+TILES = pytest.mark.parametrize("tile", scan_triton.TILES)
+
 
 def make_inputs(b, d, L, N, n_ones, n_zeros, dtype, device, extras=True, layout="model"):
     """Fresh random leaves: u, Δ, A_log, B, C, D, z, Δ-bias (A = -exp(A_log), so A_log's grad is checked).
@@ -68,8 +72,9 @@ CASES = {  # (n_ones, n_zeros, zero_mode, dtype, L, chunk, layout, chunks per sa
 }
 
 
+@TILES
 @pytest.mark.parametrize("case", CASES)
-def test_triton_scan_matches_reference(device, case):
+def test_triton_scan_matches_reference(device, case, tile):
     n_ones, n_zeros, zero_mode, dtype, L, chunk, layout, seg = CASES[case]
     inputs = make_inputs(2, 5, L, 3, n_ones, n_zeros, dtype, device, layout=layout)
     kw = dict(n_ones=n_ones, n_zeros=n_zeros, zero_mode=zero_mode)
@@ -77,14 +82,15 @@ def test_triton_scan_matches_reference(device, case):
     gh = torch.randn(2, 5, n_ones + 3 + n_zeros, device=device)
     want = scan_outputs_and_grads(scan_ref.selective_scan_chunked, inputs, gy, gh, **kw)
     got = scan_outputs_and_grads(scan_triton.selective_scan, inputs, gy, gh, chunk_size=chunk, block_d=4,
-                                 seg_chunks=seg, pieces=1, **kw)  # L splits: the test below
+                                 seg_chunks=seg, pieces=1, tile=tile, **kw)  # L splits: the test below
     assert_all_close(got, want, dtype)
     if layout == "model":  # y keeps the model's channel-contiguous layout (out_proj reads it without a copy)
         assert got[0].stride(1) == 1
 
 
+@TILES
 @pytest.mark.parametrize("b,seg_chunks,pieces", [(1, 2, None), (2, 3, 1), (1, 1, 2)])
-def test_triton_scan_recomputes_unsaved_states_from_a_carried_state(device, b, seg_chunks, pieces):
+def test_triton_scan_recomputes_unsaved_states_from_a_carried_state(device, b, seg_chunks, pieces, tile):
     """The training forward keeps one state per ``seg_chunks`` chunks and no pre-gate output; the backward
     recomputes the chunk starts between saved states (a sweep per segment) and the pre-gate y for dz; forward and
     backward run L as ``pieces`` programs (None: split_pieces, here one per segment; 1: one program walks every
@@ -106,14 +112,17 @@ def test_triton_scan_recomputes_unsaved_states_from_a_carried_state(device, b, s
         mp.setenv("POLAR_KERNELS", "torch")
         want = scan_outputs_and_grads(dispatch.selective_scan, [*inputs, h0], gy, gh, **kw)
     got = scan_outputs_and_grads(scan_triton.selective_scan, [*inputs, h0], gy, gh, chunk_size=4, block_d=4,
-                                 seg_chunks=seg_chunks, pieces=pieces, **kw)
+                                 seg_chunks=seg_chunks, pieces=pieces, tile=tile, **kw)
     assert_all_close(got, want, torch.float32, names=[*NAMES, "initial_state"])
 
 
+@TILES
 @pytest.mark.parametrize("zero_mode,n_ones,n_zeros", [("exact", 1, 1), ("reference", 0, 1)])
-def test_triton_scan_continues_from_initial_state(device, zero_mode, n_ones, n_zeros):
+def test_triton_scan_continues_from_initial_state(device, zero_mode, n_ones, n_zeros, tile, monkeypatch):
     """dispatch.selective_scan(initial_state=h0) on the Triton backend (h0 enters the kernel) vs the torch
-    backend (closed-form correction), gradients of h0 included; and continuing equals one long scan."""
+    backend (closed-form correction), gradients of h0 included; and continuing equals one long scan. The tile
+    reaches the model's path (dispatch) through POLAR_SCAN_TILE."""
+    monkeypatch.setenv("POLAR_SCAN_TILE", tile)
     from kernels import dispatch
 
     L, nt = 11, n_ones + 3 + n_zeros
@@ -130,7 +139,8 @@ def test_triton_scan_continues_from_initial_state(device, zero_mode, n_ones, n_z
     assert_all_close(run("triton"), run("torch"), torch.float32, names=[*NAMES, "initial_state"])
     u, delta, A_log, B, C, D, z, bias = (t.detach() if t is not None else None for t in inputs)
     args = lambda s: (u[..., s], delta[..., s], -torch.exp(A_log), B[..., s], C[..., s], D, z[..., s], bias, True)
-    kw = dict(n_ones=n_ones, n_zeros=n_zeros, zero_mode=zero_mode, return_last_state=True, chunk_size=4, block_d=4)
+    kw = dict(n_ones=n_ones, n_zeros=n_zeros, zero_mode=zero_mode, return_last_state=True, chunk_size=4, block_d=4,
+              tile=tile)
     y_all, h_all = scan_triton.selective_scan(*args(slice(None)), **kw)
     y1, h1 = scan_triton.selective_scan(*args(slice(0, 6)), **kw)
     y2, h2 = scan_triton.selective_scan(*args(slice(6, None)), initial_state=h1, **kw)
@@ -138,23 +148,26 @@ def test_triton_scan_continues_from_initial_state(device, zero_mode, n_ones, n_z
     torch.testing.assert_close(h2, h_all, **TOL[torch.float32])
 
 
-def test_triton_scan_without_optional_inputs(device):
+@TILES
+def test_triton_scan_without_optional_inputs(device, tile):
     """No D, z, Δ-bias or softplus; the final state unused (its gradient is None)."""
     inputs = make_inputs(1, 3, 6, 2, 1, 1, torch.float32, device, extras=False)
     gy = torch.randn(1, 3, 6, device=device)
     want = scan_outputs_and_grads(scan_ref.selective_scan_chunked, inputs, gy, None, n_ones=1, n_zeros=1)
-    got = scan_outputs_and_grads(scan_triton.selective_scan, inputs, gy, None, n_ones=1, n_zeros=1, chunk_size=4)
+    got = scan_outputs_and_grads(scan_triton.selective_scan, inputs, gy, None, n_ones=1, n_zeros=1, chunk_size=4,
+                                 tile=tile)
     assert_all_close(got, want, torch.float32, names=NAMES[:7])
 
 
-def test_triton_scan_inference_saves_nothing(device):
+@TILES
+def test_triton_scan_inference_saves_nothing(device, tile):
     """Under no_grad the forward keeps no states and, at batch 1, splits L into one piece per segment (a 4-step
     chunk here): same y. Catches an inference forward that needs the training forward's saved states."""
     inputs = [t.detach() if t is not None else None for t in make_inputs(1, 3, 7, 2, 1, 1, torch.float32, device)]
     u, delta, A_log, B, C, D, z, bias = inputs
     with torch.no_grad():
         got = scan_triton.selective_scan(u, delta, -torch.exp(A_log), B, C, D, z, bias, True, 1, 1, chunk_size=4,
-                                         seg_chunks=1)
+                                         seg_chunks=1, tile=tile)
     want = scan_ref.selective_scan_chunked(u, delta, -torch.exp(A_log), B, C, D, z, bias, True, 1, 1)
     torch.testing.assert_close(got, want, **TOL[torch.float32])
 
@@ -235,8 +248,9 @@ RESET_CASES = {  # (n_ones, n_zeros, zero_mode, batch rows, chunks per saved sta
 }
 
 
+@TILES
 @pytest.mark.parametrize("case", RESET_CASES)
-def test_triton_scan_resets_at_document_starts(device, case):
+def test_triton_scan_resets_at_document_starts(device, case, tile):
     """A packed window with seq_idx equals every document run separately from a zero state and concatenated:
     y, the last state and every gradient (u, Δ, A, B, C, D, z, Δ-bias, the initial state, which reaches only the
     first document), training forward and backward (the chunk starts rebuilt from saved states across document
@@ -255,16 +269,18 @@ def test_triton_scan_resets_at_document_starts(device, case):
     names = [*NAMES, "initial_state"]
     want = scan_outputs_and_grads(separate_documents, [*inputs, *extra], gy, gh, **kw)
     got = scan_outputs_and_grads(scan_triton.selective_scan, [*inputs, *extra], gy, gh, chunk_size=4, block_d=4,
-                                 seg_chunks=seg_chunks, pieces=pieces, **kw)
+                                 seg_chunks=seg_chunks, pieces=pieces, tile=tile, **kw)
     assert_all_close(got, want, torch.float32, names=names)
     u, delta, A_log, B, C, D, z, bias = (t.detach() for t in inputs)
     with torch.no_grad():  # the inference forward (no saved states), split the same way
         y, h = scan_triton.selective_scan(u, delta, -torch.exp(A_log), B, C, D, z, bias, True, return_last_state=True,
-                                          chunk_size=4, block_d=4, seg_chunks=seg_chunks, pieces=pieces, **kw)
+                                          chunk_size=4, block_d=4, seg_chunks=seg_chunks, pieces=pieces, tile=tile,
+                                          **kw)
     assert_all_close([y, h], want[:2], torch.float32)
 
 
-def test_triton_scan_resets_at_random_document_starts(device, rng):
+@TILES
+def test_triton_scan_resets_at_random_document_starts(device, rng, tile):
     """Random document lengths (1 to 13 steps, drawn from the test's seed) and first indices over L = 29 in 4-step
     chunks, two chunks per saved state, batch 2 and batch 1 split into pieces, polarized with reference-mode zeros
     (a scan channel): same check as above."""
@@ -286,7 +302,7 @@ def test_triton_scan_resets_at_random_document_starts(device, rng):
         kw = dict(n_ones=1, n_zeros=1, zero_mode=zero_mode, seq_idx=seq_idx, initial_state=h0)
         want = scan_outputs_and_grads(separate_documents, [*inputs, h0], gy, gh, **kw)
         got = scan_outputs_and_grads(scan_triton.selective_scan, [*inputs, h0], gy, gh, chunk_size=4, block_d=4,
-                                     seg_chunks=2, pieces=pieces, **kw)
+                                     seg_chunks=2, pieces=pieces, tile=tile, **kw)
         assert_all_close(got, want, torch.float32, names=[*NAMES, "initial_state"])
 
 
@@ -302,3 +318,14 @@ def test_triton_scan_one_document_is_no_reset(device):
     seq_idx = torch.full((2, L), 3, dtype=torch.int32, device=device)
     got = scan_outputs_and_grads(scan_triton.selective_scan, [*inputs, h0], gy, gh, seq_idx=seq_idx, **kw)
     assert_all_close(got, want, torch.float32, names=[*NAMES, "initial_state"])
+
+
+def test_scan_tile_switch(monkeypatch):
+    """The forward's tile: the argument, else POLAR_SCAN_TILE, else the shipped 2-D loop; anything else is refused."""
+    monkeypatch.delenv("POLAR_SCAN_TILE", raising=False)
+    assert scan_triton.tile_choice() == "2d" and scan_triton.tile_choice("3d") == "3d"
+    monkeypatch.setenv("POLAR_SCAN_TILE", "3D")
+    assert scan_triton.tile_choice() == "3d" and scan_triton.tile_choice("2d") == "2d"
+    monkeypatch.setenv("POLAR_SCAN_TILE", "4d")
+    with pytest.raises(ValueError, match="POLAR_SCAN_TILE"):
+        scan_triton.tile_choice()
