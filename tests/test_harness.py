@@ -183,14 +183,17 @@ def test_cuda_default_falls_back_to_cpu_with_a_warning(tiny_export, caplog, monk
     assert len([r for r in caplog.records if "CUDA is not available" in r.message]) == 1
 
 
-def documented_command(program: str, export, tasks) -> list[str]:
-    """The `program ...` command of docs/eval.md's stock-`hf` comparison, with this test's export and tasks."""
+def documented_command(program: str, export, task: str, tasks_dir=None) -> list[str]:
+    """The `program ... --tasks TASK` command of docs/eval.md's comparisons with stock `hf` on an export, with
+    this test's export (and task folder), its --limit lowered to 2."""
     from tests.train_helpers import ROOT
 
     text = (ROOT / "docs" / "eval.md").read_text().replace("\\\n", " ")
-    line = next(line for line in text.splitlines() if line.startswith(program + " ") and "export" in line)
-    line = line.split("#")[0].replace("runs/demo-cpu/export", str(export)).replace("runs/tasks", str(tasks))
-    return shlex.split(line)[len(program.split()):]
+    line = next(line for line in text.splitlines()
+                if line.startswith(program + " ") and "export" in line and f"--tasks {task} " in line)
+    line = line.split("#")[0].replace("runs/demo-cpu/export", str(export)).replace("runs/tasks", str(tasks_dir))
+    argv = shlex.split(line)[len(program.split()):]
+    return [("2" if prev == "--limit" else a) for prev, a in zip([None, *argv], argv)]
 
 
 def result_of(folder) -> dict:
@@ -208,13 +211,10 @@ def test_documented_polar_and_stock_hf_commands_agree(tiny_export, offline_tasks
 
     from pretrain.cli import main
 
-    def limited(argv):
-        return [("2" if prev == "--limit" else a) for prev, a in zip([None, *argv], argv)]
-
-    polar = documented_command("polar eval lm", tiny_export, offline_tasks)
-    assert main(["eval", "lm", *limited(polar), "--output_path", str(tmp_path / "polar")]) == 0
-    stock = documented_command("lm_eval", tiny_export, offline_tasks)
-    monkeypatch.setattr(sys, "argv", ["lm_eval", *limited(stock), "--output_path", str(tmp_path / "hf")])
+    polar = documented_command("polar eval lm", tiny_export, "polar_offline", offline_tasks)
+    assert main(["eval", "lm", *polar, "--output_path", str(tmp_path / "polar")]) == 0
+    stock = documented_command("lm_eval", tiny_export, "polar_offline", offline_tasks)
+    monkeypatch.setattr(sys, "argv", ["lm_eval", *stock, "--output_path", str(tmp_path / "hf")])
     cli_evaluate()
     polar, stock = result_of(tmp_path / "polar"), result_of(tmp_path / "hf")
     for task in ("polar_nextline", "polar_lastword", "polar_passages", "polar_complete"):
@@ -232,26 +232,25 @@ def samples_of(folder, task: str) -> list[dict]:
 @pytest.mark.slow
 def test_lm_evals_niah_single_1_runs_the_same_through_polar_and_stock_hf(tiny_export, ruler_task_index, tmp_path,
                                                                          monkeypatch):
-    """lm-eval's own RULER niah_single_1 (noise haystack: offline once `wonderwords` and `nltk` are installed)
-    through `polar eval lm` and through stock `lm_eval --model hf` on the same export: the same prompts, the
-    same greedy generations to max_gen_toks (RULER's `until: []`) and the same scores. Catches the polar
-    model stopping early on the empty stop list (the old "empty separator" crash, a one-token answer),
-    decoding differently from transformers, or RULER sizing its prompts with another tokenizer."""
+    """docs/eval.md's two commands for lm-eval's own RULER niah_single_1 (noise haystack: offline once
+    `wonderwords` and `nltk` are installed), run as written (this test's export, --limit 2): `polar eval lm`
+    and stock `lm_eval --model hf` give the same prompts, the same greedy generations to max_gen_toks
+    (RULER's `until: []`) and the same scores. Catches the polar model stopping
+    early on the empty stop list (the old "empty separator" crash, a one-token answer), decoding differently
+    from transformers, or RULER sizing its prompts with another tokenizer."""
     pytest.importorskip("wonderwords")
     pytest.importorskip("nltk")
     from lm_eval.__main__ import cli_evaluate
 
     from pretrain.cli import main
 
-    common = ["--tasks", "niah_single_1", "--metadata", json.dumps({"max_seq_lengths": [512]}), "--limit", "3",
-              "--device", "cpu", "--log_samples"]
-    assert main(["eval", "lm", str(tiny_export), *common, "--output_path", str(tmp_path / "polar")]) == 0
-    monkeypatch.setattr(sys, "argv", ["lm_eval", "--model", "hf", "--model_args",
-                                      f"pretrained={tiny_export},prefix_token_id=3", *common,
-                                      "--output_path", str(tmp_path / "hf")])
+    polar = documented_command("polar eval lm", tiny_export, "niah_single_1")
+    assert main(["eval", "lm", *polar, "--log_samples", "--output_path", str(tmp_path / "polar")]) == 0
+    stock = documented_command("lm_eval", tiny_export, "niah_single_1")
+    monkeypatch.setattr(sys, "argv", ["lm_eval", *stock, "--log_samples", "--output_path", str(tmp_path / "hf")])
     cli_evaluate()
     polar, stock = samples_of(tmp_path / "polar", "niah_single_1"), samples_of(tmp_path / "hf", "niah_single_1")
-    assert len(polar) == 3 and [s["arguments"] for s in polar] == [s["arguments"] for s in stock]
+    assert len(polar) == 2 and [s["arguments"] for s in polar] == [s["arguments"] for s in stock]
     assert [s["resps"] for s in polar] == [s["resps"] for s in stock]
     from tokenizer import load_tokenizer
 
